@@ -1,0 +1,190 @@
+// memgen compiled core: the per-row logic of every op, written once.
+//
+// Everything here is plain C++ that compiles for the host and, under nvcc, for the device: the
+// CPU kernels (csrc/cpu), the CUDA kernels (csrc/cuda) and the C++ unit tests (csrc/tests) all
+// call these functions, so the three can only disagree where summation order differs. No torch,
+// no CUDA runtime headers.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define MEMGEN_HD __host__ __device__ __forceinline__
+#else
+#define MEMGEN_HD inline
+#endif
+
+namespace memgen {
+
+// ---------------------------------------------------------------------------------------------
+// Floating-point storage types. The kernels read 16-bit floats as raw bits so that the headers
+// need neither torch's nor CUDA's half types; arithmetic always happens in float32.
+// ---------------------------------------------------------------------------------------------
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct BF16Bits {
+  uint16_t bits;
+};
+struct F16Bits {
+  uint16_t bits;
+};
+
+MEMGEN_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+MEMGEN_HD float to_float(float v) { return v; }
+
+MEMGEN_HD float to_float(BF16Bits v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
+
+// IEEE binary16 -> binary32, exact for every input (subnormals, infinities, NaN).
+MEMGEN_HD float to_float(F16Bits v) {
+  const uint32_t sign = (static_cast<uint32_t>(v.bits) & 0x8000u) << 16;
+  const int exponent = (v.bits >> 10) & 0x1f;
+  const int mantissa = v.bits & 0x3ff;
+  float magnitude;
+  if (exponent == 0x1f) {
+    magnitude = mantissa == 0 ? INFINITY : NAN;
+  } else if (exponent == 0) {
+    magnitude = ldexpf(static_cast<float>(mantissa), -24);  // subnormal (or zero)
+  } else {
+    magnitude = ldexpf(static_cast<float>(mantissa | 0x400), exponent - 25);
+  }
+#if defined(__CUDA_ARCH__)
+  const uint32_t magnitude_bits = __float_as_uint(magnitude);
+#else
+  uint32_t magnitude_bits;
+  std::memcpy(&magnitude_bits, &magnitude, sizeof(magnitude_bits));
+#endif
+  return bits_to_float(sign | magnitude_bits);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused trigger scoring: the decision a row takes at one decode step.
+// ---------------------------------------------------------------------------------------------
+namespace trigger {
+
+// Values of the decision (and of the augmentation mask that generation returns).
+constexpr int8_t kNoDecision = -100;
+constexpr int8_t kSkip = 0;
+constexpr int8_t kInvoke = 1;
+
+// Where the two trigger logits come from.
+enum class Mode : int32_t {
+  kAlways = 0,  // no logits: every decision point invokes
+  kLogits = 1,  // the caller passes [skip, invoke] logits per row (`lora` trigger)
+  kHead = 2,    // logits = hidden @ weight^T + bias, computed by the op (`head` trigger)
+};
+
+// A row is a decision point when it is unfinished and either this is the prompt step (no
+// delimiter or budget rule there; the caller decides whether a prompt point exists at all), or
+// its text ends with a delimiter and it has woven fewer than `budget` inference memories.
+MEMGEN_HD bool is_decision_point(bool finished, bool prompt_step, bool ends_with_delimiter,
+                                 int32_t count, int64_t budget) {
+  if (finished) return false;
+  if (prompt_step) return true;
+  return ends_with_delimiter && static_cast<int64_t>(count) < budget;
+}
+
+// Greedy: argmax over [skip, invoke] with ties (and NaN) going to SKIP.
+// Sampling: INVOKE when u < softmax(logits / temperature)[invoke], written as a sigmoid of the
+// logit difference so that every backend evaluates the same expression.
+MEMGEN_HD int8_t decide(float skip_logit, float invoke_logit, bool do_sample, float temperature,
+                        float uniform) {
+  if (!do_sample) return invoke_logit > skip_logit ? kInvoke : kSkip;
+  const float p_invoke = 1.0f / (1.0f + expf((skip_logit - invoke_logit) / temperature));
+  return uniform < p_invoke ? kInvoke : kSkip;
+}
+
+// Inference memories woven so far, after this step's decision. The prompt weave is not an
+// inference memory and does not count against the budget.
+MEMGEN_HD int32_t next_count(int32_t count, int8_t decision, bool prompt_step) {
+  return (decision == kInvoke && !prompt_step) ? count + 1 : count;
+}
+
+// Partial dot product of one hidden row with one head weight row over elements
+// begin, begin + stride, ... < size. The CPU kernel calls it once with stride 1; a CUDA warp
+// calls it once per lane and reduces.
+// Four independent accumulators: one serial chain of float adds is latency-bound on the CPU
+// (measured: 161 us -> see benchmarks/results for 64 rows x 1536).
+template <typename H, typename W>
+MEMGEN_HD float partial_dot(const H* hidden_row, const W* weight_row, int64_t begin,
+                            int64_t size, int64_t stride) {
+  float acc0 = 0.0f, acc1 = 0.0f, acc2 = 0.0f, acc3 = 0.0f;
+  int64_t j = begin;
+  for (; j + 3 * stride < size; j += 4 * stride) {
+    acc0 += to_float(hidden_row[j]) * to_float(weight_row[j]);
+    acc1 += to_float(hidden_row[j + stride]) * to_float(weight_row[j + stride]);
+    acc2 += to_float(hidden_row[j + 2 * stride]) * to_float(weight_row[j + 2 * stride]);
+    acc3 += to_float(hidden_row[j + 3 * stride]) * to_float(weight_row[j + 3 * stride]);
+  }
+  for (; j < size; j += stride) {
+    acc0 += to_float(hidden_row[j]) * to_float(weight_row[j]);
+  }
+  return (acc0 + acc1) + (acc2 + acc3);
+}
+
+// Raw-pointer view of one call. All tensors are contiguous; B rows; V vocabulary entries; H
+// hidden size (head mode). Pointers that the mode does not use may be null.
+struct Params {
+  int64_t batch = 0;
+  const int64_t* last_tokens = nullptr;      // [B] token chosen last
+  const bool* delimiter_table = nullptr;     // [V] token id -> its text ends with a delimiter
+  int64_t vocab_size = 0;                    // V
+  int32_t* counts = nullptr;                 // [B] inference memories woven so far (in/out)
+  int64_t budget = 0;                        // max_inference_aug_num
+  const bool* finished = nullptr;            // [B] row has emitted EOS
+  bool prompt_step = false;
+  Mode mode = Mode::kAlways;
+  const void* logits = nullptr;              // [B, 2] (kLogits), dtype logits_dtype
+  DType logits_dtype = DType::kFloat32;
+  const void* hidden = nullptr;              // [B, H] (kHead), dtype hidden_dtype
+  DType hidden_dtype = DType::kFloat32;
+  const void* head_weight = nullptr;         // [2, H] (kHead), dtype head_dtype
+  const void* head_bias = nullptr;           // [2]    (kHead), dtype head_dtype
+  DType head_dtype = DType::kFloat32;
+  int64_t hidden_size = 0;                   // H
+  bool do_sample = false;
+  float temperature = 1.0f;
+  const float* uniforms = nullptr;           // [B] pre-drawn U[0,1) (sampling, non-always modes)
+  int8_t* decisions = nullptr;               // [B] output
+};
+
+// Whether `row` decides this step. The token must be in range (checked by the caller).
+MEMGEN_HD bool row_is_decision_point(const Params& p, int64_t row) {
+  const bool at_delimiter = !p.prompt_step && p.delimiter_table[p.last_tokens[row]];
+  return is_decision_point(p.finished[row], p.prompt_step, at_delimiter, p.counts[row], p.budget);
+}
+
+// Writes the decision and the updated count of a decision-point row, given its two logits.
+MEMGEN_HD void finish_row(const Params& p, int64_t row, float skip_logit, float invoke_logit) {
+  const float u = p.uniforms != nullptr ? p.uniforms[row] : 0.0f;
+  const int8_t decision = p.mode == Mode::kAlways
+                              ? kInvoke
+                              : decide(skip_logit, invoke_logit, p.do_sample, p.temperature, u);
+  p.decisions[row] = decision;
+  p.counts[row] = next_count(p.counts[row], decision, p.prompt_step);
+}
+
+template <typename T>
+MEMGEN_HD float load_as_float(const void* base, int64_t index) {
+  return to_float(static_cast<const T*>(base)[index]);
+}
+
+// The two logits of a kLogits row.
+template <typename L>
+MEMGEN_HD void row_logits(const Params& p, int64_t row, float* skip_logit, float* invoke_logit) {
+  *skip_logit = load_as_float<L>(p.logits, 2 * row);
+  *invoke_logit = load_as_float<L>(p.logits, 2 * row + 1);
+}
+
+}  // namespace trigger
+}  // namespace memgen

@@ -1,0 +1,12 @@
+"""memgen: MemGen (generative latent memory for LLM agents) for PyTorch, at the cost of vanilla decoding.
+
+The package imports without its compiled core; `memgen.ops.backend()` tells which implementation
+each op runs and, when the native library is missing, why.
+"""
+
+from memgen import ops
+from memgen.delimiters import DEFAULT_DELIMITERS, build_delimiter_table
+
+__version__ = "0.1.0"
+
+__all__ = ["DEFAULT_DELIMITERS", "build_delimiter_table", "ops", "__version__"]

@@ -1,0 +1,44 @@
+"""Native code that cannot compile, or whose C++ unit tests fail, cannot land.
+
+- every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (when nvcc is on the PATH; no GPU
+  or CUDA torch needed: the .cu files include CUDA headers only);
+- the CMake project builds with AddressSanitizer and UndefinedBehaviorSanitizer and its ctest
+  suite passes (when cmake is on the PATH).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+
+
+def _run(cmd: list[str], cwd: Path | None = None, timeout: int = 600) -> None:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+
+
+def test_there_are_cuda_sources():
+    assert CUDA_SOURCES, "csrc/cuda/*.cu not found"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=[p.name for p in CUDA_SOURCES])
+def test_cuda_source_compiles_for_sm80_and_sm90(source, tmp_path):
+    _run(["nvcc", "-std=c++17", "-O3", "-c", str(source), "-o", str(tmp_path / "kernel.o"),
+          "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+          "-Xcompiler", "-Wall,-Werror"])
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not on the PATH")
+def test_cmake_build_and_ctest_with_sanitizers(tmp_path):
+    build = tmp_path / "build"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    _run(["cmake", "-S", str(ROOT), "-B", str(build), "-DMEMGEN_SANITIZE=ON", *generator])
+    _run(["cmake", "--build", str(build), "-j", "2"])
+    _run(["ctest", "--test-dir", str(build), "--output-on-failure"])
