@@ -186,5 +186,65 @@ MEMGEN_HD void row_logits(const Params& p, int64_t row, float* skip_logit, float
   *invoke_logit = load_as_float<L>(p.logits, 2 * row + 1);
 }
 
+// One row of the op, shared by every kernel. `dot(hidden_row, weight_row)` returns the full dot
+// product over H (serial on the CPU, a warp reduction on CUDA); only the thread with `writer` set
+// stores. Every thread reads the row's count before any writer stores it: on CUDA the head mode's
+// warp reduction synchronises the lanes, and in the other modes non-writers only read.
+template <typename L, typename H, typename W, typename Dot>
+MEMGEN_HD void score_row(const Params& p, int64_t row, bool writer, Dot dot) {
+  if (!row_is_decision_point(p, row)) {
+    if (writer) p.decisions[row] = kNoDecision;
+    return;
+  }
+  float skip_logit = 0.0f;
+  float invoke_logit = 0.0f;
+  if (p.mode == Mode::kLogits) {
+    row_logits<L>(p, row, &skip_logit, &invoke_logit);
+  } else if (p.mode == Mode::kHead) {
+    const H* hidden_row = static_cast<const H*>(p.hidden) + row * p.hidden_size;
+    const W* weight = static_cast<const W*>(p.head_weight);
+    skip_logit = dot(hidden_row, weight) + load_as_float<W>(p.head_bias, 0);
+    invoke_logit = dot(hidden_row, weight + p.hidden_size) + load_as_float<W>(p.head_bias, 1);
+  }
+  if (writer) finish_row(p, row, skip_logit, invoke_logit);
+}
+
+// Host side: calls f(L{}, H{}, W{}) with the storage types of the logits, hidden states and head
+// this call's mode reads (float where unused), so each kernel is instantiated only for the
+// combinations that can occur.
+template <typename F>
+void with_storage_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      f(BF16Bits{});
+      break;
+    case DType::kFloat16:
+      f(F16Bits{});
+      break;
+    case DType::kFloat32:
+    default:
+      f(float{});
+      break;
+  }
+}
+
+template <typename F>
+void dispatch_storage_types(const Params& p, F&& f) {
+  switch (p.mode) {
+    case Mode::kLogits:
+      with_storage_type(p.logits_dtype, [&](auto l) { f(l, float{}, float{}); });
+      break;
+    case Mode::kHead:
+      with_storage_type(p.hidden_dtype, [&](auto h) {
+        with_storage_type(p.head_dtype, [&](auto w) { f(float{}, h, w); });
+      });
+      break;
+    case Mode::kAlways:
+    default:
+      f(float{}, float{}, float{});
+      break;
+  }
+}
+
 }  // namespace trigger
 }  // namespace memgen

@@ -10,7 +10,6 @@ namespace memgen {
 namespace cuda {
 namespace {
 
-using trigger::Mode;
 using trigger::Params;
 
 constexpr int kWarpSize = 32;
@@ -32,41 +31,10 @@ __global__ void trigger_scoring_kernel(Params p) {
   const int64_t token = p.last_tokens[row];
   assert(token >= 0 && token < p.vocab_size &&
          "memgen::trigger_scoring: a last token lies outside the delimiter table");
-  const bool decides = trigger::row_is_decision_point(p, row);
-  if (!decides) {
-    if (lane == 0) p.decisions[row] = trigger::kNoDecision;
-    return;
-  }
-  float skip_logit = 0.0f;
-  float invoke_logit = 0.0f;
-  if (p.mode == Mode::kLogits) {
-    trigger::row_logits<L>(p, row, &skip_logit, &invoke_logit);
-  } else if (p.mode == Mode::kHead) {
-    const int64_t h = p.hidden_size;
-    const H* hidden_row = static_cast<const H*>(p.hidden) + row * h;
-    const W* weight = static_cast<const W*>(p.head_weight);
-    skip_logit = warp_sum(trigger::partial_dot(hidden_row, weight, lane, h, kWarpSize)) +
-                 trigger::load_as_float<W>(p.head_bias, 0);
-    invoke_logit = warp_sum(trigger::partial_dot(hidden_row, weight + h, lane, h, kWarpSize)) +
-                   trigger::load_as_float<W>(p.head_bias, 1);
-  }
-  if (lane == 0) trigger::finish_row(p, row, skip_logit, invoke_logit);
-}
-
-template <typename F>
-void with_storage_type(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      f(BF16Bits{});
-      break;
-    case DType::kFloat16:
-      f(F16Bits{});
-      break;
-    case DType::kFloat32:
-    default:
-      f(float{});
-      break;
-  }
+  const auto warp_dot = [&p, lane](const H* hidden_row, const W* weight_row) {
+    return warp_sum(trigger::partial_dot(hidden_row, weight_row, lane, p.hidden_size, kWarpSize));
+  };
+  trigger::score_row<L, H, W>(p, row, /*writer=*/lane == 0, warp_dot);
 }
 
 template <typename L, typename H, typename W>
@@ -79,22 +47,9 @@ void launch(const Params& p, cudaStream_t stream) {
 
 cudaError_t trigger_scoring(const Params& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
-  switch (p.mode) {
-    case Mode::kLogits:
-      with_storage_type(p.logits_dtype,
-                        [&](auto l) { launch<decltype(l), float, float>(p, stream); });
-      break;
-    case Mode::kHead:
-      with_storage_type(p.hidden_dtype, [&](auto h) {
-        with_storage_type(p.head_dtype,
-                          [&](auto w) { launch<float, decltype(h), decltype(w)>(p, stream); });
-      });
-      break;
-    case Mode::kAlways:
-    default:
-      launch<float, float, float>(p, stream);
-      break;
-  }
+  trigger::dispatch_storage_types(p, [&](auto l, auto h, auto w) {
+    launch<decltype(l), decltype(h), decltype(w)>(p, stream);
+  });
   return cudaGetLastError();
 }
 
