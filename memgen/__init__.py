@@ -5,8 +5,11 @@ each op runs and, when the native library is missing, why.
 """
 
 from memgen import ops
+from memgen.config import MemGenConfig
 from memgen.delimiters import DEFAULT_DELIMITERS, build_delimiter_table
+from memgen.modeling import MemGenModel, MemGenOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_DELIMITERS", "build_delimiter_table", "ops", "__version__"]
+__all__ = ["DEFAULT_DELIMITERS", "MemGenConfig", "MemGenModel", "MemGenOutput", "build_delimiter_table", "ops",
+           "__version__"]

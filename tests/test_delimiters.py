@@ -16,68 +16,9 @@ import random
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from memgen import DEFAULT_DELIMITERS, build_delimiter_table
-
-CORPUS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-    "How many clips did Natalia sell altogether in April and May?\nNatalia sold 48/2 = 24 clips in May.",
-    "First, compute the total. Then, subtract 3.5 from it, giving 12.25.\n\nSo the answer is 8.",
-    "Émile paid 3,000 € for the café; naïve estimates said 2.5k.\n",
-    "def f(x):\n    return x, x + 1.\n",
-    "Überraschung! 东京 is a city, 大阪 too. Ψ, ω and ∑ appear, then a newline.\n",
-    "Step 1: read. Step 2: think, carefully, about it.\nStep 3: answer.",
-] * 4
-
-
-# The split pattern of Qwen2's tokenizer: punctuation runs keep their trailing newlines, so merged
-# tokens such as ".\n" exist.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def byte_level_bpe() -> PreTrainedTokenizerFast:
-    """Qwen2 style: regex split, byte-level pre-tokenizer and decoder, merges learned on the corpus."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-
-
-def sentencepiece_style() -> PreTrainedTokenizerFast:
-    """Llama style: '▁' for spaces, BPE with byte fallback (<0x0A> for newline), Strip decoder."""
-    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    learner = Tokenizer(models.BPE())
-    learner.normalizer = normalizer
-    learner.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False))
-    learned = json_model(learner)
-    specials = ["<unk>", "<s>", "</s>"]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    vocab = {t: i for i, t in enumerate(specials + byte_tokens)}
-    for token in sorted(learned["vocab"], key=learned["vocab"].get):
-        vocab.setdefault(token, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizer
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-def json_model(tok: Tokenizer) -> dict:
-    import json
-
-    return json.loads(tok.to_str())["model"]
-
+from offline import CORPUS, byte_level_bpe, sentencepiece_style
 
 TOKENIZERS = {"byte_level_bpe": byte_level_bpe, "sentencepiece_style": sentencepiece_style}
 

@@ -1,0 +1,74 @@
+"""Named LoRA adapters on one frozen base model, with exactly one (or none) active per call.
+
+By default the weaver and the trigger are adapters on the reasoner's own weights: one copy of the
+base in memory. PEFT injects the adapters; switching which one a call uses goes through each LoRA
+layer's active-adapter state directly, because PEFT's `set_adapter` also rewrites `requires_grad`,
+and memgen decides what trains (`MemGenModel.set_trainable`). With no adapter active the base
+computes exactly the frozen model, so the reasoner's calls see no LoRA at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_lora_adapter(model: nn.Module, name: str, settings: dict[str, Any]) -> None:
+    """Inject LoRA adapter `name` into `model` in place (float32 weights), leaving adapters off."""
+    no_match = ValueError(f"{name}_lora['target_modules'] = {settings['target_modules']} match no module of "
+                          f"{type(model).__name__}; name modules that exist in the model (e.g. q_proj, v_proj)")
+    with warnings.catch_warnings():
+        # a second adapter on a shared base is the point here, not an accident
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        try:
+            inject_adapter_in_model(LoraConfig(**settings), model, adapter_name=name)
+        except ValueError as err:
+            if "not found in the base model" in str(err):
+                raise no_match from err
+            raise
+    layers = _tuner_layers(model)
+    if not any(name in getattr(layer, "lora_A", {}) for layer in layers):
+        raise no_match
+    for layer in layers:
+        for module_dict_name in ("lora_A", "lora_B"):
+            module = getattr(layer, module_dict_name)[name]
+            module.to(torch.float32)  # trainable parts stay float32 under a bfloat16 base
+        if not hasattr(layer, "_active_adapter") or not hasattr(layer, "_disable_adapters"):
+            raise RuntimeError("this PEFT version keeps adapter state elsewhere; memgen supports peft>=0.15")
+    _set_active(layers, None)
+
+
+def _set_active(layers: list[BaseTunerLayer], name: str | None) -> None:
+    for layer in layers:
+        layer._disable_adapters = name is None
+        if name is not None:
+            layer._active_adapter = [name]
+
+
+@contextlib.contextmanager
+def active_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Run the enclosed calls of `model` with only adapter `name` (None: the bare base)."""
+    layers = _tuner_layers(model)
+    saved = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
+    _set_active(layers, name)
+    try:
+        yield
+    finally:
+        for layer, (disabled, active) in zip(layers, saved):
+            layer._disable_adapters, layer._active_adapter = disabled, active
+
+
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """The parameters of adapter `name`, keyed by their names in `model` (PEFT's layout)."""
+    return {n: p for n, p in model.named_parameters() if f".{name}." in n and (".lora_A." in n or ".lora_B." in n)}

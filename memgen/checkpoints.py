@@ -1,0 +1,208 @@
+"""Saving and loading MemGen checkpoints: memgen's own format and the reference implementation's two.
+
+memgen's format: `config.json` (MemGenConfig) and `memgen.safetensors` holding only what trains,
+under the names of `MemGenModel.stage_parameters` (LoRA tensors as PEFT names them inside the base,
+e.g. `weaver.model.model.layers.0.self_attn.q_proj.lora_A.weaver.weight`).
+
+The reference implementation's formats, detected automatically:
+(a) its save_pretrained directory: `projs.bin`, `weaver.bin`, `trigger.bin` (torch pickles, read
+    with weights_only=True) and PEFT adapter folders `weaver/weaver/`, `trigger/trigger/`;
+(b) one `model.safetensors` of its whole module state (`weaver.prompt_query_latents`,
+    `weaver.model.base_model.model.<path>.lora_A.weaver.weight`, `reasoner.<path>`, ...).
+
+Loading is strict: every tensor the model trains must be present with its shape, and every tensor
+read must land somewhere. The only tensors read and not loaded are the frozen base weights that
+format (b) carries (`reasoner.*`, `*.base_layer.*`, ...), and the trigger's in a model whose trigger
+mode is `always`; both are counted in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from memgen.config import MemGenConfig
+
+logger = logging.getLogger(__name__)
+WEIGHTS_NAME = "memgen.safetensors"
+_STAGE_PREFIXES = ("weaver.", "reasoner_to_weaver.", "weaver_to_reasoner.", "trigger.")
+
+
+def save(model, path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    state = {}
+    for stage in ("weaver", "trigger"):
+        state.update({k: v.detach().to("cpu").contiguous() for k, v in model.stage_parameters(stage).items()})
+    save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt", "producer": "memgen"})
+
+
+def load(cls, path: str, reasoner: Any, tokenizer: Any, config: MemGenConfig | None = None,
+         weaver_base: Any = None, trigger_base: Any = None):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        config = MemGenConfig.from_pretrained(path) if config is None else config
+        state, ignored = load_file(os.path.join(path, WEIGHTS_NAME)), {}
+    elif os.path.isfile(os.path.join(path, "projs.bin")):
+        state, ignored = _read_reference_dir(path), {}
+        config = config or _reference_config(path, state)
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        state, ignored = _split_reference_state(load_file(os.path.join(path, "model.safetensors")))
+        config = config or _reference_config(path, state)
+    else:
+        raise FileNotFoundError(f"{path!r} holds no memgen checkpoint ({WEIGHTS_NAME}) nor a reference one "
+                                "(projs.bin + weaver.bin + trigger.bin, or model.safetensors)")
+    if reasoner is None:
+        if not config.reasoner_name_or_path:
+            raise ValueError("the checkpoint records no base model name: pass `reasoner=`")
+        reasoner = config.reasoner_name_or_path
+    if weaver_base is None and config.weaver_name_or_path:
+        weaver_base = config.weaver_name_or_path
+    if trigger_base is None and config.trigger_name_or_path:
+        trigger_base = config.trigger_name_or_path
+    model = cls.from_reasoner(reasoner, tokenizer, config, weaver_base=weaver_base, trigger_base=trigger_base)
+    if config.trigger_mode == "always":
+        ignored.update({k: v for k, v in state.items() if k.startswith("trigger.")})
+        state = {k: v for k, v in state.items() if not k.startswith("trigger.")}
+    loaded = load_strict(model, state)
+    logger.info("memgen: loaded %d tensors from %s; %d tensors not needed (frozen base weights, or the trigger of "
+                "an `always` model)", loaded, path, len(ignored))
+    return model
+
+
+def load_strict(model, state: dict[str, torch.Tensor]) -> int:
+    """Copy `state` into the model's trainable tensors; raise on anything missing, unexpected or misshapen."""
+    expected = {**model.stage_parameters("weaver"), **model.stage_parameters("trigger")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = [f"{k}: checkpoint {list(state[k].shape)}, model {list(expected[k].shape)}"
+                 for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if misshapen:
+        problems.append(f"{len(misshapen)} with the wrong shape (e.g. {misshapen[:3]})")
+    if problems:
+        raise ValueError("checkpoint does not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, tensor in state.items():
+            expected[key].copy_(tensor.to(expected[key].dtype))
+    return len(state)
+
+
+# ---------------------------------------------------------------------- the reference formats
+
+
+def _lora_key(adapter_key: str, adapter: str) -> str:
+    """`base_model.model.<path>.lora_A.weight` (a PEFT adapter file) -> `<adapter>.model.<path>.lora_A.<adapter>.weight`."""
+    prefix = "base_model.model."
+    if not adapter_key.startswith(prefix) or not (".lora_A." in adapter_key or ".lora_B." in adapter_key):
+        raise ValueError(f"unexpected tensor {adapter_key!r} in the {adapter} adapter (expected PEFT LoRA keys "
+                         f"'{prefix}<module>.lora_A.weight')")
+    path = adapter_key[len(prefix):]
+    for part in ("lora_A", "lora_B"):
+        path = path.replace(f".{part}.weight", f".{part}.{adapter}.weight")
+    return f"{adapter}.model.{path}"
+
+
+def _read_adapter(folder: str, adapter: str) -> dict[str, torch.Tensor]:
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"missing PEFT adapter weights {weights!r}")
+    return {_lora_key(k, adapter): v for k, v in load_file(weights).items()}
+
+
+def _torch_pickle(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing {path!r}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_reference_dir(path: str) -> dict[str, torch.Tensor]:
+    """Format (a), every trained tensor under memgen's names (the trigger's where its files exist)."""
+    state: dict[str, torch.Tensor] = {}
+    projections = _torch_pickle(os.path.join(path, "projs.bin"))
+    for name in ("reasoner_to_weaver", "weaver_to_reasoner"):
+        state.update({f"{name}.{k}": v for k, v in projections[name].items()})
+    for name, value in _torch_pickle(os.path.join(path, "weaver.bin")).items():
+        if isinstance(value, dict):  # a LayerNorm's state dict
+            state.update({f"weaver.{name}.{k}": v for k, v in value.items()})
+        else:
+            state[f"weaver.{name}"] = value
+    state.update(_read_adapter(os.path.join(path, "weaver", "weaver"), "weaver"))
+    if os.path.isfile(os.path.join(path, "trigger.bin")):
+        trigger = _torch_pickle(os.path.join(path, "trigger.bin"))
+        state.update({f"trigger.output_layer.{k}": v for k, v in trigger["output_layer"].items()})
+    if os.path.isdir(os.path.join(path, "trigger", "trigger")):
+        state.update(_read_adapter(os.path.join(path, "trigger", "trigger"), "trigger"))
+    return state
+
+
+def _split_reference_state(raw: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Format (b): the trained tensors under memgen's names, and the frozen base weights set aside."""
+    state, ignored = {}, {}
+    for key, value in raw.items():
+        for adapter in ("weaver", "trigger"):
+            peft_prefix = f"{adapter}.model.base_model.model."
+            if key.startswith(peft_prefix):
+                if f".lora_A.{adapter}." in key or f".lora_B.{adapter}." in key:
+                    state[f"{adapter}.model.{key[len(peft_prefix):]}"] = value
+                else:
+                    ignored[key] = value  # the frozen base inside the PEFT wrapper
+                break
+        else:
+            if key.startswith("reasoner."):
+                ignored[key] = value
+            elif key.startswith(_STAGE_PREFIXES):
+                state[key] = value
+            else:
+                raise ValueError(f"unexpected tensor {key!r} in the reference checkpoint")
+    return state, ignored
+
+
+def _reference_config(path: str, tensors: dict[str, torch.Tensor]) -> MemGenConfig:
+    """MemGenConfig for a reference checkpoint: latent counts from the tensors, the rest from its config.json."""
+    settings: dict[str, Any] = {}
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            settings = json.load(f)
+    if "weaver.prompt_query_latents" not in tensors:
+        raise ValueError(f"{path!r}: no weaver.prompt_query_latents; not a MemGen reference checkpoint")
+    weaver, trigger = settings.get("weaver", {}), settings.get("trigger", {})
+
+    def lora(part: dict[str, Any], adapter: str) -> dict[str, Any] | None:
+        folder = os.path.join(path, adapter, adapter, "adapter_config.json")
+        if os.path.isfile(folder):
+            with open(folder) as f:
+                part = {"lora_config": json.load(f)}
+        found = part.get("lora_config")
+        if found is None:
+            return None
+        keys = ("r", "lora_alpha", "target_modules", "lora_dropout")
+        return {k: found[k] for k in keys if k in found}
+
+    weaver_lora = lora(weaver, "weaver")
+    if weaver_lora is None or "lora_alpha" not in weaver_lora:
+        raise ValueError(f"{path!r}: the weaver's LoRA settings (r, lora_alpha, target_modules) are not recorded; "
+                         "pass `config=MemGenConfig(weaver_lora=...)` with the values it was trained with")
+    trigger_active = bool(trigger.get("active", False))
+    return MemGenConfig(
+        prompt_latents_len=int(tensors["weaver.prompt_query_latents"].shape[0]),
+        inference_latents_len=int(tensors["weaver.inference_query_latents"].shape[0]),
+        max_prompt_aug_num=int(settings.get("max_prompt_aug_num", 1)),
+        max_inference_aug_num=int(settings.get("max_inference_aug_num", 5)),
+        weaver_lora=weaver_lora,
+        trigger_lora=lora(trigger, "trigger") if trigger_active else None,
+        trigger_mode="lora" if trigger_active else "always",
+        reasoner_name_or_path=settings.get("reasoner_model_name") or settings.get("model_name")
+        or weaver.get("model_name"),
+    )

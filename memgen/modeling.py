@@ -1,0 +1,277 @@
+"""MemGenModel: the frozen reasoner, the weaver and the trigger, the fast training forward, checkpoints.
+
+The training forward is batched: all rows at once, ragged points per row. The weaver runs in
+rounds (round r weaves every row's r-th point; each round reads each row's stream prefix once,
+the queries are transient), and the reasoner reads the padded, interleaved batch once.
+`memgen.reference` holds the row-by-row version it must equal.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from memgen import checkpoints
+from memgen.adapters import add_lora_adapter, adapter_parameters
+from memgen.config import MemGenConfig
+from memgen.delimiters import build_delimiter_table
+from memgen.points import INFERENCE_POINT, PROMPT_POINT, default_points, explicit_points
+from memgen.trigger import MemGenTrigger
+from memgen.weaver import INFERENCE, PROMPT, MemGenWeaver
+
+STAGES = ("weaver", "trigger")
+
+
+@dataclass
+class MemGenOutput(ModelOutput):
+    """Output of `MemGenModel.forward`.
+
+    loss: mean cross-entropy over answer tokens (when labels are given).
+    logits: [B, L, V]; logits[:, i] predicts token i + 1 (zeros at padding positions).
+    augmentation_points: int64 [B, L]; 1 prompt point, 2 inference point (latents before token j), 0 none.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    augmentation_points: torch.Tensor | None = None
+
+
+def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrainedModel:
+    if isinstance(model_or_name, str):
+        return AutoModelForCausalLM.from_pretrained(model_or_name)
+    if not isinstance(model_or_name, PreTrainedModel) or not hasattr(model_or_name, "get_decoder"):
+        raise ValueError(f"{what} must be a Hugging Face causal LM or its name/path, got {type(model_or_name).__name__}")
+    return model_or_name
+
+
+class MemGenModel(nn.Module):
+    """A frozen reasoner with a memory weaver and a memory trigger (DESIGN.md section 1).
+
+    Build with `from_reasoner` or `from_pretrained`. By default the weaver and the `lora` trigger
+    are LoRA adapters on the reasoner's own weights (one copy in memory).
+    """
+
+    def __init__(self, config: MemGenConfig, reasoner: PreTrainedModel, tokenizer: Any,
+                 weaver_base: PreTrainedModel | None = None, trigger_base: PreTrainedModel | None = None) -> None:
+        super().__init__()
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            raise ValueError("the tokenizer has no pad token; set one before building MemGen, e.g. "
+                             "`tokenizer.pad_token = tokenizer.eos_token`")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.reasoner = reasoner
+        reasoner.requires_grad_(False)
+        weaver_base = reasoner if weaver_base is None else weaver_base
+        trigger_base = reasoner if trigger_base is None else trigger_base
+        for base in {id(weaver_base): weaver_base, id(trigger_base): trigger_base}.values():
+            base.requires_grad_(False)
+        add_lora_adapter(weaver_base, MemGenWeaver.adapter_name, config.weaver_lora)
+        self.weaver = MemGenWeaver(weaver_base, config.prompt_latents_len, config.inference_latents_len)
+        d_reasoner, d_weaver = reasoner.config.hidden_size, weaver_base.config.hidden_size
+        self.reasoner_to_weaver = nn.Linear(d_reasoner, d_weaver)
+        self.weaver_to_reasoner = nn.Linear(d_weaver, d_reasoner)
+        if config.trigger_mode == "lora":
+            add_lora_adapter(trigger_base, MemGenTrigger.adapter_name, config.trigger_lora)
+            self.trigger = MemGenTrigger("lora", trigger_base.config.hidden_size, trigger_base)
+        elif config.trigger_mode == "head":
+            self.trigger = MemGenTrigger("head", d_reasoner)
+        else:
+            self.trigger = None
+        vocab = reasoner.get_input_embeddings().num_embeddings
+        self.register_buffer("delimiter_table", build_delimiter_table(tokenizer, config.delimiters, vocab_size=vocab),
+                             persistent=False)
+        self.set_trainable("weaver")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_reasoner(cls, reasoner: PreTrainedModel | str, tokenizer: Any = None,
+                      config: MemGenConfig | None = None, weaver_base: PreTrainedModel | str | None = None,
+                      trigger_base: PreTrainedModel | str | None = None) -> "MemGenModel":
+        """Build MemGen around `reasoner` (a loaded causal LM or a name/path), with fresh weaver and trigger."""
+        config = MemGenConfig() if config is None else config
+        if not isinstance(config, MemGenConfig):
+            raise ValueError(f"config must be a MemGenConfig, got {type(config).__name__}")
+        name = reasoner if isinstance(reasoner, str) else getattr(reasoner, "name_or_path", None)
+        reasoner = _load_causal_lm(reasoner, "reasoner")
+        if tokenizer is None:
+            if not name:
+                raise ValueError("pass the tokenizer: the reasoner has no name to load one from")
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        weaver_base = None if weaver_base is None else _load_causal_lm(weaver_base, "weaver_base")
+        trigger_base = None if trigger_base is None else _load_causal_lm(trigger_base, "trigger_base")
+        config.reasoner_name_or_path = config.reasoner_name_or_path or name
+        if weaver_base is not None:
+            config.weaver_name_or_path = getattr(weaver_base, "name_or_path", None)
+        if trigger_base is not None:
+            config.trigger_name_or_path = getattr(trigger_base, "name_or_path", None)
+        return cls(config, reasoner, tokenizer, weaver_base, trigger_base)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, reasoner: PreTrainedModel | str | None = None,
+                        tokenizer: Any = None, **kwargs: Any) -> "MemGenModel":
+        """Load a memgen checkpoint, or either checkpoint format of the reference implementation.
+
+        The base model comes from `reasoner` or, when not given, from the name recorded in the checkpoint.
+        """
+        return checkpoints.load(cls, str(path), reasoner, tokenizer, **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the config and what is trained (adapters, queries, norms, scales, projections, trigger) as safetensors."""
+        checkpoints.save(self, str(path))
+
+    # ------------------------------------------------------------------ what trains
+
+    def stage_parameters(self, stage: str) -> dict[str, nn.Parameter]:
+        """The parameters a training stage owns, under their checkpoint names."""
+        if stage == "weaver":
+            params = {f"weaver.{n}": p for n, p in self.weaver.named_parameters() if not n.startswith("model.")}
+            params.update({f"weaver.model.{n}": p for n, p in adapter_parameters(self.weaver.model, "weaver").items()})
+            params.update({f"reasoner_to_weaver.{n}": p for n, p in self.reasoner_to_weaver.named_parameters()})
+            params.update({f"weaver_to_reasoner.{n}": p for n, p in self.weaver_to_reasoner.named_parameters()})
+            return params
+        if stage == "trigger":
+            if self.trigger is None:
+                return {}
+            params = {f"trigger.output_layer.{n}": p for n, p in self.trigger.output_layer.named_parameters()}
+            if self.trigger.mode == "lora":
+                params.update({f"trigger.model.{n}": p
+                               for n, p in adapter_parameters(self.trigger.model, "trigger").items()})
+            return params
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+    def trainable_parameters(self, stage: str) -> list[nn.Parameter]:
+        """The parameters of `stage` ('weaver' or 'trigger'), e.g. for an optimizer."""
+        return list(self.stage_parameters(stage).values())
+
+    def set_trainable(self, stage: str | None) -> None:
+        """Train `stage` ('weaver', 'trigger') and freeze everything else; None freezes all. The reasoner never trains."""
+        if stage is not None and stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES} or None, got {stage!r}")
+        self.requires_grad_(False)
+        if stage is not None:
+            for p in self.stage_parameters(stage).values():
+                p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ training forward
+
+    def _check_forward_inputs(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be an int64 tensor [B, L], got {getattr(input_ids, 'shape', input_ids)!r}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must not be empty, got shape {list(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must match input_ids {list(input_ids.shape)}, got {list(attention_mask.shape)}")
+        if labels is not None and (labels.shape != input_ids.shape or labels.dtype != torch.long):
+            raise ValueError(f"labels must be int64 {list(input_ids.shape)} like input_ids, got "
+                             f"{labels.dtype} {list(labels.shape)}")
+        real = attention_mask.bool()
+        if not real.any(1).all():
+            raise ValueError("every row needs at least one token with attention_mask == 1")
+        vocab = self.delimiter_table.shape[0]
+        if (input_ids[real] < 0).any() or (input_ids[real] >= vocab).any():
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the reasoner's vocabulary)")
+        return real
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, augmentation_points: Any = None,
+                memory: bool = True) -> MemGenOutput:
+        """Teacher-forced forward with latents woven at the augmentation points.
+
+        Args:
+            input_ids: int64 [B, L], left- or right-padded.
+            attention_mask: [B, L], 1 for tokens, 0 for padding (default: all ones).
+            labels: int64 [B, L], -100 outside the answer. Required unless `augmentation_points`
+                is given with memory, or `memory=False`.
+            augmentation_points: explicit points overriding DESIGN.md's rule: an int [B, L] mask
+                (1 = weave before token j) or one list of positions per row.
+            memory: False runs the bare reasoner through the same code path (a fair baseline).
+        """
+        real = self._check_forward_inputs(input_ids, attention_mask, labels)
+        if not memory:
+            points = torch.zeros_like(input_ids)
+        elif labels is None:
+            raise ValueError("labels are required to place augmentation points (or pass memory=False)")
+        elif augmentation_points is None:
+            points = default_points(input_ids, real, labels, self.delimiter_table, self.config.max_prompt_aug_num,
+                                    self.config.max_inference_aug_num)
+        else:
+            points = explicit_points(augmentation_points, real, labels)
+        logits = self._interleaved_logits(input_ids, real, points)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return MemGenOutput(loss=loss, logits=logits, augmentation_points=points)
+
+    def _latents_per_point(self, points: torch.Tensor) -> torch.Tensor:
+        k_prompt, k_inference = self.config.prompt_latents_len, self.config.inference_latents_len
+        return torch.where(points == PROMPT_POINT, k_prompt, torch.where(points == INFERENCE_POINT, k_inference, 0))
+
+    def _interleaved_logits(self, input_ids: torch.Tensor, real: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        batch, length = input_ids.shape
+        device = input_ids.device
+        rows = torch.arange(batch, device=device)
+        tokens = self.reasoner.get_input_embeddings()(input_ids)  # [B, L, d_R]
+        n_latents = self._latents_per_point(points)  # latents woven before token j
+        # stream index of each token: its rank among the row's tokens plus the latents before it
+        item_index = real.long().cumsum(1) - 1 + n_latents.cumsum(1)
+        stream_len = real.sum(1) + n_latents.sum(1)
+        stream = tokens.new_zeros(batch, int(stream_len.max()), tokens.shape[-1])
+        tok_b, tok_j = real.nonzero(as_tuple=True)
+        stream = stream.index_put((tok_b, item_index[tok_b, tok_j]), tokens[tok_b, tok_j])
+
+        has_point = points != 0
+        point_rank = has_point.long().cumsum(1) - 1
+        for round_ in range(int(has_point.sum(1).max())):
+            at_round = has_point & (point_rank == round_)
+            for kind, code in ((PROMPT, PROMPT_POINT), (INFERENCE, INFERENCE_POINT)):
+                pb, pj = (at_round & (points == code)).nonzero(as_tuple=True)
+                if pb.numel() == 0:
+                    continue
+                k = self.weaver.num_latents(kind)
+                prefix_len = item_index[pb, pj] - k  # items before this weave's latents
+                latents = self._weave(stream, pb, prefix_len, kind)
+                slots = prefix_len[:, None] + torch.arange(k, device=device)
+                stream = stream.index_put((pb[:, None].expand(-1, k), slots), latents.to(stream.dtype))
+
+        positions = torch.arange(stream.shape[1], device=device).expand(batch, -1)
+        stream_mask = positions < stream_len[:, None]
+        hidden = self.reasoner.get_decoder()(inputs_embeds=stream, attention_mask=stream_mask.long(),
+                                             position_ids=positions, use_cache=False).last_hidden_state
+        # logits[:, j] come from the item just before token j + 1: the last latent woven there, if any
+        next_latents = torch.zeros_like(n_latents)
+        next_latents[:, :-1] = n_latents[:, 1:]
+        read_at = torch.where(real, item_index + next_latents, 0)
+        logits = self.reasoner.get_output_embeddings()(hidden[rows[:, None], read_at])
+        return logits * real[..., None].to(logits.dtype)
+
+    def _weave(self, stream: torch.Tensor, rows: torch.Tensor, prefix_len: torch.Tensor, kind: str) -> torch.Tensor:
+        """Latents [G, K, d_R] for stream rows `rows`, each reading its first `prefix_len` items.
+
+        The prefixes are left-padded to a common length so that every row's queries sit at the end.
+        """
+        k = self.weaver.num_latents(kind)
+        width = int(prefix_len.max())
+        offsets = torch.arange(width, device=stream.device)
+        source = offsets[None, :] - (width - prefix_len[:, None])  # stream index of each prefix slot
+        valid = source >= 0
+        source = source.clamp(min=0)
+        prefix = stream[rows[:, None], source]  # [G, width, d_R]
+        weaver_dtype = self.weaver.model.get_input_embeddings().weight.dtype
+        projected = self.reasoner_to_weaver(prefix.float()) * valid[..., None]
+        queries = self.weaver.queries(kind).expand(rows.shape[0], -1, -1)
+        inputs = torch.cat([projected, queries], dim=1).to(weaver_dtype)
+        mask = torch.cat([valid, valid.new_ones(rows.shape[0], k)], dim=1)
+        positions = torch.cat([source, prefix_len[:, None] + torch.arange(k, device=stream.device)], dim=1)
+        hidden = self.weaver(inputs, mask.long(), positions)
+        return self.weaver_to_reasoner(hidden[:, -k:].float())

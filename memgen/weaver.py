@@ -1,0 +1,53 @@
+"""The memory weaver: a LoRA adapter on a causal LM plus two learnable query sets.
+
+Weave(stream, kind) runs the weaver's decoder on [reasoner_to_weaver(stream items); queries]
+with positions continuing the stream's and returns its final-norm hidden states at the K query
+positions (MemGenModel maps them to the reasoner's space with `weaver_to_reasoner`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memgen.adapters import active_adapter
+
+PROMPT, INFERENCE = "prompt", "inference"
+
+
+class MemGenWeaver(nn.Module):
+    """Queries (`Q_prompt` K_p x d, `Q_infer` K_i x d), their LayerNorms and scales, and the adapted base."""
+
+    adapter_name = "weaver"
+
+    def __init__(self, base: nn.Module, prompt_latents_len: int, inference_latents_len: int) -> None:
+        super().__init__()
+        self.model = base  # may be the reasoner itself: one copy of the weights
+        hidden = base.config.hidden_size
+        self.prompt_query_latents = nn.Parameter(torch.randn(prompt_latents_len, hidden))
+        self.inference_query_latents = nn.Parameter(torch.randn(inference_latents_len, hidden))
+        self.prompt_latent_ln = nn.LayerNorm(hidden)
+        self.inference_latent_ln = nn.LayerNorm(hidden)
+        self.prompt_latent_scale = nn.Parameter(torch.ones(1))
+        self.inference_latent_scale = nn.Parameter(torch.ones(1))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.prompt_query_latents.shape[1]
+
+    def num_latents(self, kind: str) -> int:
+        return (self.prompt_query_latents if kind == PROMPT else self.inference_query_latents).shape[0]
+
+    def queries(self, kind: str) -> torch.Tensor:
+        """LayerNorm(Q_kind) * scale_kind: float32 [K, d_W]."""
+        if kind == PROMPT:
+            return self.prompt_latent_ln(self.prompt_query_latents) * self.prompt_latent_scale
+        return self.inference_latent_ln(self.inference_query_latents) * self.inference_latent_scale
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [B, T, d_W] of the adapted decoder over `inputs_embeds` [B, T, d_W]."""
+        with active_adapter(self.model, self.adapter_name):
+            out = self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state

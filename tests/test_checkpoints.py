@@ -1,0 +1,213 @@
+"""Checkpoints: memgen's own format round-trips; both reference formats load; loading is strict and safe."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from memgen import MemGenConfig, MemGenModel
+from offline import chat_tokenizer, tiny_causal_lm
+from test_modeling import make_batch, make_model
+
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+
+
+def randomize(model, seed):
+    """Give every trainable tensor a distinctive value so that a load that misses one shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for stage in ("weaver", "trigger"):
+            for p in model.trainable_parameters(stage):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def trained_state(model):
+    return {k: v.detach().clone() for s in ("weaver", "trigger") for k, v in model.stage_parameters(s).items()}
+
+
+def same_model(a, b):
+    sa, sb = trained_state(a), trained_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    input_ids, mask, labels = make_batch(a, [2, 1], seed=3)
+    assert torch.equal(a(input_ids, mask, labels).logits, b(input_ids, mask, labels).logits)
+
+
+def fresh(arch="qwen2", trigger_mode="lora", seed=0):
+    """The same base weights as make_model(seed=seed), with new trainables."""
+    tok = chat_tokenizer()
+    config = MemGenConfig(prompt_latents_len=3, inference_latents_len=2, max_inference_aug_num=4,
+                          trigger_mode=trigger_mode, weaver_lora={"lora_dropout": 0.0}, trigger_lora={"lora_dropout": 0.0})
+    return MemGenModel.from_reasoner(tiny_causal_lm(arch, len(tok), seed=seed), tok, config).eval()
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+def test_own_format_round_trip(tmp_path, trigger_mode):
+    model = make_model("qwen3", trigger_mode=trigger_mode)
+    randomize(model, 1)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "memgen.safetensors")
+    assert saved.keys() == trained_state(model).keys()  # only what trains: no base weights
+    assert not any("base_layer" in k or k.startswith("reasoner.") for k in saved)
+    tok = chat_tokenizer()
+    loaded = MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen3", len(tok)), tokenizer=tok).eval()
+    assert loaded.config.to_dict() == model.config.to_dict()
+    same_model(model, loaded)
+
+
+def test_base_model_loaded_by_its_recorded_name(tmp_path):
+    tok = chat_tokenizer()
+    base_dir = tmp_path / "base"
+    tiny_causal_lm("llama", len(tok), seed=4).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    model = MemGenModel.from_reasoner(str(base_dir), config=MemGenConfig(weaver_lora={"lora_dropout": 0.0})).eval()
+    assert model.config.reasoner_name_or_path == str(base_dir)
+    randomize(model, 2)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MemGenModel.from_pretrained(tmp_path / "ckpt").eval()
+    same_model(model, loaded)
+
+
+def _peft_adapter(model, adapter, folder):
+    os.makedirs(folder, exist_ok=True)
+    prefix = f"{adapter}.model."
+    tensors = {}
+    for key, value in model.stage_parameters(adapter).items():
+        if key.startswith(prefix):
+            path = key[len(prefix):].replace(f".{adapter}.weight", ".weight")
+            tensors[f"base_model.model.{path}"] = value.detach().clone()
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", **LORA}, f)
+
+
+def write_reference_dir(model, path, trigger_active=True):
+    """The reference implementation's save_pretrained layout (format a)."""
+    os.makedirs(path, exist_ok=True)
+    w = model.weaver
+    torch.save({"reasoner_to_weaver": model.reasoner_to_weaver.state_dict(),
+                "weaver_to_reasoner": model.weaver_to_reasoner.state_dict()}, os.path.join(path, "projs.bin"))
+    torch.save({"prompt_query_latents": w.prompt_query_latents.detach(),
+                "inference_query_latents": w.inference_query_latents.detach(),
+                "prompt_latent_ln": w.prompt_latent_ln.state_dict(), "inference_latent_ln": w.inference_latent_ln.state_dict(),
+                "prompt_latent_scale": w.prompt_latent_scale.detach(),
+                "inference_latent_scale": w.inference_latent_scale.detach()}, os.path.join(path, "weaver.bin"))
+    torch.save({"output_layer": model.trigger.output_layer.state_dict()}, os.path.join(path, "trigger.bin"))
+    _peft_adapter(model, "weaver", os.path.join(path, "weaver", "weaver"))
+    _peft_adapter(model, "trigger", os.path.join(path, "trigger", "trigger"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"max_prompt_aug_num": 1, "max_inference_aug_num": 4,
+                   "weaver": {"prompt_latents_len": 3, "inference_latents_len": 2, "lora_config": LORA},
+                   "trigger": {"active": trigger_active, "lora_config": LORA}}, f)
+
+
+def write_reference_safetensors(model, path):
+    """The reference implementation's whole-module state (format b), frozen base weights included."""
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    base = model.reasoner.state_dict()
+    for key, value in base.items():
+        if "lora_" not in key:
+            tensors[f"reasoner.{key.replace('.base_layer.', '.')}"] = value.clone()
+        for adapter in ("weaver", "trigger"):
+            other = "trigger" if adapter == "weaver" else "weaver"
+            if f".{other}." not in key:  # each PEFT copy holds the base and its own adapter
+                tensors[f"{adapter}.model.base_model.model.{key}"] = value.clone()
+    w = model.weaver
+    for name in ("prompt_query_latents", "inference_query_latents", "prompt_latent_scale", "inference_latent_scale"):
+        tensors[f"weaver.{name}"] = getattr(w, name).detach().clone()
+    for ln in ("prompt_latent_ln", "inference_latent_ln"):
+        tensors.update({f"weaver.{ln}.{k}": v.clone() for k, v in getattr(w, ln).state_dict().items()})
+    for proj in ("reasoner_to_weaver", "weaver_to_reasoner"):
+        tensors.update({f"{proj}.{k}": v.clone() for k, v in getattr(model, proj).state_dict().items()})
+    tensors.update({f"trigger.output_layer.{k}": v.clone() for k, v in model.trigger.output_layer.state_dict().items()})
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"max_prompt_aug_num": 1, "max_inference_aug_num": 4, "weaver": {"lora_config": LORA},
+                   "trigger": {"active": True, "lora_config": LORA}}, f)
+    return tensors
+
+
+@pytest.mark.parametrize("layout", ["directory", "safetensors"])
+def test_reference_formats_load(tmp_path, layout):
+    model = fresh(seed=0)
+    randomize(model, 3)
+    if layout == "directory":
+        write_reference_dir(model, tmp_path)
+    else:
+        tensors = write_reference_safetensors(model, tmp_path)
+        assert "weaver.model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weaver.weight" in tensors
+        assert "trigger.model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.trigger.weight" in tensors
+    tok = chat_tokenizer()
+    loaded = MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok).eval()
+    assert loaded.config.trigger_mode == "lora" and loaded.config.prompt_latents_len == 3
+    same_model(model, loaded)
+
+
+def test_reference_directory_with_inactive_trigger_loads_as_always(tmp_path):
+    model = fresh(seed=0)
+    randomize(model, 5)
+    write_reference_dir(model, tmp_path, trigger_active=False)
+    tok = chat_tokenizer()
+    loaded = MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
+    assert loaded.config.trigger_mode == "always" and loaded.trigger is None
+    for key, value in trained_state(loaded).items():
+        assert torch.equal(value, model.stage_parameters("weaver")[key]), key
+
+
+def test_missing_misshapen_and_misnamed_tensors_raise(tmp_path):
+    model = make_model("qwen2")
+    model.save_pretrained(tmp_path)
+    tok = chat_tokenizer()
+    state = load_file(tmp_path / "memgen.safetensors")
+
+    def load_with(tensors):
+        save_file(tensors, tmp_path / "memgen.safetensors")
+        return MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
+
+    with pytest.raises(ValueError, match=r"1 missing \(e.g. \['weaver.prompt_latent_scale'\]\)"):
+        load_with({k: v for k, v in state.items() if k != "weaver.prompt_latent_scale"})
+    with pytest.raises(ValueError, match="wrong shape"):
+        load_with({**state, "weaver.prompt_query_latents": torch.zeros(5, 64)})
+    # an adapter saved under another name loads nothing in the reference code; here it cannot load at all
+    renamed = {k.replace(".lora_A.weaver.", ".lora_A.default."): v for k, v in state.items()}
+    with pytest.raises(ValueError, match="missing.*unexpected"):
+        load_with(renamed)
+
+
+def test_reference_adapter_for_modules_the_model_lacks_raises(tmp_path):
+    model = fresh(seed=0)
+    write_reference_dir(model, tmp_path)
+    adapter = tmp_path / "weaver" / "weaver" / "adapter_model.safetensors"
+    tensors = load_file(adapter)
+    tensors = {k.replace("q_proj", "k_proj"): v for k, v in tensors.items()}
+    save_file(tensors, adapter)
+    tok = chat_tokenizer()
+    with pytest.raises(ValueError, match="unexpected"):
+        MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo should-never-run",))
+
+
+def test_reference_pickles_are_read_with_weights_only(tmp_path):
+    model = fresh(seed=0)
+    write_reference_dir(model, tmp_path)
+    with open(tmp_path / "trigger.bin", "wb") as f:
+        pickle.dump({"output_layer": Payload()}, f)
+    tok = chat_tokenizer()
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
+
+
+def test_no_checkpoint_here(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no memgen checkpoint"):
+        MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", 10))

@@ -1,0 +1,238 @@
+"""MemGenModel: the fast training forward equals the row-by-row reference; stages; shared base; bad input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from memgen import MemGenConfig, MemGenModel
+from memgen.reference import reference_forward
+from offline import ARCHITECTURES, chat_tokenizer, tiny_causal_lm
+
+
+def make_model(arch="qwen2", *, k_prompt=3, k_inference=2, max_prompt=1, max_inference=4, trigger_mode="always",
+               weaver_base=None, seed=0, dtype=torch.float32):
+    tok = chat_tokenizer()
+    reasoner = tiny_causal_lm(arch, len(tok), seed=seed).to(dtype)
+    config = MemGenConfig(prompt_latents_len=k_prompt, inference_latents_len=k_inference,
+                          max_prompt_aug_num=max_prompt, max_inference_aug_num=max_inference,
+                          trigger_mode=trigger_mode, weaver_lora={"lora_dropout": 0.0},
+                          trigger_lora={"lora_dropout": 0.0})
+    model = MemGenModel.from_reasoner(reasoner, tok, config, weaver_base=weaver_base).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
+        for name, p in model.stage_parameters("weaver").items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def make_batch(model, n_delimiters, padding="left", seed=0):
+    """One row per entry of n_delimiters: a prompt, then an answer with that many delimiter tokens inside."""
+    rng = random.Random(seed)
+    table = model.delimiter_table
+    delimiters = table.nonzero().flatten().tolist()
+    plain = [i for i in range(len(table)) if not table[i] and i != model.tokenizer.pad_token_id]
+    rows = []
+    for n in n_delimiters:
+        prompt = [rng.choice(plain) for _ in range(rng.randint(1, 9))]
+        answer = [rng.choice(plain) for _ in range(rng.randint(n + 2, n + 12))]
+        for pos in rng.sample(range(0, len(answer) - 1), n):
+            answer[pos] = rng.choice(delimiters)
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    length = max(len(ids) for ids, _ in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), model.tokenizer.pad_token_id)
+    labels = torch.full((batch, length), -100)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b, (ids, lab) in enumerate(rows):
+        cols = slice(length - len(ids), length) if padding == "left" else slice(0, len(ids))
+        input_ids[b, cols], labels[b, cols], mask[b, cols] = torch.tensor(ids), torch.tensor(lab), 1
+    return input_ids, mask, labels
+
+
+def rel_err(got, want):
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+def assert_matches_reference(model, input_ids, mask, labels, **kwargs):
+    model.zero_grad()
+    out = model(input_ids, mask, labels, **kwargs)
+    out.loss.backward()
+    fast_grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.stage_parameters("weaver").items()}
+    model.zero_grad()
+    points = kwargs.get("augmentation_points")
+    ref_points = None
+    if points is not None:
+        ref_points = [{j: ("prompt" if out.augmentation_points[b, j] == 1 else "inference")
+                       for j in (out.augmentation_points[b] != 0).nonzero().flatten().tolist()}
+                      for b in range(input_ids.shape[0])]
+    ref_loss, ref_logits = reference_forward(model, input_ids, mask, labels, points=ref_points)
+    ref_loss.backward()
+    assert rel_err(out.loss, ref_loss) < 1e-5, (out.loss.item(), ref_loss.item())
+    real = mask.bool()
+    assert rel_err(out.logits[real], ref_logits[real]) < 1e-5
+    assert (out.logits[~real] == 0).all()
+    for name, p in model.stage_parameters("weaver").items():
+        if fast_grads[name] is None or p.grad is None:  # e.g. prompt queries when no row has a prompt point
+            assert fast_grads[name] is None and p.grad is None, name
+            continue
+        assert torch.isfinite(fast_grads[name]).all(), name
+        assert rel_err(fast_grads[name], p.grad) < 1e-4, (name, rel_err(fast_grads[name], p.grad))
+    assert all(p.grad is None for p in model.reasoner.parameters() if not p.requires_grad)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("n_delimiters", [[2], [0, 5, 1], [3, 0, 1, 7, 2, 4, 5, 1]], ids=["B1", "B3", "B8"])
+def test_forward_matches_reference(arch, padding, n_delimiters):
+    model = make_model(arch)
+    input_ids, mask, labels = make_batch(model, n_delimiters, padding, seed=len(n_delimiters))
+    out = assert_matches_reference(model, input_ids, mask, labels)
+    counts = (out.augmentation_points != 0).sum(1).tolist()
+    # the prompt point plus up to 4 inference points (delimiters sit inside the answer, never last)
+    assert counts == [1 + min(n, 4) for n in n_delimiters], counts
+
+
+def test_rows_with_zero_to_five_points_and_odd_k():
+    model = make_model("llama", k_prompt=1, k_inference=4, max_prompt=0, max_inference=5)
+    input_ids, mask, labels = make_batch(model, [0, 1, 2, 3, 4, 5, 6], "left", seed=3)
+    out = assert_matches_reference(model, input_ids, mask, labels)
+    assert (out.augmentation_points != 0).sum(1).tolist() == [0, 1, 2, 3, 4, 5, 5]
+
+
+@pytest.mark.parametrize("form", ["mask", "lists"])
+def test_explicit_points_override_the_rule(form):
+    model = make_model("qwen2")
+    input_ids, mask, labels = make_batch(model, [2, 4, 0], "left", seed=5)
+    answer = (labels != -100)
+    g = torch.Generator().manual_seed(0)
+    chosen = answer & (torch.rand(answer.shape, generator=g) < 0.2)  # arbitrary answer positions
+    given = chosen.long() if form == "mask" else [row.nonzero().flatten().tolist() for row in chosen]
+    out = assert_matches_reference(model, input_ids, mask, labels, augmentation_points=given)
+    assert torch.equal(out.augmentation_points != 0, chosen)
+
+
+def test_memory_off_and_zero_budgets_are_the_bare_reasoner():
+    model = make_model("qwen3", max_prompt=0, max_inference=0)
+    input_ids, mask, labels = make_batch(model, [3, 1], "right", seed=7)
+    bare = model.reasoner(input_ids=input_ids, attention_mask=mask).logits
+    real = mask.bool()
+    no_points = model(input_ids, mask, labels)
+    assert (no_points.augmentation_points == 0).all()
+    assert rel_err(no_points.logits[real], bare[real]) < 1e-5
+    off = make_model("qwen3")(input_ids, mask, labels, memory=False)
+    assert rel_err(off.logits[real], bare[real]) < 1e-5
+
+
+def test_weaver_on_a_separate_base_with_another_hidden_size():
+    tok = chat_tokenizer()
+    weaver_base = tiny_causal_lm("llama", len(tok), hidden_size=32, seed=9)
+    model = make_model("qwen2", weaver_base=weaver_base)
+    assert model.weaver.model is weaver_base and model.reasoner_to_weaver.weight.shape == (32, 64)
+    input_ids, mask, labels = make_batch(model, [1, 3], "left", seed=11)
+    assert_matches_reference(model, input_ids, mask, labels)
+
+
+def test_one_copy_of_the_base_weights():
+    model = make_model("qwen2", trigger_mode="lora")
+    assert model.weaver.model is model.reasoner and model.trigger.model is model.reasoner
+    embed = model.reasoner.get_input_embeddings().weight
+    assert model.weaver.model.get_input_embeddings().weight.data_ptr() == embed.data_ptr()
+    base = sum(p.numel() for n, p in model.reasoner.named_parameters() if "lora_" not in n)
+    total = sum(p.numel() for p in model.parameters())  # parameters() counts shared tensors once
+    extras = sum(p.numel() for stage in ("weaver", "trigger") for p in model.trainable_parameters(stage))
+    assert total == base + extras
+
+
+def test_stages_train_only_their_parameters():
+    model = make_model("qwen2", trigger_mode="lora")
+    weaver, trigger = model.stage_parameters("weaver"), model.stage_parameters("trigger")
+    assert weaver and trigger and not set(map(id, weaver.values())) & set(map(id, trigger.values()))
+    assert all(p.requires_grad for p in weaver.values()) and not any(p.requires_grad for p in trigger.values())
+    model.set_trainable("trigger")
+    assert all(p.requires_grad for p in trigger.values()) and not any(p.requires_grad for p in weaver.values())
+    model.set_trainable(None)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.set_trainable("weaver")
+    input_ids, mask, labels = make_batch(model, [2], seed=1)
+    model(input_ids, mask, labels).loss.backward()
+    assert all(p.grad is not None for p in weaver.values())
+    base = [p for n, p in model.reasoner.named_parameters() if "lora_" not in n]
+    assert all(p.grad is None and not p.requires_grad for p in base)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        model.set_trainable("reasoner")
+
+
+def test_bfloat16_base_keeps_float32_trainables():
+    model = make_model("qwen2", dtype=torch.bfloat16)
+    assert model.reasoner.get_input_embeddings().weight.dtype == torch.bfloat16
+    input_ids, mask, labels = make_batch(model, [2, 1], seed=2)
+    out = model(input_ids, mask, labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in model.stage_parameters("weaver").items():
+        assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_labels_and_shapes():
+    model = make_model("qwen2")
+    input_ids, mask, labels = make_batch(model, [1, 2], seed=4)
+    no_answer = torch.full_like(labels, -100)
+    with pytest.raises(ValueError, match=r"rows \[0, 1\] have no answer tokens"):
+        model(input_ids, mask, no_answer)
+    two_spans = labels.clone()
+    two_spans[0, (labels[0] != -100).nonzero()[2, 0]] = -100
+    with pytest.raises(ValueError, match="several answer spans"):
+        model(input_ids, mask, two_spans)
+    first = labels.clone()
+    first[1] = torch.where(mask[1].bool(), input_ids[1], -100)
+    with pytest.raises(ValueError, match="must follow at least one prompt token"):
+        model(input_ids, mask, first)
+    with pytest.raises(ValueError, match="attention_mask must match"):
+        model(input_ids, mask[:, 1:], labels)
+    with pytest.raises(ValueError, match="labels must be int64"):
+        model(input_ids, mask, labels[:1])
+    with pytest.raises(ValueError, match="labels are required"):
+        model(input_ids, mask)
+    with pytest.raises(ValueError, match="not an answer position"):
+        model(input_ids, mask, labels, augmentation_points=[[int(mask[0].argmax())], []])
+    padded_labels = labels.clone()
+    padded_labels[0, 0] = 5
+    with pytest.raises(ValueError, match="-100 at padding"):
+        model(input_ids, mask, padded_labels)
+
+
+def test_bad_construction():
+    tok = chat_tokenizer()
+    tok.pad_token = None
+    with pytest.raises(ValueError, match="tokenizer.pad_token = tokenizer.eos_token"):
+        MemGenModel.from_reasoner(tiny_causal_lm("qwen2", len(tok)), tok)
+    with pytest.raises(ValueError, match="match no module"):
+        MemGenModel.from_reasoner(tiny_causal_lm("qwen2", len(chat_tokenizer())), chat_tokenizer(),
+                                  MemGenConfig(weaver_lora={"target_modules": ["no_such_proj"]}))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(trigger_mode="sometimes"), "trigger_mode must be one of"),
+    (dict(prompt_latents_len=0), "prompt_latents_len must be an int >= 1"),
+    (dict(max_inference_aug_num=-1), "max_inference_aug_num must be an int >= 0"),
+    (dict(delimiters=[]), "delimiters must be a non-empty sequence"),
+    (dict(weaver_lora={"rank": 8}), r"unsupported LoRA settings \['rank'\]"),
+    (dict(trigger_lora={"lora_dropout": 1.5}), r"lora_dropout'\] must be in \[0, 1\)"),
+])
+def test_config_rejects_invalid_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MemGenConfig(**kwargs)
+
+
+def test_config_round_trip():
+    config = MemGenConfig(prompt_latents_len=4, max_inference_aug_num=2, trigger_mode="head", delimiters=[".", "!"])
+    again = MemGenConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
