@@ -1,6 +1,9 @@
-"""Turn a pytest-benchmark JSON of the ops suite into a Markdown table (medians, ratios, machine).
+"""Turn a pytest-benchmark JSON of one of memgen's suites into a Markdown table (medians, ratios, machine).
 
-Usage: python benchmarks/report.py benchmarks/results/trigger_scoring_cpu.json > benchmarks/results/trigger_scoring_cpu.md
+Rows are the configurations (every extra_info field but the implementation and bookkeeping);
+columns are the implementations, measured side by side in one run.
+
+Usage: python benchmarks/report.py benchmarks/results/<suite>.json > benchmarks/results/<suite>.md
 """
 
 from __future__ import annotations
@@ -9,31 +12,45 @@ import json
 import sys
 from collections import defaultdict
 
+BOOKKEEPING = {"impl", "torch", "machine", "rows_per_s"}
+BASELINES = ("torch", "reference")  # the plain implementation each fast one is compared with
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
+
 
 def main(path: str) -> None:
     with open(path) as f:
         data = json.load(f)
     machine = data["machine_info"]
-    cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "unknown CPU"))
-    rows = defaultdict(dict)
+    cpu = machine.get("cpu", {})
+    first = data["benchmarks"][0]
+    suite = first["fullname"].split("::")[0].rsplit("/", 1)[-1].removeprefix("test_bench_").removesuffix(".py")
+    rows: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
+    impls: list[str] = []
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        key = (info["device"], info["batch"], info["mode"])
-        rows[key][info["impl"]] = (bench["stats"]["median"], bench["stats"]["iqr"], info["machine"])
-    print(f"## trigger_scoring ({machine.get('node', '?')}: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores; "
-          f"torch {data['benchmarks'][0]['extra_info'].get('torch', '?')}; {data['datetime'][:10]})\n")
-    print("| device | batch | mode | torch reference (us) | native (us) | triton (us) | reference / native |")
-    print("|---|---|---|---|---|---|---|")
-    for (device, batch, mode), impls in sorted(rows.items()):
-        def cell(impl):
-            if impl not in impls:
-                return "-"
-            median, iqr, _ = impls[impl]
-            return f"{median * 1e6:.1f} ± {iqr * 1e6:.1f}"
-        ratio = (f"{impls['torch'][0] / impls['native'][0]:.1f}x" if "torch" in impls and "native" in impls else "-")
-        name = device if device == "cpu" else next(iter(impls.values()))[2]
-        print(f"| {name} | {batch} | {mode} | {cell('torch')} | {cell('native')} | {cell('triton')} | {ratio} |")
-    print("\nMedians over 200 rounds of 10 calls (± interquartile range), measured side by side in one run.")
+        key = tuple((k, v) for k, v in sorted(info.items()) if k not in BOOKKEEPING)
+        rows[key][info["impl"]] = (bench["stats"]["median"], bench["stats"]["iqr"])
+        if info["impl"] not in impls:
+            impls.append(info["impl"])
+    baseline = next((b for b in BASELINES if b in impls), None)
+    fast = [i for i in impls if i != baseline]
+    print(f"## {suite} ({machine.get('node', '?')}: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores; "
+          f"torch {first['extra_info'].get('torch', '?')}; {data['datetime'][:10]})\n")
+    fields = [k for k, _ in next(iter(rows))]
+    header = fields + [f"{i} (median ± IQR)" for i in impls] + [f"{baseline} / {i}" for i in fast if baseline]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for key, measured in sorted(rows.items(), key=lambda kv: str(kv[0])):
+        cells = [str(v) for _, v in key]
+        cells += [f"{_time(measured[i][0])} ± {_time(measured[i][1])}" if i in measured else "-" for i in impls]
+        if baseline:
+            cells += [f"{measured[baseline][0] / measured[i][0]:.1f}x" if i in measured and baseline in measured
+                      else "-" for i in fast]
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nMedians of {first['stats']['rounds']} rounds, measured side by side in one run (`{path}`).")
 
 
 if __name__ == "__main__":

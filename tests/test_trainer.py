@@ -1,0 +1,57 @@
+"""Weaver SFT through Hugging Face Trainer: the loss goes down, the reasoner does not move."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from test_modeling import make_model
+
+
+def sft_rows(model, n_rows=32, seed=0):
+    """Prompts of random words; the answer repeats a fixed punctuated phrase (learnable by the weaver)."""
+    tok = model.tokenizer
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "north", "light"]
+    answer = tok.encode(" First, the plan. Then, the answer.\n Done.")
+    rows = []
+    for _ in range(n_rows):
+        prompt = tok.encode("Q: " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 6))) + "?")
+        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return rows
+
+
+def left_pad_collate(pad_id):
+    def collate(rows):
+        length = max(len(r["input_ids"]) for r in rows)
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for r in rows:
+            pad = length - len(r["input_ids"])
+            out["input_ids"].append([pad_id] * pad + r["input_ids"])
+            out["attention_mask"].append([0] * pad + [1] * len(r["input_ids"]))
+            out["labels"].append([-100] * pad + r["labels"])
+        return {k: torch.tensor(v) for k, v in out.items()}
+    return collate
+
+
+def test_trainer_sft_lowers_the_loss_and_leaves_the_reasoner_alone(tmp_path):
+    model = make_model("qwen2", k_prompt=4, k_inference=2)
+    model.train()
+    base_before = {k: v.clone() for k, v in model.reasoner.state_dict().items() if "lora_" not in k}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=40,
+                             learning_rate=3e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
+                             remove_unused_columns=False, disable_tqdm=True, log_level="error")
+    trainer = Trainer(model=model, args=args, train_dataset=sft_rows(model),
+                      data_collator=left_pad_collate(model.tokenizer.pad_token_id))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 40
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    # a random tiny reasoner moves slowly: measured 5.95 -> 5.69 over 40 steps at lr 3e-2
+    assert last < first - 0.1, losses
+    for key, value in model.reasoner.state_dict().items():
+        if "lora_" not in key:
+            assert torch.equal(value, base_before[key]), key
