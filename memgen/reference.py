@@ -90,3 +90,118 @@ def reference_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if labels is not None:
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
     return loss, logits
+
+
+def reference_choose_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                           top_p: float | None, generator: torch.Generator | None) -> int:
+    """Next token from float logits [V]: argmax (first maximum), or a draw after temperature, top-k and top-p."""
+    if not do_sample:
+        return int(torch.argmax(logits))
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.numel():
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(ordered, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(ordered, -1) >= top_p  # keep the smallest prefix reaching top_p
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(scores, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _decide(logits: torch.Tensor | None, do_sample: bool, temperature: float,
+            generator: torch.Generator | None) -> int:
+    """INVOKE (1) or SKIP (0) from [skip, invoke] logits; None (mode `always`) invokes."""
+    if logits is None:
+        return 1
+    skip, invoke = float(logits[0]), float(logits[1])
+    if not do_sample:
+        return int(invoke > skip)
+    u = float(torch.rand((), generator=generator))
+    p_invoke = float(torch.softmax(logits.float() / temperature, -1)[1])
+    return int(u < p_invoke)
+
+
+@torch.no_grad()
+def reference_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None,
+                       generator: torch.Generator | None = None, eos_token_id: int | list[int] | None = None,
+                       trigger_mode: str | None = None, max_prompt_aug_num: int | None = None,
+                       max_inference_aug_num: int | None = None, memory: bool = True):
+    """Row-by-row MemGen generation (DESIGN.md section 1), recomputing everything at every step.
+
+    Returns (sequences [B, L + T], augmentation_mask [B, T]) with T the number of steps run:
+    new tokens follow each (left-padded) prompt, padding follows a row's EOS; the mask holds, for
+    the position of each new token, the decision taken just before it (-100 no decision point,
+    0 SKIP, 1 INVOKE). Sampling draws from `generator`, row by row, each step the token first and
+    then the trigger's uniform.
+    """
+    config = model.config
+    mode = trigger_mode or config.trigger_mode
+    prompt_budget = config.max_prompt_aug_num if max_prompt_aug_num is None else max_prompt_aug_num
+    budget = config.max_inference_aug_num if max_inference_aug_num is None else max_inference_aug_num
+    if not memory:
+        prompt_budget = budget = 0
+    eos = eos_token_id if eos_token_id is not None else model.tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    pad = model.tokenizer.pad_token_id
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    device = input_ids.device
+    embed = model.reasoner.get_input_embeddings()
+    head = model.reasoner.get_output_embeddings()
+
+    def reasoner_hidden(stream: list[torch.Tensor]) -> torch.Tensor:
+        items = torch.stack(stream)[None]
+        n = items.shape[1]
+        return model.reasoner.get_decoder()(
+            inputs_embeds=items, attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
+            position_ids=torch.arange(n, device=device)[None], use_cache=False).last_hidden_state[0, -1]
+
+    def trigger_logits(ids: list[int], stream: list[torch.Tensor]) -> torch.Tensor | None:
+        if mode == "always":
+            return None
+        if mode == "head":
+            return model.trigger.head_logits(reasoner_hidden(stream))
+        t = torch.tensor(ids, device=device)[None]
+        n = t.shape[1]
+        return model.trigger(t, torch.ones_like(t), torch.arange(n, device=device)[None])[0, -1]
+
+    rows_tokens, rows_masks = [], []
+    for b in range(input_ids.shape[0]):
+        ids = [int(t) for t, m in zip(input_ids[b], attention_mask[b]) if m]
+        stream = [embed(torch.tensor(t, device=device)) for t in ids]
+        new_tokens: list[int] = []
+        decisions: list[int] = []
+        decision = -100
+        if prompt_budget > 0:
+            decision = _decide(trigger_logits(ids, stream), do_sample, temperature, generator)
+            if decision == 1:
+                stream.extend(_weave(model, stream, PROMPT))
+        woven = 0
+        for step in range(max_new_tokens):
+            decisions.append(decision)
+            logits = head(reasoner_hidden(stream)).float()
+            token = reference_choose_token(logits, do_sample, temperature, top_k, top_p, generator)
+            new_tokens.append(token)
+            ids.append(token)
+            stream.append(embed(torch.tensor(token, device=device)))
+            if token in eos_ids:
+                break
+            decision = -100
+            if step + 1 < max_new_tokens and woven < budget and bool(model.delimiter_table[token]):
+                decision = _decide(trigger_logits(ids, stream), do_sample, temperature, generator)
+                if decision == 1:
+                    stream.extend(_weave(model, stream, INFERENCE))
+                    woven += 1
+        rows_tokens.append(new_tokens)
+        rows_masks.append(decisions)
+    steps = max(len(t) for t in rows_tokens)
+    new = torch.full((input_ids.shape[0], steps), pad, dtype=torch.long, device=device)
+    mask = torch.full((input_ids.shape[0], steps), -100, dtype=torch.long, device=device)
+    for b, (tokens, decisions) in enumerate(zip(rows_tokens, rows_masks)):
+        new[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[b, :len(decisions)] = torch.tensor(decisions, dtype=torch.long)
+    return torch.cat([input_ids, new], dim=1), mask

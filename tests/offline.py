@@ -35,7 +35,7 @@ def byte_level_bpe() -> PreTrainedTokenizerFast:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>"],
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>", "<|pad|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
@@ -74,9 +74,9 @@ def _chat_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def chat_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with a pad token (a fresh copy: tests may change it)."""
+    """A byte-level BPE tokenizer whose pad token is not its EOS (a fresh copy: tests may change it)."""
     tok = PreTrainedTokenizerFast(tokenizer_object=_chat_tokenizer().backend_tokenizer, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>")
+                                  pad_token="<|pad|>")
     return tok
 
 
