@@ -22,7 +22,8 @@ from memgen import checkpoints
 from memgen.adapters import add_lora_adapter, adapter_parameters
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
-from memgen.points import INFERENCE_POINT, PROMPT_POINT, default_points, explicit_points
+from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
+                           default_points, explicit_points, prompt_turns)
 from memgen.trigger import MemGenTrigger
 from memgen.weaver import INFERENCE, PROMPT, MemGenWeaver
 
@@ -184,7 +185,7 @@ class MemGenModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, augmentation_points: Any = None,
-                memory: bool = True) -> MemGenOutput:
+                memory: bool = True, generator: torch.Generator | None = None) -> MemGenOutput:
         """Teacher-forced forward with latents woven at the augmentation points.
 
         Args:
@@ -193,25 +194,74 @@ class MemGenModel(nn.Module):
             labels: int64 [B, L], -100 outside the answer. Required unless `augmentation_points`
                 is given with memory, or `memory=False`.
             augmentation_points: explicit points overriding DESIGN.md's rule: an int [B, L] mask
-                (1 = weave before token j) or one list of positions per row.
+                (1 = weave before token j) or one list of positions per row (single-turn rows).
             memory: False runs the bare reasoner through the same code path (a fair baseline).
+            generator: draws which turns of a conversation get a prompt weave when a row has more
+                than `max_prompt_aug_num` assistant turns.
+
+        Rows with several answer spans are conversations: each assistant turn is a single-turn
+        forward over the prefix ending at that turn (earlier turns' latents are invisible to it);
+        logits[:, j] come from the forward of the turn that contains token j + 1.
         """
         real = self._check_forward_inputs(input_ids, attention_mask, labels)
         if not memory:
             points = torch.zeros_like(input_ids)
         elif labels is None:
             raise ValueError("labels are required to place augmentation points (or pass memory=False)")
-        elif augmentation_points is None:
+        elif augmentation_points is not None:
+            points = explicit_points(augmentation_points, real, labels)
+        else:
+            check_labels(real, labels, single_turn=False)
+            if (answer_boundaries(real, labels).sum(1) > 1).any():
+                logits, points = self._conversation_logits(input_ids, real, labels, generator)
+                return self._output(logits, labels, points)
             points = default_points(input_ids, real, labels, self.delimiter_table, self.config.max_prompt_aug_num,
                                     self.config.max_inference_aug_num)
-        else:
-            points = explicit_points(augmentation_points, real, labels)
-        logits = self._interleaved_logits(input_ids, real, points)
+        return self._output(self._interleaved_logits(input_ids, real, points), labels, points)
+
+    @staticmethod
+    def _output(logits: torch.Tensor, labels: torch.Tensor | None, points: torch.Tensor) -> MemGenOutput:
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return MemGenOutput(loss=loss, logits=logits, augmentation_points=points)
+
+    def _conversation_logits(self, input_ids: torch.Tensor, real: torch.Tensor, labels: torch.Tensor,
+                             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One single-turn sub-row per assistant turn, all run as one batch, then merged back."""
+        batch, length = input_ids.shape
+        device = input_ids.device
+        columns = torch.arange(length, device=device)
+        sub_rows, sub_ends, sub_spans, sub_prompt = [], [], [], []
+        source = torch.zeros(batch, length, dtype=torch.long, device=device)  # sub-row giving logits[b, j]
+        for b, spans in enumerate(answer_spans(real, labels)):
+            with_prompt = prompt_turns(len(spans), self.config.max_prompt_aug_num, generator)
+            start = 0
+            for t, (span_start, span_end) in enumerate(spans):
+                last = t == len(spans) - 1
+                stop = length if last else span_end - 1  # logits[j] predict token j + 1
+                source[b, start:stop] = len(sub_rows)
+                start = stop
+                sub_rows.append(b)
+                sub_ends.append(length if last else span_end)
+                sub_spans.append((span_start, span_end))
+                sub_prompt.append(t in with_prompt)
+        rows = torch.tensor(sub_rows, device=device)
+        sub_real = real[rows] & (columns[None, :] < torch.tensor(sub_ends, device=device)[:, None])
+        span_bounds = torch.tensor(sub_spans, device=device)
+        in_span = (columns[None, :] >= span_bounds[:, :1]) & (columns[None, :] < span_bounds[:, 1:])
+        sub_labels = torch.where(in_span, labels[rows], -100)
+        points = default_points(input_ids[rows], sub_real, sub_labels, self.delimiter_table, 1,
+                                self.config.max_inference_aug_num)
+        no_prompt = ~torch.tensor(sub_prompt, device=device)
+        points[no_prompt[:, None] & (points == PROMPT_POINT)] = 0
+        sub_logits = self._interleaved_logits(input_ids[rows], sub_real, points)
+        logits = sub_logits[source, columns[None, :]] * real[..., None].to(sub_logits.dtype)
+        merged_points = torch.zeros_like(input_ids)
+        for n, b in enumerate(sub_rows):
+            merged_points[b] = torch.where(in_span[n], points[n], merged_points[b])
+        return logits, merged_points
 
     def _latents_per_point(self, points: torch.Tensor) -> torch.Tensor:
         k_prompt, k_inference = self.config.prompt_latents_len, self.config.inference_latents_len

@@ -26,8 +26,11 @@ def answer_boundaries(real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return is_label & ~before
 
 
-def check_labels(real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Validate single-turn labels and return each row's prompt/answer boundary position (int64 [B])."""
+def check_labels(real: torch.Tensor, labels: torch.Tensor, single_turn: bool = True) -> torch.Tensor:
+    """Validate labels and return each row's first prompt/answer boundary (int64 [B]).
+
+    With `single_turn`, a row with several answer spans (a conversation) is an error.
+    """
     if ((labels != -100) & ~real).any():
         raise ValueError("labels must be -100 at padding positions (attention_mask == 0)")
     boundaries = answer_boundaries(real, labels)
@@ -36,10 +39,10 @@ def check_labels(real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rows = (per_row == 0).nonzero().flatten().tolist()
         raise ValueError(f"labels of rows {rows} have no answer tokens (every label is -100); each row needs an "
                          "answer span to train on")
-    if (per_row > 1).any():
+    if single_turn and (per_row > 1).any():
         rows = (per_row > 1).nonzero().flatten().tolist()
-        raise ValueError(f"rows {rows} have several answer spans (a conversation); memgen's training forward "
-                         "supports single-turn rows (one prompt, then one answer) so far")
+        raise ValueError(f"rows {rows} have several answer spans (a conversation), which explicit "
+                         "augmentation_points do not support; pass single-turn rows")
     boundary = boundaries.long().argmax(1)
     first_real = real.long().argmax(1)
     if (boundary == first_real).any():
@@ -48,11 +51,34 @@ def check_labels(real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return boundary
 
 
+def answer_spans(real: torch.Tensor, labels: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Each row's answer spans [start, end) in order (one per assistant turn)."""
+    is_label = ((labels != -100) & real).tolist()
+    spans = []
+    for row in is_label:
+        row_spans, start = [], None
+        for j, flag in enumerate(row + [False]):
+            if flag and start is None:
+                start = j
+            elif not flag and start is not None:
+                row_spans.append((start, j))
+                start = None
+        spans.append(row_spans)
+    return spans
+
+
+def prompt_turns(n_turns: int, max_prompt_aug_num: int, generator: torch.Generator | None = None) -> set[int]:
+    """The turns of a conversation that get a prompt weave: all of them, or a random `max_prompt_aug_num`."""
+    if n_turns <= max_prompt_aug_num:
+        return set(range(n_turns))
+    return set(torch.randperm(n_turns, generator=generator)[:max_prompt_aug_num].tolist())
+
+
 def default_points(input_ids: torch.Tensor, real: torch.Tensor, labels: torch.Tensor,
                    delimiter_table: torch.Tensor, max_prompt_aug_num: int,
                    max_inference_aug_num: int) -> torch.Tensor:
     """DESIGN.md's points for single-turn rows (see the module docstring)."""
-    boundary = check_labels(real, labels)
+    boundary = check_labels(real, labels, single_turn=True)
     batch, length = input_ids.shape
     points = torch.zeros(batch, length, dtype=torch.long, device=input_ids.device)
     is_label = (labels != -100) & real

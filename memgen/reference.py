@@ -45,47 +45,79 @@ def _weave(model, stream: list[torch.Tensor], kind: str) -> list[torch.Tensor]:
     return list(latents.to(items.dtype))
 
 
+def _row_logits(model, ids: list[int], row_points: dict[int, str]) -> torch.Tensor:
+    """Float logits [n, V] of one unpadded row: position j predicts token j + 1."""
+    device = model.delimiter_table.device
+    embed = model.reasoner.get_input_embeddings()
+    stream: list[torch.Tensor] = []
+    token_item: list[int] = []  # stream index of each token
+    for j, token in enumerate(ids):
+        if j in row_points:
+            stream.extend(_weave(model, stream, row_points[j]))
+        token_item.append(len(stream))
+        stream.append(embed(torch.tensor(token, device=device)))
+    items = torch.stack(stream)[None]
+    n = items.shape[1]
+    hidden = model.reasoner.get_decoder()(inputs_embeds=items,
+                                          attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
+                                          position_ids=torch.arange(n, device=device)[None],
+                                          use_cache=False).last_hidden_state[0]
+    # the item just before token j + 1: the last latent woven there, else token j itself
+    read = [token_item[j + 1] - 1 if j + 1 < len(ids) else token_item[j] for j in range(len(ids))]
+    return model.reasoner.get_output_embeddings()(hidden[read]).float()
+
+
+def _spans(labels: list[int]) -> list[tuple[int, int]]:
+    spans, start = [], None
+    for j, label in enumerate(labels + [-100]):
+        if label != -100 and start is None:
+            start = j
+        elif label == -100 and start is not None:
+            spans.append((start, j))
+            start = None
+    return spans
+
+
 def reference_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       labels: torch.Tensor | None = None, points: list[dict[int, str]] | None = None,
-                      memory: bool = True):
+                      memory: bool = True, generator: torch.Generator | None = None):
     """Row-by-row teacher-forced forward: (loss, logits [B, L, V]) as `MemGenModel.forward` defines them.
 
     `points` gives each row's {position: kind} in padded coordinates; by default DESIGN.md's rule.
+    A row with several answer spans is a conversation: one single-turn forward per assistant turn.
     """
+    from memgen.points import prompt_turns
+
     batch, length = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    embed = model.reasoner.get_input_embeddings()
     vocab = model.reasoner.get_output_embeddings().weight.shape[0]
+    config = model.config
     logits = torch.zeros(batch, length, vocab, device=input_ids.device)
     for b in range(batch):
         columns = [j for j in range(length) if attention_mask[b, j]]
         ids = [int(input_ids[b, j]) for j in columns]
         if not memory:
-            row_points = {}
+            row = _row_logits(model, ids, {})
         elif points is not None:
-            row_points = {columns.index(j): kind for j, kind in points[b].items()}
+            row = _row_logits(model, ids, {columns.index(j): kind for j, kind in points[b].items()})
         else:
             row_labels = [int(labels[b, j]) for j in columns]
-            row_points = reference_points(ids, row_labels, model.delimiter_table, model.config.max_prompt_aug_num,
-                                          model.config.max_inference_aug_num)
-        stream: list[torch.Tensor] = []
-        token_item: list[int] = []  # stream index of each token
-        for j, token in enumerate(ids):
-            if j in row_points:
-                stream.extend(_weave(model, stream, row_points[j]))
-            token_item.append(len(stream))
-            stream.append(embed(torch.tensor(token, device=input_ids.device)))
-        items = torch.stack(stream)[None]
-        n = items.shape[1]
-        hidden = model.reasoner.get_decoder()(inputs_embeds=items, attention_mask=torch.ones(1, n, dtype=torch.long,
-                                              device=items.device),
-                                              position_ids=torch.arange(n, device=items.device)[None],
-                                              use_cache=False).last_hidden_state[0]
-        for j, column in enumerate(columns):
-            # the item just before token j + 1: the last latent woven there, else token j itself
-            read = token_item[j + 1] - 1 if j + 1 < len(ids) else token_item[j]
-            logits[b, column] = model.reasoner.get_output_embeddings()(hidden[read]).float()
+            spans = _spans(row_labels)
+            with_prompt = prompt_turns(len(spans), config.max_prompt_aug_num, generator)
+            row = torch.zeros(len(ids), vocab, device=input_ids.device)
+            start = 0
+            for t, (span_start, span_end) in enumerate(spans):
+                last = t == len(spans) - 1
+                end = len(ids) if last else span_end
+                turn_labels = [label if span_start <= j < span_end else -100 for j, label in enumerate(row_labels)]
+                turn_points = reference_points(ids[:end], turn_labels[:end], model.delimiter_table,
+                                               config.max_prompt_aug_num if t in with_prompt else 0,
+                                               config.max_inference_aug_num)
+                stop = len(ids) if last else span_end - 1
+                row[start:stop] = _row_logits(model, ids[:end], turn_points)[start:stop]
+                start = stop
+        logits[b, columns] = row
     loss = None
     if labels is not None:
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)

@@ -97,6 +97,57 @@ def test_forward_matches_reference(arch, padding, n_delimiters):
     assert counts == [1 + min(n, 4) for n in n_delimiters], counts
 
 
+def make_conversations(model, turns_per_row, padding="left", seed=0):
+    """Rows of alternating prompt and answer segments; answers carry delimiters."""
+    rng = random.Random(seed)
+    table = model.delimiter_table
+    delimiters = table.nonzero().flatten().tolist()
+    plain = [i for i in range(len(table)) if not table[i] and i != model.tokenizer.pad_token_id]
+    rows = []
+    for turns in turns_per_row:
+        ids, lab = [], []
+        for _ in range(turns):
+            prompt = [rng.choice(plain) for _ in range(rng.randint(1, 5))]
+            answer = [rng.choice(delimiters) if rng.random() < 0.3 else rng.choice(plain)
+                      for _ in range(rng.randint(2, 8))]
+            ids += prompt + answer
+            lab += [-100] * len(prompt) + answer
+        if rng.random() < 0.5:  # trailing tokens after the last answer
+            tail = [rng.choice(plain) for _ in range(2)]
+            ids, lab = ids + tail, lab + [-100, -100]
+        rows.append((ids, lab))
+    length = max(len(i) for i, _ in rows)
+    input_ids = torch.full((len(rows), length), model.tokenizer.pad_token_id)
+    labels = torch.full((len(rows), length), -100)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, (ids, lab) in enumerate(rows):
+        cols = slice(length - len(ids), length) if padding == "left" else slice(0, len(ids))
+        input_ids[b, cols], labels[b, cols], mask[b, cols] = torch.tensor(ids), torch.tensor(lab), 1
+    return input_ids, mask, labels
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("max_prompt", [1, 3])
+def test_conversations_match_reference(padding, max_prompt):
+    model = make_model("qwen2", max_prompt=max_prompt, max_inference=2)
+    input_ids, mask, labels = make_conversations(model, [3, 1, 2, 4], padding, seed=max_prompt)
+    model.zero_grad()
+    out = model(input_ids, mask, labels, generator=torch.Generator().manual_seed(7))
+    out.loss.backward()
+    fast = {n: p.grad.clone() for n, p in model.stage_parameters("weaver").items() if p.grad is not None}
+    model.zero_grad()
+    ref_loss, ref_logits = reference_forward(model, input_ids, mask, labels, generator=torch.Generator().manual_seed(7))
+    ref_loss.backward()
+    real = mask.bool()
+    assert rel_err(out.loss, ref_loss) < 1e-5
+    assert rel_err(out.logits[real], ref_logits[real]) < 1e-5
+    for name, p in model.stage_parameters("weaver").items():
+        if p.grad is not None:
+            assert rel_err(fast[name], p.grad) < 1e-4, name
+    prompt_points = (out.augmentation_points == 1).sum(1).tolist()
+    assert prompt_points == [min(3, max_prompt), 1, min(2, max_prompt), min(4, max_prompt)]
+
+
 def test_rows_with_zero_to_five_points_and_odd_k():
     model = make_model("llama", k_prompt=1, k_inference=4, max_prompt=0, max_inference=5)
     input_ids, mask, labels = make_batch(model, [0, 1, 2, 3, 4, 5, 6], "left", seed=3)
@@ -190,7 +241,7 @@ def test_bad_labels_and_shapes():
     two_spans = labels.clone()
     two_spans[0, (labels[0] != -100).nonzero()[2, 0]] = -100
     with pytest.raises(ValueError, match="several answer spans"):
-        model(input_ids, mask, two_spans)
+        model(input_ids, mask, two_spans, augmentation_points=[[], []])
     first = labels.clone()
     first[1] = torch.where(mask[1].bool(), input_ids[1], -100)
     with pytest.raises(ValueError, match="must follow at least one prompt token"):
