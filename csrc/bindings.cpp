@@ -183,47 +183,44 @@ Prepared prepare(const at::Tensor& last_tokens, const at::Tensor& delimiter_tabl
   return out;
 }
 
-at::Tensor trigger_scoring_cpu(const at::Tensor& last_tokens, const at::Tensor& delimiter_table,
-                               const at::Tensor& counts, int64_t budget,
-                               const at::Tensor& finished, bool prompt_step,
-                               c10::string_view mode, const c10::optional<at::Tensor>& logits,
-                               const c10::optional<at::Tensor>& hidden,
-                               const c10::optional<at::Tensor>& head_weight,
-                               const c10::optional<at::Tensor>& head_bias, bool do_sample,
-                               double temperature, const c10::optional<at::Tensor>& uniforms) {
-  Prepared in = prepare(last_tokens, delimiter_table, counts, budget, finished, prompt_step, mode,
-                        logits, hidden, head_weight, head_bias, do_sample, temperature, uniforms);
+void run_cpu(const Prepared& in) {
   const trigger::Params& p = in.params;
   const int64_t bad = cpu::first_token_out_of_range(p.last_tokens, p.batch, p.vocab_size);
   TORCH_CHECK_VALUE(bad < 0, kOp, ": last_tokens[", bad, "] = ", (bad < 0 ? 0 : p.last_tokens[bad]),
-              " lies outside the delimiter table (size ", p.vocab_size,
-              "); build the table for the model's full vocabulary");
+                    " lies outside the delimiter table (size ", p.vocab_size,
+                    "); build the table for the model's full vocabulary");
   // A row costs a few operations, or two dot products of length H in head mode: split only
   // batches whose work exceeds ~32k multiply-adds per thread (below that threads cost more).
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 2 * p.hidden_size));
   at::parallel_for(0, p.batch, grain,
                    [&](int64_t begin, int64_t end) { cpu::trigger_scoring(p, begin, end); });
-  return in.decisions;
 }
 
 #ifdef MEMGEN_WITH_CUDA
-at::Tensor trigger_scoring_cuda(const at::Tensor& last_tokens, const at::Tensor& delimiter_table,
-                                const at::Tensor& counts, int64_t budget,
-                                const at::Tensor& finished, bool prompt_step,
-                                c10::string_view mode, const c10::optional<at::Tensor>& logits,
-                                const c10::optional<at::Tensor>& hidden,
-                                const c10::optional<at::Tensor>& head_weight,
-                                const c10::optional<at::Tensor>& head_bias, bool do_sample,
-                                double temperature, const c10::optional<at::Tensor>& uniforms) {
-  const c10::cuda::CUDAGuard guard(last_tokens.device());
-  Prepared in = prepare(last_tokens, delimiter_table, counts, budget, finished, prompt_step, mode,
-                        logits, hidden, head_weight, head_bias, do_sample, temperature, uniforms);
+void run_cuda(const Prepared& in) {
+  const c10::cuda::CUDAGuard guard(in.last_tokens.device());
   const cudaError_t err =
       cuda::trigger_scoring(in.params, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA launch failed: ", cudaGetErrorString(err));
-  return in.decisions;
 }
 #endif
+
+// The registered kernel of one device: check and prepare, then run.
+template <void (*Run)(const Prepared&)>
+at::Tensor trigger_scoring(const at::Tensor& last_tokens, const at::Tensor& delimiter_table,
+                           const at::Tensor& counts, int64_t budget, const at::Tensor& finished,
+                           bool prompt_step, c10::string_view mode,
+                           const c10::optional<at::Tensor>& logits,
+                           const c10::optional<at::Tensor>& hidden,
+                           const c10::optional<at::Tensor>& head_weight,
+                           const c10::optional<at::Tensor>& head_bias, bool do_sample,
+                           double temperature, const c10::optional<at::Tensor>& uniforms) {
+  const Prepared in = prepare(last_tokens, delimiter_table, counts, budget, finished, prompt_step,
+                              mode, logits, hidden, head_weight, head_bias, do_sample,
+                              temperature, uniforms);
+  Run(in);
+  return in.decisions;
+}
 
 }  // namespace
 }  // namespace memgen
@@ -236,10 +233,14 @@ TORCH_LIBRARY(memgen, m) {
       "float temperature=1.0, Tensor? uniforms=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(memgen, CPU, m) { m.impl("trigger_scoring", &memgen::trigger_scoring_cpu); }
+TORCH_LIBRARY_IMPL(memgen, CPU, m) {
+  m.impl("trigger_scoring", &memgen::trigger_scoring<memgen::run_cpu>);
+}
 
 #ifdef MEMGEN_WITH_CUDA
-TORCH_LIBRARY_IMPL(memgen, CUDA, m) { m.impl("trigger_scoring", &memgen::trigger_scoring_cuda); }
+TORCH_LIBRARY_IMPL(memgen, CUDA, m) {
+  m.impl("trigger_scoring", &memgen::trigger_scoring<memgen::run_cuda>);
+}
 #endif
 
 // `import memgen._C` loads this library (and so runs the registrations above); the module itself

@@ -42,11 +42,15 @@ def make_batch(model, n_delimiters, padding="left", seed=0):
         for pos in rng.sample(range(0, len(answer) - 1), n):
             answer[pos] = rng.choice(delimiters)
         rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    return pad_rows(rows, model.tokenizer.pad_token_id, padding)
+
+
+def pad_rows(rows, pad_id, padding):
+    """(input_ids, attention_mask, labels) from (ids, labels) lists, padded on the left or the right."""
     length = max(len(ids) for ids, _ in rows)
-    batch = len(rows)
-    input_ids = torch.full((batch, length), model.tokenizer.pad_token_id)
-    labels = torch.full((batch, length), -100)
-    mask = torch.zeros(batch, length, dtype=torch.long)
+    input_ids = torch.full((len(rows), length), pad_id)
+    labels = torch.full((len(rows), length), -100)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
     for b, (ids, lab) in enumerate(rows):
         cols = slice(length - len(ids), length) if padding == "left" else slice(0, len(ids))
         input_ids[b, cols], labels[b, cols], mask[b, cols] = torch.tensor(ids), torch.tensor(lab), 1
@@ -116,14 +120,7 @@ def make_conversations(model, turns_per_row, padding="left", seed=0):
             tail = [rng.choice(plain) for _ in range(2)]
             ids, lab = ids + tail, lab + [-100, -100]
         rows.append((ids, lab))
-    length = max(len(i) for i, _ in rows)
-    input_ids = torch.full((len(rows), length), model.tokenizer.pad_token_id)
-    labels = torch.full((len(rows), length), -100)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, (ids, lab) in enumerate(rows):
-        cols = slice(length - len(ids), length) if padding == "left" else slice(0, len(ids))
-        input_ids[b, cols], labels[b, cols], mask[b, cols] = torch.tensor(ids), torch.tensor(lab), 1
-    return input_ids, mask, labels
+    return pad_rows(rows, model.tokenizer.pad_token_id, padding)
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])

@@ -42,3 +42,35 @@ def test_cmake_build_and_ctest_with_sanitizers(tmp_path):
     _run(["cmake", "-S", str(ROOT), "-B", str(build), "-DMEMGEN_SANITIZE=ON", *generator])
     _run(["cmake", "--build", str(build), "-j", "2"])
     _run(["ctest", "--test-dir", str(build), "--output-on-failure"])
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's include folder: CUDA_HOME, CUDA_PATH, /usr/local/cuda, or next to nvcc."""
+    import os
+
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  str(Path(nvcc).resolve().parent.parent) if nvcc else None]
+    for home in filter(None, candidates):
+        if (Path(home) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(home) / "include"
+    return None
+
+
+@pytest.mark.skipif(_cuda_include() is None, reason="no CUDA toolkit headers next to nvcc")
+def test_cuda_side_of_the_binding_compiles(tmp_path):
+    """csrc/bindings.cpp with MEMGEN_WITH_CUDA, syntax-checked against torch's c10/cuda headers.
+
+    A CPU build of torch ships those headers but not the one its CUDA build generates
+    (c10/cuda/impl/cuda_cmake_macros.h), so the test writes that one-line header itself.
+    """
+    import sysconfig
+
+    import torch.utils.cpp_extension as cpp
+
+    generated = tmp_path / "c10" / "cuda" / "impl"
+    generated.mkdir(parents=True)
+    (generated / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [str(tmp_path), *cpp.include_paths(), str(_cuda_include()), sysconfig.get_paths()["include"]]
+    _run(["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", "-DMEMGEN_WITH_CUDA",
+          *[f"-I{path}" for path in includes], str(ROOT / "csrc" / "bindings.cpp")])
