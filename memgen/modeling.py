@@ -219,6 +219,97 @@ class MemGenModel(nn.Module):
                                     self.config.max_inference_aug_num)
         return self._output(self._interleaved_logits(input_ids, real, points), labels, points)
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None,
+                 eos_token_id: int | list[int] | None = None, return_dict_in_generate: bool = False,
+                 memory: bool = True, trigger_mode: str | None = None, max_prompt_aug_num: int | None = None,
+                 max_inference_aug_num: int | None = None):
+        """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
+
+        Args:
+            input_ids: int64 [B, L] prompts, left- or right-padded; attention_mask [B, L] marks tokens.
+            max_new_tokens: >= 1. do_sample / temperature (> 0) / top_k / top_p / generator: token
+                sampling; the trigger samples its decisions with the same temperature.
+            eos_token_id: one id or several (default: the tokenizer's EOS).
+            return_dict_in_generate: return `MemGenGenerateOutput(sequences, augmentation_mask)`
+                instead of the sequences alone.
+            memory: False decodes the bare reasoner with the same engine (a fair baseline).
+            trigger_mode, max_prompt_aug_num, max_inference_aug_num: per-call overrides of the config.
+
+        Returns sequences [B, L + T] (pad after each row's EOS), or the output with the
+        augmentation mask [B, T]: -100 no decision point, 0 SKIP, 1 INVOKE before each new token.
+        """
+        from memgen.generation import generate as run_engine
+
+        real = self._check_generate_inputs(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                                           top_k, top_p, generator)
+        mode = self.config.trigger_mode if trigger_mode is None else trigger_mode
+        if mode not in ("always", "lora", "head"):
+            raise ValueError(f"trigger_mode must be 'always', 'lora' or 'head', got {mode!r}")
+        if mode != "always" and (self.trigger is None or self.trigger.mode != mode):
+            raise ValueError(f"trigger_mode {mode!r} needs a model built with MemGenConfig(trigger_mode={mode!r})")
+        budgets = {"max_prompt_aug_num": max_prompt_aug_num, "max_inference_aug_num": max_inference_aug_num}
+        for name, value in budgets.items():
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        prompt_budget = self.config.max_prompt_aug_num if max_prompt_aug_num is None else max_prompt_aug_num
+        budget = self.config.max_inference_aug_num if max_inference_aug_num is None else max_inference_aug_num
+        if not memory:
+            prompt_budget = budget = 0
+        eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        vocab = self.delimiter_table.shape[0]
+        if not eos_ids or not all(isinstance(e, int) and 0 <= e < vocab for e in eos_ids):
+            raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}")
+        out = run_engine(self, input_ids, real.long(), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos_ids=eos_ids,
+                         trigger_mode=mode, prompt_budget=prompt_budget, budget=budget)
+        return out if return_dict_in_generate else out.sequences
+
+    def _check_generate_inputs(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+                               top_p, generator) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be an int64 tensor [B, L], got {getattr(input_ids, 'shape', input_ids)!r}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids is an empty batch (B = 0)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must match input_ids {list(input_ids.shape)}, got "
+                             f"{list(attention_mask.shape)}")
+        device = self.delimiter_table.device
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the model is on {device}")
+        if generator is not None and generator.device != device:
+            raise ValueError(f"generator is on {generator.device} but the model is on {device}")
+        real = attention_mask.bool()
+        counts = real.sum(1)
+        if (counts == 0).any():
+            raise ValueError("every prompt needs at least one token with attention_mask == 1")
+        positions = torch.arange(real.shape[1], device=device)
+        first = torch.where(real, positions, real.shape[1]).min(1).values
+        if not torch.equal(real, (positions >= first[:, None]) & (positions < (first + counts)[:, None])):
+            raise ValueError("each row's tokens must be contiguous (left or right padding only)")
+        vocab = self.delimiter_table.shape[0]
+        if (input_ids[real] < 0).any() or (input_ids[real] >= vocab).any():
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the reasoner's vocabulary)")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if do_sample and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        limit = getattr(self.reasoner.config, "max_position_embeddings", None)
+        k = self.config.prompt_latents_len + self.config.inference_latents_len * self.config.max_inference_aug_num
+        if limit is not None and int(counts.max()) + max_new_tokens + k > limit:
+            raise ValueError(f"prompt ({int(counts.max())} tokens) + max_new_tokens ({max_new_tokens}) + latents "
+                             f"({k}) exceed the reasoner's context of {limit} positions")
+        return real
+
     @staticmethod
     def _output(logits: torch.Tensor, labels: torch.Tensor | None, points: torch.Tensor) -> MemGenOutput:
         loss = None

@@ -1,0 +1,133 @@
+"""The decoding engine equals the reference generation, token for token and decision for decision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memgen.reference import reference_generate
+from test_modeling import make_batch
+from test_reference_generation import chatty_model
+
+
+def assert_same_as_reference(model, input_ids, mask, **kwargs):
+    want_seq, want_mask = reference_generate(model, input_ids, mask, **kwargs)
+    out = model.generate(input_ids, mask, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, want_seq), (out.sequences[:, input_ids.shape[1]:], want_seq[:, input_ids.shape[1]:])
+    assert torch.equal(out.augmentation_mask, want_mask), (out.augmentation_mask, want_mask)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+def test_greedy_equals_reference(arch, trigger_mode):
+    model = chatty_model(arch, trigger_mode)
+    input_ids, mask, _ = make_batch(model, [0] * 5, "left", seed=3)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=32)
+    invoked = (out.augmentation_mask == 1).sum(1)
+    assert (invoked > 0).sum() >= 3, "most rows should weave"
+    if trigger_mode != "always":
+        assert (out.augmentation_mask == 0).any()
+
+
+@pytest.mark.parametrize("batch,k,budget,padding", [(1, 1, 0, "left"), (2, 4, 3, "right"), (16, 8, 5, "left")])
+def test_batches_budgets_and_latent_counts(batch, k, budget, padding):
+    model = chatty_model("qwen2", "always", k_prompt=k, k_inference=k, max_inference=budget)
+    input_ids, mask, _ = make_batch(model, [0] * batch, padding, seed=batch)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
+    assert ((out.augmentation_mask[:, 1:] == 1).sum(1) <= budget).all()
+
+
+def test_per_call_overrides_and_a_long_generation():
+    model = chatty_model("llama", "lora", boost=1.6)
+    input_ids, mask, _ = make_batch(model, [0], "left", seed=5)
+    assert_same_as_reference(model, input_ids, mask, max_new_tokens=200)
+    assert_same_as_reference(model, input_ids, mask, max_new_tokens=20, trigger_mode="always",
+                             max_prompt_aug_num=0, max_inference_aug_num=2)
+
+
+def test_rows_finish_at_different_times():
+    model = chatty_model("qwen2", "always", boost=1.0)
+    eos = model.tokenizer.eos_token_id
+    with torch.no_grad():
+        model.reasoner.get_output_embeddings().weight[eos] *= 4
+    input_ids, mask, _ = make_batch(model, [0] * 6, "left", seed=9)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=30)
+    stopped = (out.sequences[:, input_ids.shape[1]:] == eos).any(1)
+    assert stopped.any(), "some rows should emit EOS (then pad, as the reference does)"
+
+
+def test_memory_off_equals_hugging_face_generate():
+    model = chatty_model("qwen3")
+    input_ids, mask, _ = make_batch(model, [0, 0, 0], "left", seed=4)
+    ours = model.generate(input_ids, mask, max_new_tokens=16, memory=False, return_dict_in_generate=True)
+    tok = model.tokenizer
+    theirs = model.reasoner.generate(input_ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert torch.equal(ours.sequences, theirs[:, : ours.sequences.shape[1]])
+    assert (ours.augmentation_mask == -100).all()
+
+
+def test_sampling_is_reproducible_and_matches_the_reference_in_distribution():
+    model = chatty_model("qwen2", "lora")
+    with torch.no_grad():  # P(INVOKE) = 0.5 at every decision point: the uniforms decide
+        model.trigger.output_layer.weight.zero_()
+        model.trigger.output_layer.bias.zero_()
+    input_ids, mask, _ = make_batch(model, [0], "left", seed=6)
+    kwargs = dict(max_new_tokens=2, do_sample=True, temperature=1.0, top_k=3)
+    runs = [model.generate(input_ids, mask, generator=torch.Generator().manual_seed(s), return_dict_in_generate=True,
+                           **kwargs) for s in (1, 1)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    n = 300
+    many_ids, many_mask = input_ids.expand(n, -1), mask.expand(n, -1)
+    ours = model.generate(many_ids, many_mask, generator=torch.Generator().manual_seed(2),
+                          return_dict_in_generate=True, **kwargs)
+    ref_seq, ref_mask = reference_generate(model, many_ids, many_mask, generator=torch.Generator().manual_seed(3),
+                                           **kwargs)
+    length = input_ids.shape[1]
+
+    def frequencies(values):
+        keys, counts = values.unique(return_counts=True)
+        return dict(zip(keys.tolist(), (counts.float() / values.numel()).tolist()))
+
+    for name, a, b in (("first token", ours.sequences[:, length], ref_seq[:, length]),
+                       ("prompt decision", ours.augmentation_mask[:, 0], ref_mask[:, 0])):
+        fa, fb = frequencies(a), frequencies(b)
+        distance = 0.5 * sum(abs(fa.get(k, 0) - fb.get(k, 0)) for k in set(fa) | set(fb))
+        assert distance < 0.12, (name, fa, fb)  # 300 draws of <= 3 outcomes: same law gives ~0.05
+    assert 0.4 < float((ours.augmentation_mask[:, 0] == 1).float().mean()) < 0.6
+
+
+def test_bfloat16_reasoner_generates():
+    model = chatty_model("qwen2", "head", dtype=torch.bfloat16)
+    input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=8)
+    out = model.generate(input_ids, mask, max_new_tokens=12, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, input_ids.shape[1] + 12) and (out.augmentation_mask == 1).any()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+    (dict(do_sample=True, temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(eos_token_id=10**6), "eos_token_id must be token ids"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(max_new_tokens=10**4), "exceed the reasoner's context"),
+    (dict(trigger_mode="lora"), "needs a model built with"),
+])
+def test_bad_generate_arguments(kwargs, match):
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
+    with pytest.raises(ValueError, match=match):
+        model.generate(input_ids, mask, **kwargs)
+
+
+def test_bad_generate_inputs():
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
+    with pytest.raises(ValueError, match="empty batch"):
+        model.generate(input_ids[:0], mask[:0])
+    with pytest.raises(ValueError, match="is on meta"):
+        model.generate(input_ids.to("meta"), mask.to("meta"))
+    holes = mask.clone()
+    holes[0, -2] = 0
+    with pytest.raises(ValueError, match="contiguous"):
+        model.generate(input_ids, holes)
