@@ -12,8 +12,8 @@ import json
 import sys
 from collections import defaultdict
 
-BOOKKEEPING = {"impl", "torch", "machine", "rows_per_s"}
-BASELINES = ("torch", "reference")  # the plain implementation each fast one is compared with
+BOOKKEEPING = {"impl", "torch", "machine", "rows_per_s", "tokens_per_s", "insertions_per_row"}
+BASELINES = ("torch", "reference", "hf_generate")  # the plain implementation each fast one is compared with
 
 
 def _time(seconds: float) -> str:
