@@ -29,12 +29,18 @@ def make_model(arch="qwen2", *, k_prompt=3, k_inference=2, max_prompt=1, max_inf
     return model
 
 
-def make_batch(model, n_delimiters, padding="left", seed=0):
-    """One row per entry of n_delimiters: a prompt, then an answer with that many delimiter tokens inside."""
-    rng = random.Random(seed)
+def token_pools(model):
+    """(delimiter tokens, other tokens but padding) of the model's vocabulary."""
     table = model.delimiter_table
     delimiters = table.nonzero().flatten().tolist()
     plain = [i for i in range(len(table)) if not table[i] and i != model.tokenizer.pad_token_id]
+    return delimiters, plain
+
+
+def make_batch(model, n_delimiters, padding="left", seed=0):
+    """One row per entry of n_delimiters: a prompt, then an answer with that many delimiter tokens inside."""
+    rng = random.Random(seed)
+    delimiters, plain = token_pools(model)
     rows = []
     for n in n_delimiters:
         prompt = [rng.choice(plain) for _ in range(rng.randint(1, 9))]
@@ -104,9 +110,7 @@ def test_forward_matches_reference(arch, padding, n_delimiters):
 def make_conversations(model, turns_per_row, padding="left", seed=0):
     """Rows of alternating prompt and answer segments; answers carry delimiters."""
     rng = random.Random(seed)
-    table = model.delimiter_table
-    delimiters = table.nonzero().flatten().tolist()
-    plain = [i for i in range(len(table)) if not table[i] and i != model.tokenizer.pad_token_id]
+    delimiters, plain = token_pools(model)
     rows = []
     for turns in turns_per_row:
         ids, lab = [], []
