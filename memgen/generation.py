@@ -90,11 +90,18 @@ def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, to
     return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
 
 
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Hugging Face's repetition penalty on logits [B, V] for the tokens each row has seen (bool [B, V])."""
+    if penalty == 1.0:
+        return logits
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
              do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
              generator: torch.Generator | None, eos_ids: list[int], trigger_mode: str, prompt_budget: int,
-             budget: int) -> MemGenGenerateOutput:
+             budget: int, repetition_penalty: float = 1.0, streamer=None) -> MemGenGenerateOutput:
     """MemGen generation for validated inputs (see `MemGenModel.generate`)."""
     device = input_ids.device
     batch = input_ids.shape[0]
@@ -197,6 +204,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     new_tokens = torch.full((batch, max_new_tokens), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
     aug_mask = torch.full((batch, max_new_tokens), -100, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, device=device)
+    seen_tokens = torch.zeros(batch, model.delimiter_table.shape[0], dtype=torch.bool, device=device)
+    rows_t = torch.arange(batch, device=device)
+    seen_tokens[rows_t[:, None].expand_as(input_ids)[real], input_ids[real]] = True
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
 
     read(all_rows, embed(prompts), prompt_lengths)
     if prompt_budget > 0:
@@ -206,11 +218,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     done = [False] * batch
     steps = 0
     for step in range(max_new_tokens):
-        logits = lm_head(last_hidden).float()
+        logits = _penalize(lm_head(last_hidden).float(), seen_tokens, repetition_penalty)
         tokens = _choose_tokens(logits, do_sample, temperature, top_k, top_p, generator)
         tokens = torch.where(finished, new_tokens[:, step], tokens)
         new_tokens[:, step] = tokens
+        seen_tokens[rows_t, tokens] |= ~finished
         steps = step + 1
+        if streamer is not None:
+            streamer.put(tokens.cpu())
         finished = finished | torch.isin(tokens, eos)
         if step + 1 == max_new_tokens:
             break
@@ -232,5 +247,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         if all(done):
             break
         insert(fetched[0], INFERENCE)
+    if streamer is not None:
+        streamer.end()
     return MemGenGenerateOutput(sequences=torch.cat([input_ids, new_tokens[:, :steps]], 1),
                                 augmentation_mask=aug_mask[:, :steps])

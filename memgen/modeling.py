@@ -224,7 +224,7 @@ class MemGenModel(nn.Module):
                  top_p: float | None = None, generator: torch.Generator | None = None,
                  eos_token_id: int | list[int] | None = None, return_dict_in_generate: bool = False,
                  memory: bool = True, trigger_mode: str | None = None, max_prompt_aug_num: int | None = None,
-                 max_inference_aug_num: int | None = None):
+                 max_inference_aug_num: int | None = None, repetition_penalty: float = 1.0, streamer: Any = None):
         """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
 
         Args:
@@ -236,6 +236,9 @@ class MemGenModel(nn.Module):
                 instead of the sequences alone.
             memory: False decodes the bare reasoner with the same engine (a fair baseline).
             trigger_mode, max_prompt_aug_num, max_inference_aug_num: per-call overrides of the config.
+            repetition_penalty: Hugging Face's penalty (> 0; 1.0 = none) on tokens already in the row.
+            streamer: an object with `put(tokens)` and `end()` (e.g. `transformers.TextStreamer`):
+                receives the prompts, then each step's new tokens [B] (synchronising each step).
 
         Returns sequences [B, L + T] (pad after each row's EOS), or the output with the
         augmentation mask [B, T]: -100 no decision point, 0 SKIP, 1 INVOKE before each new token.
@@ -262,9 +265,14 @@ class MemGenModel(nn.Module):
         vocab = self.delimiter_table.shape[0]
         if not eos_ids or not all(isinstance(e, int) and 0 <= e < vocab for e in eos_ids):
             raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}")
+        if not (isinstance(repetition_penalty, (int, float)) and 0 < repetition_penalty < float("inf")):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
+        if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+            raise ValueError("streamer must have put(tokens) and end() methods, like transformers.TextStreamer")
         out = run_engine(self, input_ids, real.long(), max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos_ids=eos_ids,
-                         trigger_mode=mode, prompt_budget=prompt_budget, budget=budget)
+                         trigger_mode=mode, prompt_budget=prompt_budget, budget=budget,
+                         repetition_penalty=float(repetition_penalty), streamer=streamer)
         return out if return_dict_in_generate else out.sequences
 
     def _check_generate_inputs(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,

@@ -124,6 +124,18 @@ def reference_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return loss, logits
 
 
+def reference_penalize(logits: torch.Tensor, ids: list[int], penalty: float) -> torch.Tensor:
+    """Hugging Face's repetition penalty: the logit of every token already in `ids` is divided by
+    `penalty` when positive and multiplied by it when negative."""
+    if penalty == 1.0:
+        return logits
+    seen = torch.tensor(sorted(set(ids)), device=logits.device)
+    values = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
 def reference_choose_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                            top_p: float | None, generator: torch.Generator | None) -> int:
     """Next token from float logits [V]: argmax (first maximum), or a draw after temperature, top-k and top-p."""
@@ -161,7 +173,8 @@ def reference_generate(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                        top_k: int | None = None, top_p: float | None = None,
                        generator: torch.Generator | None = None, eos_token_id: int | list[int] | None = None,
                        trigger_mode: str | None = None, max_prompt_aug_num: int | None = None,
-                       max_inference_aug_num: int | None = None, memory: bool = True):
+                       max_inference_aug_num: int | None = None, memory: bool = True,
+                       repetition_penalty: float = 1.0):
     """Row-by-row MemGen generation (DESIGN.md section 1), recomputing everything at every step.
 
     Returns (sequences [B, L + T], augmentation_mask [B, T]) with T the number of steps run:
@@ -215,7 +228,7 @@ def reference_generate(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         woven = 0
         for step in range(max_new_tokens):
             decisions.append(decision)
-            logits = head(reasoner_hidden(stream)).float()
+            logits = reference_penalize(head(reasoner_hidden(stream)).float(), ids, repetition_penalty)
             token = reference_choose_token(logits, do_sample, temperature, top_k, top_p, generator)
             new_tokens.append(token)
             ids.append(token)

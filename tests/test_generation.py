@@ -131,3 +131,48 @@ def test_bad_generate_inputs():
     holes[0, -2] = 0
     with pytest.raises(ValueError, match="contiguous"):
         model.generate(input_ids, holes)
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+def test_repetition_penalty_equals_reference(trigger_mode):
+    model = chatty_model("qwen2", trigger_mode)
+    input_ids, mask, _ = make_batch(model, [0, 0, 0], "right", seed=12)
+    plain = model.generate(input_ids, mask, max_new_tokens=24)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=24, repetition_penalty=1.8)
+    assert not torch.equal(out.sequences, plain), "the penalty should change what is generated"
+
+
+def test_repetition_penalty_with_memory_off_equals_hugging_face():
+    model = chatty_model("llama")
+    input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=13)
+    ours = model.generate(input_ids, mask, max_new_tokens=16, memory=False, repetition_penalty=1.5)
+    tok = model.tokenizer
+    theirs = model.reasoner.generate(input_ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                     repetition_penalty=1.5, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+    assert torch.equal(ours, theirs[:, : ours.shape[1]])
+
+
+class Collector:
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_the_prompt_then_each_token():
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0], "left", seed=14)
+    streamer = Collector()
+    sequences = model.generate(input_ids, mask, max_new_tokens=10, streamer=streamer)
+    assert streamer.ended and torch.equal(streamer.chunks[0], input_ids)
+    streamed = torch.stack(streamer.chunks[1:], 1)
+    assert torch.equal(streamed, sequences[:, input_ids.shape[1]:])
+    with pytest.raises(ValueError, match="streamer must have put"):
+        model.generate(input_ids, mask, max_new_tokens=2, streamer=object())
+    with pytest.raises(ValueError, match="repetition_penalty must be"):
+        model.generate(input_ids, mask, max_new_tokens=2, repetition_penalty=0)
