@@ -79,13 +79,17 @@ class RaggedCache(Cache):
         real = t[None, :] < n_items[:, None]
         slots = torch.where(real, start[:, None] + t[None, :], self.capacity)
         self._where.rows, self._where.slots = rows, slots
-        self.write_slots = slots
         visible = start[:, None] + torch.minimum(t[None, :] + 1, n_items[:, None]).clamp(min=1)
         keys = torch.arange(self.capacity + 1, device=rows.device)
         allowed = keys[None, None, :] < visible[:, :, None]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=rows.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return slots.clamp(max=self.capacity - 1), mask[:, None]
+
+    @property
+    def write_slots(self) -> torch.Tensor:
+        """The slots [G, T] the current call writes (padding items: the scratch slot `capacity`)."""
+        return self._where.slots
 
     def end_step(self, rows: torch.Tensor, n_items: torch.Tensor) -> None:
         self.lengths[rows] += n_items
