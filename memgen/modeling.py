@@ -163,24 +163,34 @@ class MemGenModel(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def _check_forward_inputs(self, input_ids, attention_mask, labels) -> torch.Tensor:
+    def _check_token_batch(self, input_ids, attention_mask) -> torch.Tensor:
+        """Checks shared by forward and generate; returns the bool [B, L] mask of real tokens."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be an int64 tensor [B, L], got {getattr(input_ids, 'shape', input_ids)!r}")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must not be empty, got shape {list(input_ids.shape)}")
+            raise ValueError(f"input_ids must not be empty (an empty batch or no columns), got shape "
+                             f"{list(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must match input_ids {list(input_ids.shape)}, got {list(attention_mask.shape)}")
-        if labels is not None and (labels.shape != input_ids.shape or labels.dtype != torch.long):
-            raise ValueError(f"labels must be int64 {list(input_ids.shape)} like input_ids, got "
-                             f"{labels.dtype} {list(labels.shape)}")
+        device = self.delimiter_table.device
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the model is on {device}")
         real = attention_mask.bool()
         if not real.any(1).all():
             raise ValueError("every row needs at least one token with attention_mask == 1")
         vocab = self.delimiter_table.shape[0]
         if (input_ids[real] < 0).any() or (input_ids[real] >= vocab).any():
             raise ValueError(f"input_ids must lie in [0, {vocab}) (the reasoner's vocabulary)")
+        return real
+
+    def _check_forward_inputs(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        real = self._check_token_batch(input_ids, attention_mask)
+        if labels is not None and (labels.shape != input_ids.shape or labels.dtype != torch.long):
+            raise ValueError(f"labels must be int64 {list(input_ids.shape)} like input_ids, got "
+                             f"{labels.dtype} {list(labels.shape)}")
         return real
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -277,32 +287,15 @@ class MemGenModel(nn.Module):
 
     def _check_generate_inputs(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                                top_p, generator) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(f"input_ids must be an int64 tensor [B, L], got {getattr(input_ids, 'shape', input_ids)!r}")
-        if input_ids.shape[0] == 0:
-            raise ValueError("input_ids is an empty batch (B = 0)")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must match input_ids {list(input_ids.shape)}, got "
-                             f"{list(attention_mask.shape)}")
+        real = self._check_token_batch(input_ids, attention_mask)
         device = self.delimiter_table.device
-        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but the model is on {device}")
         if generator is not None and generator.device != device:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}")
-        real = attention_mask.bool()
         counts = real.sum(1)
-        if (counts == 0).any():
-            raise ValueError("every prompt needs at least one token with attention_mask == 1")
         positions = torch.arange(real.shape[1], device=device)
         first = torch.where(real, positions, real.shape[1]).min(1).values
         if not torch.equal(real, (positions >= first[:, None]) & (positions < (first + counts)[:, None])):
             raise ValueError("each row's tokens must be contiguous (left or right padding only)")
-        vocab = self.delimiter_table.shape[0]
-        if (input_ids[real] < 0).any() or (input_ids[real] >= vocab).any():
-            raise ValueError(f"input_ids must lie in [0, {vocab}) (the reasoner's vocabulary)")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if do_sample and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
