@@ -55,18 +55,20 @@ class RaggedLayer(CacheLayerMixin):
 
 
 class RaggedCache(Cache):
-    """Per-row KV buffers for `num_layers` layers; `lengths` [B] counts each row's valid items.
+    """Per-row KV buffers for `num_layers` layers; `lengths[b]` counts row b's valid items.
 
-    Slot `capacity - 1` is scratch: padding items write there, and no mask exposes it.
+    The lengths live on the host: the caller sizes every ragged call from them, so keeping them
+    there costs no synchronisation. Slot `capacity` is scratch: padding items write there, and
+    no mask exposes it.
     """
 
     def __init__(self, num_layers: int, batch: int, capacity: int, device: torch.device) -> None:
         self._where = _Slots()
         super().__init__(layers=[RaggedLayer(batch, capacity + 1, self._where) for _ in range(num_layers)])
-        self.capacity = capacity
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.capacity, self.device = capacity, device
+        self.lengths = [0] * batch
 
-    def begin_step(self, rows: torch.Tensor, n_items: torch.Tensor, width: int,
+    def begin_step(self, rows: list[int], n_items: list[int], width: int,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepare a call that feeds `n_items[g]` real items (then padding, up to `width`) to row `rows[g]`.
 
@@ -74,15 +76,17 @@ class RaggedCache(Cache):
         of row g sits at slot lengths + t and position lengths + t, and sees the row's slots up to
         its own. Call `end_step` after the forward to make the items part of the rows.
         """
-        start = self.lengths[rows]
-        t = torch.arange(width, device=rows.device)
-        real = t[None, :] < n_items[:, None]
+        device = self.device
+        start = torch.tensor([self.lengths[r] for r in rows], device=device)
+        n_t = torch.tensor(n_items, device=device)
+        t = torch.arange(width, device=device)
+        real = t[None, :] < n_t[:, None]
         slots = torch.where(real, start[:, None] + t[None, :], self.capacity)
-        self._where.rows, self._where.slots = rows, slots
-        visible = start[:, None] + torch.minimum(t[None, :] + 1, n_items[:, None]).clamp(min=1)
-        keys = torch.arange(self.capacity + 1, device=rows.device)
+        self._where.rows, self._where.slots = torch.tensor(rows, device=device), slots
+        visible = start[:, None] + torch.minimum(t[None, :] + 1, n_t[:, None]).clamp(min=1)
+        keys = torch.arange(self.capacity + 1, device=device)
         allowed = keys[None, None, :] < visible[:, :, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=rows.device)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return slots.clamp(max=self.capacity - 1), mask[:, None]
 
@@ -91,9 +95,11 @@ class RaggedCache(Cache):
         """The slots [G, T] the current call writes (padding items: the scratch slot `capacity`)."""
         return self._where.slots
 
-    def end_step(self, rows: torch.Tensor, n_items: torch.Tensor) -> None:
-        self.lengths[rows] += n_items
+    def end_step(self, rows: list[int], n_items: list[int]) -> None:
+        for r, n in zip(rows, n_items):
+            self.lengths[r] += n
 
-    def rollback(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
+    def rollback(self, rows: list[int], lengths: list[int]) -> None:
         """Forget items past `lengths` (transient queries): their slots are overwritten later."""
-        self.lengths[rows] = lengths
+        for r, n in zip(rows, lengths):
+            self.lengths[r] = n

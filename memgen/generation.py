@@ -9,8 +9,8 @@
   points; `head` reads the reasoner's hidden state of the delimiter (no extra forward). Decisions
   come from the fused trigger-scoring op.
 - One host synchronisation per step fetches the decisions and the finished flags; the `lora`
-  trigger adds one on steps where some row is at a delimiter. Lengths are mirrored on the host
-  from those values, so sizing a ragged call never waits on the device.
+  trigger adds one on steps where some row is at a delimiter. The caches keep their per-row
+  lengths on the host, derived from those values, so sizing a ragged call never waits on the device.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class _RaggedDecoder:
         self.model, self.adapter = model, adapter
         self.decoder = model.get_decoder()
         self.cache = RaggedCache(model.config.num_hidden_layers, batch, capacity, device)
-        self.lengths = [0] * batch  # host mirror of cache.lengths
+        self.lengths = self.cache.lengths  # per-row items read so far (host ints)
         self.dtype = model.get_input_embeddings().weight.dtype
 
     def run(self, rows: list[int], n_items: list[int], inputs_embeds: torch.Tensor | None = None,
@@ -52,25 +52,17 @@ class _RaggedDecoder:
         Returns final-norm hidden states [G, T, d] and the slots written [G, T] (padding items:
         the scratch slot `capacity`).
         """
-        device = self.cache.lengths.device
-        row_t = torch.tensor(rows, device=device)
-        n_t = torch.tensor(n_items, device=device)
         width = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-        positions, mask = self.cache.begin_step(row_t, n_t, width, self.dtype)
+        positions, mask = self.cache.begin_step(rows, n_items, width, self.dtype)
         slots = self.cache.write_slots
         with active_adapter(self.model, self.adapter):
             hidden = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
                                   position_ids=positions, past_key_values=self.cache, use_cache=True).last_hidden_state
-        self.cache.end_step(row_t, n_t)
-        for r, n in zip(rows, n_items):
-            self.lengths[r] += n
+        self.cache.end_step(rows, n_items)
         return hidden, slots
 
     def rollback(self, rows: list[int], lengths: list[int]) -> None:
-        device = self.cache.lengths.device
-        self.cache.rollback(torch.tensor(rows, device=device), torch.tensor(lengths, device=device))
-        for r, n in zip(rows, lengths):
-            self.lengths[r] = n
+        self.cache.rollback(rows, lengths)
 
 
 def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
@@ -134,7 +126,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
 
     def read(rows: list[int], items: torch.Tensor, n_items: list[int]) -> None:
         """The reasoner reads items [G, T, d] (n_items real per row); updates the stream and last_hidden."""
-        nonlocal last_hidden
         hidden, slots = reasoner.run(rows, n_items, inputs_embeds=items)
         row_t = torch.tensor(rows, device=device)
         stream[row_t[:, None], slots] = items.to(stream.dtype)  # padding lands in the scratch slot
@@ -166,9 +157,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         return model.weaver_to_reasoner(hidden[group, query_at].float()).to(reasoner.dtype)
 
     def trigger_logits(rows: list[int]) -> torch.Tensor:
-        """[B, 2] float logits: the `lora` trigger for `rows` (catching up on their new ids), `head` for all."""
-        if trigger_mode == "head":
-            return model.trigger.head_logits(last_hidden)
+        """[B, 2] float logits of the `lora` trigger for `rows`, catching up on their new ids (zeros elsewhere)."""
         logits = torch.zeros(batch, 2, device=device)
         if rows:
             seen = [trigger.lengths[r] for r in rows]
@@ -182,7 +171,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     def decide(last_tokens: torch.Tensor, finished: torch.Tensor, counts: torch.Tensor, prompt_step: bool,
                candidates: list[int]) -> torch.Tensor:
         kwargs = {}
-        if trigger_mode == "lora":
+        if lora_trigger:
             kwargs["logits"] = trigger_logits(candidates)
         elif trigger_mode == "head":
             kwargs["hidden"] = last_hidden
@@ -231,13 +220,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             break
         active = [r for r in all_rows if not done[r]]
         read(active, embed(tokens[active])[:, None], [1] * len(active))
+        candidates: list[int] = []
         if lora_trigger:
             active_t = torch.tensor(active, device=device)
             token_history[active_t, torch.tensor([history_lengths[r] for r in active], device=device)] = tokens[active_t]
             for r in active:
                 history_lengths[r] += 1
-        candidates: list[int] = []
-        if lora_trigger:
             at_point = ~finished & model.delimiter_table[tokens] & (counts < budget)
             candidates = at_point.nonzero().flatten().tolist()
         decisions = decide(tokens, finished, counts, False, candidates)

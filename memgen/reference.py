@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from memgen.points import prompt_turns
 from memgen.weaver import INFERENCE, PROMPT
 
 
@@ -86,8 +87,6 @@ def reference_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     `points` gives each row's {position: kind} in padded coordinates; by default DESIGN.md's rule.
     A row with several answer spans is a conversation: one single-turn forward per assistant turn.
     """
-    from memgen.points import prompt_turns
-
     batch, length = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
