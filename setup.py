@@ -35,7 +35,7 @@ def _native_extensions():
             "(e.g. `pip install torch==2.13.0`), then `pip install --no-build-isolation .`"
         ) from err
 
-    sources = [os.path.join(CSRC, "bindings.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp"))) + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-Wall"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     if with_cuda:

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <string>
 
+#include "binding_utils.h"
 #include "cpu/kernels.h"
 
 #ifdef MEMGEN_WITH_CUDA
@@ -27,35 +28,6 @@ namespace memgen {
 namespace {
 
 constexpr const char* kOp = "memgen::trigger_scoring";
-
-std::string describe(const at::Tensor& t) {
-  std::string s = std::string(c10::toString(t.scalar_type())) + "[";
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    s += (d ? ", " : "") + std::to_string(t.size(d));
-  }
-  return s + "] on " + t.device().str();
-}
-
-void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                  at::IntArrayRef shape, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype && t.sizes() == shape && t.device() == device, kOp,
-              ": argument '", name, "' must be ", c10::toString(dtype), shape, " on ", device.str(),
-              ", got ", describe(t));
-}
-
-DType float_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kHalf:
-      return DType::kFloat16;
-    default:
-      TORCH_CHECK_VALUE(false, kOp, ": argument '", name,
-                  "' must be float32, bfloat16 or float16, got ", describe(t));
-  }
-}
 
 trigger::Mode parse_mode(c10::string_view mode) {
   if (mode == "always") return trigger::Mode::kAlways;
@@ -96,16 +68,16 @@ Prepared prepare(const at::Tensor& last_tokens, const at::Tensor& delimiter_tabl
               describe(last_tokens));
   const int64_t batch = last_tokens.size(0);
   const at::Device device = last_tokens.device();
-  check_tensor(last_tokens, "last_tokens", at::kLong, {batch}, device);
+  check_tensor(last_tokens, "last_tokens", at::kLong, {batch}, device, kOp);
   TORCH_CHECK_VALUE(delimiter_table.dim() == 1 && delimiter_table.scalar_type() == at::kBool &&
                   delimiter_table.device() == device,
               kOp, ": argument 'delimiter_table' must be bool[V] on ", device.str(), ", got ",
               describe(delimiter_table));
-  check_tensor(counts, "counts", at::kInt, {batch}, device);
+  check_tensor(counts, "counts", at::kInt, {batch}, device, kOp);
   TORCH_CHECK_VALUE(counts.is_contiguous(), kOp,
               ": argument 'counts' is updated in place and must be contiguous");
   TORCH_CHECK_VALUE(budget >= 0, kOp, ": argument 'budget' must be >= 0, got ", budget);
-  check_tensor(finished, "finished", at::kBool, {batch}, device);
+  check_tensor(finished, "finished", at::kBool, {batch}, device, kOp);
   TORCH_CHECK_VALUE(!do_sample || (std::isfinite(temperature) && temperature > 0.0), kOp,
               ": argument 'temperature' must be a finite number > 0 when sampling, got ",
               temperature);
@@ -118,7 +90,7 @@ Prepared prepare(const at::Tensor& last_tokens, const at::Tensor& delimiter_tabl
     TORCH_CHECK_VALUE(l.dim() == 2 && l.size(0) == batch && l.size(1) == 2 && l.device() == device, kOp,
                 ": argument 'logits' must be a float tensor [", batch, ", 2] on ", device.str(),
                 ", got ", describe(l));
-    p.logits_dtype = float_dtype(l, "logits");
+    p.logits_dtype = float_dtype(l, "logits", kOp);
     out.logits = l.contiguous();
     p.logits = out.logits.const_data_ptr();
   } else {
@@ -141,8 +113,8 @@ Prepared prepare(const at::Tensor& last_tokens, const at::Tensor& delimiter_tabl
     TORCH_CHECK_VALUE(w.scalar_type() == b.scalar_type(), kOp,
                 ": arguments 'head_weight' and 'head_bias' must share a dtype, got ",
                 describe(w), " and ", describe(b));
-    p.hidden_dtype = float_dtype(h, "hidden");
-    p.head_dtype = float_dtype(w, "head_weight");
+    p.hidden_dtype = float_dtype(h, "hidden", kOp);
+    p.head_dtype = float_dtype(w, "head_weight", kOp);
     p.hidden_size = hidden_size;
     out.hidden = h.contiguous();
     out.weight = w.contiguous();
@@ -156,7 +128,7 @@ Prepared prepare(const at::Tensor& last_tokens, const at::Tensor& delimiter_tabl
     check_absent(head_bias, "head_bias", mode);
   }
   if (uniforms.has_value()) {
-    check_tensor(*uniforms, "uniforms", at::kFloat, {batch}, device);
+    check_tensor(*uniforms, "uniforms", at::kFloat, {batch}, device, kOp);
     out.uniforms = uniforms->contiguous();
     p.uniforms = out.uniforms.const_data_ptr<float>();
   } else {
@@ -231,6 +203,18 @@ TORCH_LIBRARY(memgen, m) {
       "Tensor finished, bool prompt_step, str trigger_mode, Tensor? logits=None, Tensor? hidden=None, "
       "Tensor? head_weight=None, Tensor? head_bias=None, bool do_sample=False, "
       "float temperature=1.0, Tensor? uniforms=None) -> Tensor");
+  // Latent-token injection: pack one reasoner step (pending tokens, then latents) for a ragged
+  // batch, and write a call's keys/values at per-row cache slots (csrc/ragged_bindings.cpp).
+  m.def(
+      "pack_step(Tensor? tokens, Tensor embed_weight, Tensor? latents, Tensor? n_latents, "
+      "Tensor lengths, int capacity, int visible) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "write_kv(Tensor(a!) keys, Tensor(b!) values, Tensor rows, Tensor slots, Tensor new_keys, "
+      "Tensor new_values) -> ()");
+  // Batched weaver forward: pack the stream items each row's cache has not seen, then the queries.
+  m.def(
+      "pack_ragged(Tensor stream, Tensor rows, Tensor lengths, Tensor pending, int width, "
+      "Tensor? queries, int capacity, int visible) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(memgen, CPU, m) {

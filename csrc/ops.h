@@ -247,4 +247,133 @@ void dispatch_storage_types(const Params& p, F&& f) {
 }
 
 }  // namespace trigger
+
+// ---------------------------------------------------------------------------------------------
+// Ragged steps: packing the items of one decoder call for rows of different lengths, and
+// writing the call's keys/values at per-row cache slots (latent-token injection and the batched
+// weaver forward). Items are copied, never computed, so these kernels move raw bytes.
+// ---------------------------------------------------------------------------------------------
+namespace ragged {
+
+// Where one packed item goes. Row g's real items are columns [0, n_a) of block A (width
+// a_width) then columns [a_width, a_width + n_b) of block B; they take the row's next cache slots
+// and positions, starting at its cache length. A real item at slot s attends to slots [0, s];
+// padding writes the scratch slot `capacity`, which no mask exposes, and attends to the row's
+// real slots (at least slot 0, so that its softmax stays finite).
+struct Item {
+  bool real;
+  int64_t slot;
+  int64_t position;
+  int64_t visible;  // attends to slots [0, visible)
+};
+
+MEMGEN_HD Item layout_item(int64_t col, int64_t length, int64_t n_a, int64_t a_width,
+                           int64_t n_b, int64_t capacity) {
+  int64_t j = -1;
+  if (col < a_width) {
+    if (col < n_a) j = col;
+  } else if (col - a_width < n_b) {
+    j = n_a + (col - a_width);
+  }
+  if (j >= 0) return {true, length + j, length + j, length + j + 1};
+  const int64_t end = length + n_a + n_b;
+  return {false, capacity, end > 0 ? end - 1 : 0, end > 0 ? end : 1};
+}
+
+// Bits of the additive mask's two values: 0 (attend) and the dtype's lowest finite value
+// (masked), as torch.finfo(dtype).min.
+MEMGEN_HD uint32_t masked_bits(DType dtype) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return 0xff7fu;
+    case DType::kFloat16:
+      return 0xfbffu;
+    case DType::kFloat32:
+    default:
+      return 0xff7fffffu;
+  }
+}
+
+MEMGEN_HD int64_t size_of(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// Where item t of row g is copied from: row `row_index ? row_index[g] : g` of `data` (rows
+// `row_stride` bytes apart), item `(start ? start[g] : 0) + t` within it (`item_stride` bytes
+// apart; 0 repeats one item). `row_count` x `item_count` bound the indices (checked by the
+// bindings on the CPU, asserted on the device).
+struct Source {
+  const char* data = nullptr;
+  int64_t row_stride = 0;
+  int64_t item_stride = 0;
+  const int64_t* row_index = nullptr;
+  const int32_t* start = nullptr;
+  int64_t row_count = 0;
+  int64_t item_count = 0;
+};
+
+MEMGEN_HD bool source_in_range(const Source& s, int64_t g, int64_t t) {
+  const int64_t row = s.row_index != nullptr ? s.row_index[g] : g;
+  const int64_t item = (s.start != nullptr ? static_cast<int64_t>(s.start[g]) : 0) + t;
+  return row >= 0 && row < s.row_count && item >= 0 && item < s.item_count;
+}
+
+MEMGEN_HD const char* source_item(const Source& s, int64_t g, int64_t t) {
+  const int64_t row = s.row_index != nullptr ? s.row_index[g] : g;
+  const int64_t item = (s.start != nullptr ? static_cast<int64_t>(s.start[g]) : 0) + t;
+  return s.data + row * s.row_stride + item * s.item_stride;
+}
+
+// Raw view of one packing call: G rows, `width` = a_width + b_width columns of `dim` elements.
+struct PackParams {
+  int64_t groups = 0, a_width = 0, b_width = 0, dim = 0;
+  int64_t capacity = 0;                  // scratch slot index (= real slots per row)
+  int64_t visible = 0;                   // mask width: slots [0, visible) of the cache
+  DType dtype = DType::kFloat32;         // items' and mask's dtype
+  const int32_t* lengths = nullptr;      // [G] cache length before the call
+  const int32_t* n_a = nullptr;          // [G] real items of block A (null: all a_width)
+  const int32_t* n_b = nullptr;          // [G] real items of block B (null: all b_width)
+  Source a, b;
+  char* items = nullptr;                 // [G, width, dim] output
+  int64_t* positions = nullptr;          // [G, width] output
+  int64_t* slots = nullptr;              // [G, width] output
+  char* mask = nullptr;                  // [G, 1, width, visible] output
+};
+
+MEMGEN_HD int64_t width(const PackParams& p) { return p.a_width + p.b_width; }
+
+MEMGEN_HD Item item_of(const PackParams& p, int64_t g, int64_t col) {
+  const int64_t n_a = p.n_a != nullptr ? p.n_a[g] : p.a_width;
+  const int64_t n_b = p.n_b != nullptr ? p.n_b[g] : p.b_width;
+  return layout_item(col, p.lengths[g], n_a, p.a_width, n_b, p.capacity);
+}
+
+// Source bytes of column `col` of row g, or null for padding (written as zeros).
+MEMGEN_HD const char* item_source(const PackParams& p, int64_t g, int64_t col, bool real) {
+  if (!real) return nullptr;
+  return col < p.a_width ? source_item(p.a, g, col) : source_item(p.b, g, col - p.a_width);
+}
+
+// Raw view of one cache write: dst[rows[g], h, slots[g, t], :] = src[g, h, t, :] for G rows,
+// H heads, T items of D elements of `elem_size` bytes. dst is contiguous [B, H, S, D]; src has
+// arbitrary element strides.
+struct WriteParams {
+  int64_t groups = 0, heads = 0, items = 0, head_dim = 0, elem_size = 4;
+  int64_t batch = 0, seq = 0;
+  const int64_t* rows = nullptr;   // [G]
+  const int64_t* slots = nullptr;  // [G, T]
+  char* dst = nullptr;
+  const char* src = nullptr;
+  int64_t src_stride[4] = {0, 0, 0, 0};  // elements, for (g, h, t, d)
+};
+
+MEMGEN_HD char* write_destination(const WriteParams& p, int64_t g, int64_t h, int64_t t) {
+  const int64_t row = p.rows[g];
+  const int64_t slot = p.slots[g * p.items + t];
+  return p.dst + (((row * p.heads + h) * p.seq + slot) * p.head_dim) * p.elem_size;
+}
+
+MEMGEN_HD const char* write_source(const WriteParams& p, int64_t g, int64_t h, int64_t t) {
+  return p.src + (g * p.src_stride[0] + h * p.src_stride[1] + t * p.src_stride[2]) * p.elem_size;
+}
+
+}  // namespace ragged
 }  // namespace memgen

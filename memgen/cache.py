@@ -1,11 +1,12 @@
 """A per-row (ragged) KV cache for Hugging Face decoders.
 
-Each layer keeps preallocated buffers [B, H, S, D]. A call writes each row's new items at that
-row's own slots (`RaggedCache.begin_step`), so an insertion of K latents in one row adds no cache
-entries to the others. The caller drives the decoder with explicit position ids and the additive
-4D mask built by `begin_step` from the per-row lengths; padding items of a step write into a
-scratch slot that no mask ever exposes. With this layout a row's logits equal those of the row
-run alone (DESIGN.md section 3).
+Each layer keeps preallocated buffers [B, H, capacity + 1, D]. A call writes each row's new items
+at that row's own slots (`memgen.ops.write_kv`), so an insertion of K latents in one row adds no
+cache entries to the others. The caller packs the call with `memgen.ops.pack_step` or
+`pack_ragged`, which give the explicit position ids, the write slots and the additive 4D mask
+over the first `visible` slots; attention then reads only those slots. Padding items write the
+scratch slot `capacity`, which no mask exposes. With this layout a row's logits equal those of
+the row run alone (DESIGN.md section 3).
 """
 
 from __future__ import annotations
@@ -13,20 +14,23 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from memgen.ops import write_kv
 
-class _Slots:
-    """Where the current call writes: rows [G] of the buffers and slots [G, T] within them."""
 
-    rows: torch.Tensor
+class _Call:
+    """The current call: its rows (None: every row, in order), write slots [G, T] and mask width."""
+
+    rows: torch.Tensor | None = None
     slots: torch.Tensor
+    visible: int
 
 
 class RaggedLayer(CacheLayerMixin):
     """One decoder layer's buffers, written at per-row slots."""
 
-    def __init__(self, batch: int, capacity: int, where: _Slots) -> None:
+    def __init__(self, batch: int, capacity: int, call: _Call, all_rows: torch.Tensor) -> None:
         super().__init__()
-        self.batch, self.capacity, self.where = batch, capacity, where
+        self.batch, self.capacity, self.call, self.all_rows = batch, capacity, call, all_rows
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         shape = (self.batch, key_states.shape[1], self.capacity, key_states.shape[-1])
@@ -37,15 +41,16 @@ class RaggedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        rows = self.where.rows[:, None].expand_as(self.where.slots)
-        self.keys[rows, :, self.where.slots] = key_states.transpose(1, 2)
-        self.values[rows, :, self.where.slots] = value_states.transpose(1, 2)
-        if self.where.rows.shape[0] == self.batch:
-            return self.keys, self.values
-        return self.keys[self.where.rows], self.values[self.where.rows]
+        call = self.call
+        rows = self.all_rows if call.rows is None else call.rows
+        write_kv(self.keys, self.values, rows, call.slots, key_states, value_states)
+        keys, values = self.keys[:, :, : call.visible], self.values[:, :, : call.visible]
+        if call.rows is None:
+            return keys, values
+        return keys.index_select(0, call.rows), values.index_select(0, call.rows)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.capacity, 0
+        return self.call.visible, 0
 
     def get_seq_length(self) -> int:
         raise RuntimeError("RaggedCache has per-row lengths: pass explicit position_ids")
@@ -57,49 +62,17 @@ class RaggedLayer(CacheLayerMixin):
 class RaggedCache(Cache):
     """Per-row KV buffers for `num_layers` layers; `lengths[b]` counts row b's valid items.
 
-    The lengths live on the host: the caller sizes every ragged call from them, so keeping them
-    there costs no synchronisation. Slot `capacity` is scratch: padding items write there, and
-    no mask exposes it.
+    The lengths live on the host (an int32 CPU tensor): the caller sizes every ragged call from
+    them, so keeping them there costs no synchronisation.
     """
 
     def __init__(self, num_layers: int, batch: int, capacity: int, device: torch.device) -> None:
-        self._where = _Slots()
-        super().__init__(layers=[RaggedLayer(batch, capacity + 1, self._where) for _ in range(num_layers)])
+        self._call = _Call()
+        all_rows = torch.arange(batch, device=device)
+        super().__init__(layers=[RaggedLayer(batch, capacity + 1, self._call, all_rows) for _ in range(num_layers)])
         self.capacity, self.device = capacity, device
-        self.lengths = [0] * batch
+        self.lengths = torch.zeros(batch, dtype=torch.int32)
 
-    def begin_step(self, rows: list[int], n_items: list[int], width: int,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepare a call that feeds `n_items[g]` real items (then padding, up to `width`) to row `rows[g]`.
-
-        Returns (position_ids [G, width], additive attention mask [G, 1, width, capacity + 1]). Item t
-        of row g sits at slot lengths + t and position lengths + t, and sees the row's slots up to
-        its own. Call `end_step` after the forward to make the items part of the rows.
-        """
-        device = self.device
-        start = torch.tensor([self.lengths[r] for r in rows], device=device)
-        n_t = torch.tensor(n_items, device=device)
-        t = torch.arange(width, device=device)
-        real = t[None, :] < n_t[:, None]
-        slots = torch.where(real, start[:, None] + t[None, :], self.capacity)
-        self._where.rows, self._where.slots = torch.tensor(rows, device=device), slots
-        visible = start[:, None] + torch.minimum(t[None, :] + 1, n_t[:, None]).clamp(min=1)
-        keys = torch.arange(self.capacity + 1, device=device)
-        allowed = keys[None, None, :] < visible[:, :, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return slots.clamp(max=self.capacity - 1), mask[:, None]
-
-    @property
-    def write_slots(self) -> torch.Tensor:
-        """The slots [G, T] the current call writes (padding items: the scratch slot `capacity`)."""
-        return self._where.slots
-
-    def end_step(self, rows: list[int], n_items: list[int]) -> None:
-        for r, n in zip(rows, n_items):
-            self.lengths[r] += n
-
-    def rollback(self, rows: list[int], lengths: list[int]) -> None:
-        """Forget items past `lengths` (transient queries): their slots are overwritten later."""
-        for r, n in zip(rows, lengths):
-            self.lengths[r] = n
+    def prepare(self, rows: torch.Tensor | None, slots: torch.Tensor, visible: int) -> None:
+        """Set up the next forward: rows [G] on the device (None: all), write slots [G, T], mask width."""
+        self._call.rows, self._call.slots, self._call.visible = rows, slots, visible

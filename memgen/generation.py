@@ -1,29 +1,44 @@
 """The decoding engine: MemGen generation with per-row caches, nothing recomputed.
 
 - The reasoner reads each stream item (token or latent) once, through a ragged KV cache: a row's
-  insertion adds cache entries to that row only.
-- The weaver keeps its own ragged cache over the stream: at an insertion it reads only the items
-  it has not seen, then the K queries, whose entries are rolled back. The queries' LayerNorm and
+  insertion adds cache entries to that row only. Steps are packed by `memgen.ops.pack_step`
+  (latent-token injection) and cache writes go through `memgen.ops.write_kv`.
+- The weaver keeps its own ragged cache over the stream (kept projected into its space): at an
+  insertion the invoking rows, batched, read only the items they have not seen, then the K
+  queries, whose entries are rolled back (`memgen.ops.pack_ragged`). The queries' LayerNorm and
   scale are applied once per call.
-- The `lora` trigger keeps its own cache over the token ids and catches up only at decision
-  points; `head` reads the reasoner's hidden state of the delimiter (no extra forward). Decisions
-  come from the fused trigger-scoring op.
-- One host synchronisation per step fetches the decisions and the finished flags; the `lora`
-  trigger adds one on steps where some row is at a delimiter. The caches keep their per-row
-  lengths on the host, derived from those values, so sizing a ragged call never waits on the device.
+- The `lora` trigger keeps its own cache over the token embeddings and catches up only at
+  decision points; `head` reads the reasoner's hidden state of the delimiter (no extra forward).
+  Decisions come from the fused trigger-scoring op.
+- In `always` and `lora` modes the decision comes before the reasoner reads the token, so a step
+  whose rows all invoke is one reasoner call over [token, K latents] per row. When only some rows
+  invoke, the engine packs them into that one call while the padding it adds to the other rows
+  stays under a per-device bound (`PACKED_PADDING_ITEMS`); otherwise the invoking rows read their
+  latents in a second, smaller call (as `head` mode always does: its decision needs the
+  reasoner's hidden state of the token).
+- One host synchronisation per step fetches the decisions, the finished flags and the tokens;
+  the `lora` trigger needs a second one on steps where some row is at a decision point (its
+  logits decide which rows the next calls contain). Host bookkeeping is vectorised over CPU
+  tensors; the caches keep their per-row lengths there, so sizing a call never waits on the device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers.utils import ModelOutput
 
 from memgen.adapters import active_adapter
 from memgen.cache import RaggedCache
-from memgen.ops import trigger_scoring
+from memgen.ops import pack_ragged, pack_step, trigger_scoring
 from memgen.weaver import INFERENCE, PROMPT
+
+# Padding items (rows that do not invoke x K) that one packed [token, latents] step may add before
+# the engine prefers a second call for the latents. On a GPU a small-batch step is bound by reading
+# the weights, so padding is nearly free; on a CPU every item costs compute.
+PACKED_PADDING_ITEMS = {"cuda": 512, "cpu": 0}
 
 
 @dataclass
@@ -39,30 +54,31 @@ class _RaggedDecoder:
     """A base model (with one adapter active, or none) reading ragged rows through its own cache."""
 
     def __init__(self, model, adapter: str | None, batch: int, capacity: int, device: torch.device) -> None:
-        self.model, self.adapter = model, adapter
+        self.model, self.adapter, self.batch, self.capacity = model, adapter, batch, capacity
         self.decoder = model.get_decoder()
         self.cache = RaggedCache(model.config.num_hidden_layers, batch, capacity, device)
-        self.lengths = self.cache.lengths  # per-row items read so far (host ints)
+        self.lengths = self.cache.lengths  # host int32 [B]: items each row has read
         self.dtype = model.get_input_embeddings().weight.dtype
 
-    def run(self, rows: list[int], n_items: list[int], inputs_embeds: torch.Tensor | None = None,
-            input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed rows[g] its first n_items[g] items.
+    def run(self, rows: torch.Tensor | None, rows_device: torch.Tensor | None, packed: tuple[torch.Tensor, ...],
+            n_items: torch.Tensor) -> torch.Tensor:
+        """Feed a packed call (items, positions, slots, mask) to `rows` (host; None: all); returns hidden [G, W, d].
 
-        Returns final-norm hidden states [G, T, d] and the slots written [G, T] (padding items:
-        the scratch slot `capacity`).
+        n_items: host int32 [G], the real items per row, added to the rows' lengths.
         """
-        width = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-        positions, mask = self.cache.begin_step(rows, n_items, width, self.dtype)
-        slots = self.cache.write_slots
+        items, positions, slots, mask = packed
+        self.cache.prepare(rows_device, slots, mask.shape[-1])
         with active_adapter(self.model, self.adapter):
-            hidden = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
-                                  position_ids=positions, past_key_values=self.cache, use_cache=True).last_hidden_state
-        self.cache.end_step(rows, n_items)
-        return hidden, slots
+            hidden = self.decoder(inputs_embeds=items, attention_mask=mask, position_ids=positions,
+                                  past_key_values=self.cache, use_cache=True).last_hidden_state
+        if rows is None:
+            self.lengths += n_items
+        else:
+            self.lengths[rows] += n_items
+        return hidden
 
-    def rollback(self, rows: list[int], lengths: list[int]) -> None:
-        self.cache.rollback(rows, lengths)
+    def lengths_of(self, rows: torch.Tensor | None) -> torch.Tensor:
+        return self.lengths.clone() if rows is None else self.lengths[rows]
 
 
 def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
@@ -89,108 +105,207 @@ def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+class _Engine:
+    """State of one generate call: the three ragged decoders, the weaver's stream and the host bookkeeping."""
+
+    def __init__(self, model, prompts: torch.Tensor, prompt_lengths: torch.Tensor, max_new_tokens: int,
+                 trigger_mode: str, prompt_budget: int, budget: int, do_sample: bool, temperature: float,
+                 generator: torch.Generator | None) -> None:
+        config, device = model.config, prompts.device
+        batch, width = prompts.shape
+        self.model, self.device, self.batch = model, device, batch
+        self.trigger_mode, self.budget = trigger_mode, budget
+        self.do_sample, self.temperature, self.generator = do_sample, temperature, generator
+        self.k = {PROMPT: config.prompt_latents_len, INFERENCE: config.inference_latents_len}
+        capacity = width + max_new_tokens + (self.k[PROMPT] if prompt_budget else 0) + self.k[INFERENCE] * budget
+        self.reasoner = _RaggedDecoder(model.reasoner, None, batch, capacity, device)
+        self.embed = model.reasoner.get_input_embeddings()
+        self.lm_head = model.reasoner.get_output_embeddings()
+        self.last_hidden = torch.zeros(batch, self.embed.weight.shape[1], dtype=self.reasoner.dtype, device=device)
+        self.memory = prompt_budget > 0 or budget > 0
+        self.packed_padding = PACKED_PADDING_ITEMS.get(device.type, 0)
+        if self.memory:
+            self.weaver = _RaggedDecoder(model.weaver.model, model.weaver.adapter_name, batch,
+                                         capacity + max(self.k.values()), device)
+            self.queries = {kind: model.weaver.queries(kind).to(self.weaver.dtype) for kind in (PROMPT, INFERENCE)}
+            # The stream as the weaver reads it: item i of a row is reasoner_to_weaver(its i-th stream item).
+            d_weaver = self.queries[PROMPT].shape[1]
+            self.stream = torch.zeros(batch, capacity + 1, d_weaver, dtype=self.weaver.dtype, device=device)
+            self.stream_lengths = torch.zeros(batch, dtype=torch.int32)  # host: items in each row's stream
+        if trigger_mode == "lora" and self.memory:
+            trigger_model = model.trigger.model
+            self.trigger = _RaggedDecoder(trigger_model, model.trigger.adapter_name, batch, width + max_new_tokens,
+                                          device)
+            self.trigger_embed = trigger_model.get_input_embeddings()
+            self.trigger_stream = torch.zeros(batch, width + max_new_tokens + 1, self.trigger_embed.weight.shape[1],
+                                              dtype=self.trigger.dtype, device=device)
+            self.trigger_stream[:, :width] = self.trigger_embed(prompts)
+            self.history = prompt_lengths.clone()  # host: token ids in each row's trigger stream
+
+    def _to_device(self, *host: torch.Tensor) -> list[torch.Tensor]:
+        return [t.to(self.device) for t in host]
+
+    # -- the reasoner ---------------------------------------------------------------------------
+
+    def _record(self, rows: torch.Tensor | None, slots: torch.Tensor, items: torch.Tensor) -> None:
+        """Append reasoner-space items [G, T, d] at their slots [G, T] to the weaver's stream."""
+        if not self.memory:
+            return
+        rows_device = torch.arange(self.batch, device=self.device) if rows is None else rows
+        projected = self.model.reasoner_to_weaver(items.float()).to(self.stream.dtype)
+        self.stream[rows_device[:, None], slots] = projected
+
+    def read_prompts(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor) -> None:
+        embeds = self.embed(prompts)
+        rows = torch.arange(self.batch, device=self.device)
+        zeros = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
+        lengths_device, = self._to_device(prompt_lengths)
+        packed = pack_ragged(embeds, rows, zeros, lengths_device, prompts.shape[1], None, self.reasoner.capacity,
+                             max(int(prompt_lengths.max()), 1))
+        hidden = self.reasoner.run(None, None, packed, prompt_lengths)
+        self.last_hidden = hidden[rows, (lengths_device.long() - 1).clamp(min=0)]
+        self._record(None, packed[2], embeds)
+        if self.memory:
+            self.stream_lengths += prompt_lengths
+
+    def read_step(self, rows: torch.Tensor, tokens: torch.Tensor | None, latents: torch.Tensor | None,
+                  n_latents: torch.Tensor | None) -> None:
+        """The reasoner reads, for rows (host int64 [G]), their token (if given) then n_latents[g] latents."""
+        rows_device, = self._to_device(rows)
+        n_items = (1 if tokens is not None else 0) + (n_latents if n_latents is not None else 0)
+        n_items = torch.as_tensor(n_items, dtype=torch.int32).expand(rows.shape[0]).contiguous()
+        lengths = self.reasoner.lengths_of(rows)
+        visible = int((lengths + n_items).max())
+        lengths_device, n_items_device = self._to_device(lengths, n_items)
+        n_latents_device = self._to_device(n_latents)[0] if n_latents is not None else None
+        packed = pack_step(tokens, self.embed.weight, latents, n_latents_device, lengths_device,
+                           self.reasoner.capacity, visible)
+        all_rows = rows.shape[0] == self.batch
+        hidden = self.reasoner.run(None if all_rows else rows, None if all_rows else rows_device, packed, n_items)
+        last = hidden[torch.arange(rows.shape[0], device=self.device), n_items_device.long() - 1]
+        self.last_hidden[rows_device] = last
+        if latents is not None:
+            self._record(rows_device, packed[2][:, -latents.shape[1]:], packed[0][:, -latents.shape[1]:])
+            self.stream_lengths[rows] += n_latents
+
+    def record_tokens(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Append the pending tokens of rows (host [G]; tokens on the device) to the weaver's stream."""
+        if not self.memory:
+            return
+        rows_device, slots = self._to_device(rows, self.stream_lengths[rows].long())
+        self._record(rows_device, slots[:, None], self.embed(tokens)[:, None])
+        self.stream_lengths[rows] += 1
+
+    # -- the weaver -----------------------------------------------------------------------------
+
+    def weave(self, rows: torch.Tensor, kind: str) -> torch.Tensor:
+        """Latents [G, K, d_R] for rows (host [G]): the weaver reads its unseen stream items, then the queries."""
+        seen = self.weaver.lengths_of(rows)
+        pending = self.stream_lengths[rows] - seen
+        k = self.k[kind]
+        width = int(pending.max())
+        rows_device, seen_device, pending_device = self._to_device(rows, seen, pending)
+        packed = pack_ragged(self.stream, rows_device, seen_device, pending_device, width, self.queries[kind],
+                             self.weaver.capacity, int((seen + pending).max()) + k)
+        hidden = self.weaver.run(rows, rows_device, packed, pending + k)
+        self.weaver.lengths[rows] -= k  # the queries' entries are rolled back
+        return self.model.weaver_to_reasoner(hidden[:, width:].float()).to(self.reasoner.dtype)
+
+    # -- the trigger ----------------------------------------------------------------------------
+
+    def record_trigger_tokens(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        if self.trigger_mode != "lora" or not self.memory:
+            return
+        rows_device, slots = self._to_device(rows, self.history[rows].long())
+        self.trigger_stream[rows_device, slots] = self.trigger_embed(tokens).to(self.trigger_stream.dtype)
+        self.history[rows] += 1
+
+    def trigger_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """[B, 2] float logits of the `lora` trigger for rows (host [G]), catching up on their new tokens."""
+        seen = self.trigger.lengths_of(rows)
+        pending = self.history[rows] - seen
+        rows_device, seen_device, pending_device = self._to_device(rows, seen, pending)
+        packed = pack_ragged(self.trigger_stream, rows_device, seen_device, pending_device, int(pending.max()), None,
+                             self.trigger.capacity, int((seen + pending).max()))
+        hidden = self.trigger.run(rows, rows_device, packed, pending)
+        last = hidden[torch.arange(rows.shape[0], device=self.device), pending_device.long() - 1]
+        logits = torch.zeros(self.batch, 2, device=self.device)
+        logits[rows_device] = self.model.trigger.output_layer(last.float())
+        return logits
+
+    def decide(self, tokens: torch.Tensor, finished: torch.Tensor, counts: torch.Tensor, prompt_step: bool,
+               candidates: torch.Tensor | None) -> torch.Tensor:
+        """Decisions int8 [B] of this step (counts updated in place); `lora` reads candidates' trigger logits."""
+        kwargs = {}
+        if self.trigger_mode == "lora":
+            kwargs["logits"] = self.trigger_logits(candidates)
+        elif self.trigger_mode == "head":
+            kwargs["hidden"] = self.last_hidden
+            kwargs["head_weight"] = self.model.trigger.output_layer.weight
+            kwargs["head_bias"] = self.model.trigger.output_layer.bias
+        uniforms = torch.rand(self.batch, generator=self.generator, device=self.device) if self.do_sample else None
+        return trigger_scoring(tokens, self.model.delimiter_table, counts, self.budget, finished,
+                               prompt_step=prompt_step, trigger_mode=self.trigger_mode, do_sample=self.do_sample,
+                               temperature=self.temperature, uniforms=uniforms, **kwargs)
+
+    # -- a whole insertion ----------------------------------------------------------------------
+
+    def insert(self, active: torch.Tensor, invoking: torch.Tensor, tokens: torch.Tensor | None, kind: str) -> None:
+        """Read this step's items: active rows' tokens (if not read yet) and latents for the invoking rows.
+
+        active, invoking: host int64 row indices (invoking within active); tokens: [B] on the device, or None
+        when the reasoner already read them.
+        """
+        k = self.k[kind]
+        if tokens is None:
+            if invoking.numel():
+                self.read_step(invoking, None, self.weave(invoking, kind), torch.full((invoking.numel(),), k,
+                                                                                        dtype=torch.int32))
+            return
+        active_device, = self._to_device(active)
+        active_tokens = tokens[active_device]
+        if not invoking.numel() or (active.numel() - invoking.numel()) * k > self.packed_padding:
+            self.read_step(active, active_tokens, None, None)
+            self.record_tokens(active, active_tokens)
+            if not invoking.numel():
+                return
+            self.read_step(invoking, None, self.weave(invoking, kind), torch.full((invoking.numel(),), k,
+                                                                                    dtype=torch.int32))
+            return
+        self.record_tokens(active, active_tokens)
+        latents = self.weave(invoking, kind)
+        invoke_mask = torch.isin(active, invoking)
+        n_latents = invoke_mask.to(torch.int32) * k
+        place = torch.cumsum(invoke_mask, 0) - 1  # each invoking row's index in `latents`
+        place_device, invoke_device = self._to_device(place.clamp(min=0), invoke_mask)
+        padded = latents[place_device] * invoke_device[:, None, None].to(latents.dtype)
+        self.read_step(active, active_tokens, padded, n_latents)
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
              do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
              generator: torch.Generator | None, eos_ids: list[int], trigger_mode: str, prompt_budget: int,
-             budget: int, repetition_penalty: float = 1.0, streamer=None) -> MemGenGenerateOutput:
-    """MemGen generation for validated inputs (see `MemGenModel.generate`)."""
+             budget: int, repetition_penalty: float = 1.0, streamer=None,
+             stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MemGenGenerateOutput:
+    """MemGen generation for validated inputs (see `MemGenModel.generate`).
+
+    stop: maps the new tokens so far [B, t] to bool [B], rows whose text now ends with a stop string.
+    """
     device = input_ids.device
     batch = input_ids.shape[0]
-    config = model.config
     real = attention_mask.bool()
     n_prompt = real.sum(1)
     order = torch.argsort((~real).long(), dim=1, stable=True)  # each row's prompt tokens first, in order
     prompts = input_ids.gather(1, order)[:, : int(n_prompt.max())]
-    prompt_lengths = n_prompt.tolist()
-    k_prompt, k_inference = config.prompt_latents_len, config.inference_latents_len
-    capacity = prompts.shape[1] + max_new_tokens + (k_prompt if prompt_budget else 0) + k_inference * budget
-
-    reasoner = _RaggedDecoder(model.reasoner, None, batch, capacity, device)
-    weaver = _RaggedDecoder(model.weaver.model, model.weaver.adapter_name, batch,
-                            capacity + max(k_prompt, k_inference), device)
-    lora_trigger = trigger_mode == "lora"
-    if lora_trigger:
-        trigger = _RaggedDecoder(model.trigger.model, model.trigger.adapter_name, batch,
-                                 prompts.shape[1] + max_new_tokens, device)
-        token_history = torch.zeros(batch, prompts.shape[1] + max_new_tokens, dtype=torch.long, device=device)
-        token_history[:, : prompts.shape[1]] = prompts
-        history_lengths = list(prompt_lengths)
-    embed = model.reasoner.get_input_embeddings()
-    lm_head = model.reasoner.get_output_embeddings()
-    weaver_dtype = weaver.dtype
-    queries = {kind: model.weaver.queries(kind).to(weaver_dtype) for kind in (PROMPT, INFERENCE)}
-    stream = torch.zeros(batch, capacity + 1, embed.weight.shape[1], dtype=reasoner.dtype, device=device)
-    last_hidden = torch.zeros(batch, embed.weight.shape[1], dtype=reasoner.dtype, device=device)
-    all_rows = list(range(batch))
-
-    def read(rows: list[int], items: torch.Tensor, n_items: list[int]) -> None:
-        """The reasoner reads items [G, T, d] (n_items real per row); updates the stream and last_hidden."""
-        hidden, slots = reasoner.run(rows, n_items, inputs_embeds=items)
-        row_t = torch.tensor(rows, device=device)
-        stream[row_t[:, None], slots] = items.to(stream.dtype)  # padding lands in the scratch slot
-        n_t = torch.tensor(n_items, device=device)
-        last = hidden[torch.arange(len(rows), device=device), (n_t - 1).clamp(min=0)]
-        last_hidden[row_t] = torch.where((n_t > 0)[:, None], last, last_hidden[row_t])
-
-    def gather_pending(source: torch.Tensor, rows: list[int], seen: list[int], pending: list[int],
-                       width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Items seen[g] .. seen[g] + pending[g] of source[rows[g]], left-aligned in [G, width]; and the mask of real ones."""
-        t = torch.arange(width, device=device)
-        real = t[None, :] < torch.tensor(pending, device=device)[:, None]
-        index = torch.where(real, torch.tensor(seen, device=device)[:, None] + t[None, :], 0)
-        return source[torch.tensor(rows, device=device)[:, None], index], real
-
-    def weave(rows: list[int], kind: str) -> torch.Tensor:
-        """Latents [G, K, d_R]: the weaver reads the items it has not seen, then the queries (rolled back)."""
-        k, d_weaver = queries[kind].shape
-        seen = [weaver.lengths[r] for r in rows]
-        pending = [reasoner.lengths[r] - s for r, s in zip(rows, seen)]
-        width = max(pending) + k
-        items, real = gather_pending(stream, rows, seen, pending, width)
-        inputs = model.reasoner_to_weaver(items.float()).to(weaver_dtype) * real[..., None]
-        query_at = torch.tensor(pending, device=device)[:, None] + torch.arange(k, device=device)
-        group = torch.arange(len(rows), device=device)[:, None]
-        inputs[group, query_at] = queries[kind].expand(len(rows), k, d_weaver)
-        hidden, _ = weaver.run(rows, [p + k for p in pending], inputs_embeds=inputs)
-        weaver.rollback(rows, [s + p for s, p in zip(seen, pending)])
-        return model.weaver_to_reasoner(hidden[group, query_at].float()).to(reasoner.dtype)
-
-    def trigger_logits(rows: list[int]) -> torch.Tensor:
-        """[B, 2] float logits of the `lora` trigger for `rows`, catching up on their new ids (zeros elsewhere)."""
-        logits = torch.zeros(batch, 2, device=device)
-        if rows:
-            seen = [trigger.lengths[r] for r in rows]
-            pending = [history_lengths[r] - s for r, s in zip(rows, seen)]
-            ids, _ = gather_pending(token_history, rows, seen, pending, max(pending))
-            hidden, _ = trigger.run(rows, pending, input_ids=ids)
-            last = hidden[torch.arange(len(rows), device=device), torch.tensor(pending, device=device) - 1]
-            logits[torch.tensor(rows, device=device)] = model.trigger.output_layer(last.float())
-        return logits
-
-    def decide(last_tokens: torch.Tensor, finished: torch.Tensor, counts: torch.Tensor, prompt_step: bool,
-               candidates: list[int]) -> torch.Tensor:
-        kwargs = {}
-        if lora_trigger:
-            kwargs["logits"] = trigger_logits(candidates)
-        elif trigger_mode == "head":
-            kwargs["hidden"] = last_hidden
-            kwargs["head_weight"] = model.trigger.output_layer.weight
-            kwargs["head_bias"] = model.trigger.output_layer.bias
-        uniforms = torch.rand(batch, generator=generator, device=device) if do_sample else None
-        return trigger_scoring(last_tokens, model.delimiter_table, counts, budget, finished,
-                               prompt_step=prompt_step, trigger_mode=trigger_mode, do_sample=do_sample,
-                               temperature=temperature, uniforms=uniforms, **kwargs)
-
-    def insert(decisions: list[int], kind: str) -> None:
-        rows = [r for r in all_rows if decisions[r] == 1]
-        if rows:
-            latents = weave(rows, kind)
-            read(rows, latents, [latents.shape[1]] * len(rows))
-
+    prompt_lengths = n_prompt.to(device="cpu", dtype=torch.int32)
+    engine = _Engine(model, prompts, prompt_lengths, max_new_tokens, trigger_mode, prompt_budget, budget, do_sample,
+                     temperature, generator)
+    lora = trigger_mode == "lora" and engine.memory
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    new_tokens = torch.full((batch, max_new_tokens), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
+    pad = model.tokenizer.pad_token_id
+    new_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
     aug_mask = torch.full((batch, max_new_tokens), -100, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, device=device)
     seen_tokens = torch.zeros(batch, model.delimiter_table.shape[0], dtype=torch.bool, device=device)
@@ -199,42 +314,62 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    read(all_rows, embed(prompts), prompt_lengths)
+    engine.read_prompts(prompts, prompt_lengths)
+    all_rows = torch.arange(batch)
     if prompt_budget > 0:
-        decisions = decide(prompts[:, 0], finished, counts, True, all_rows)
+        decisions = engine.decide(prompts[:, 0], finished, counts, True, all_rows if lora else None)
         aug_mask[:, 0] = decisions
-        insert(decisions.tolist(), PROMPT)
-    done = [False] * batch
+        invoking = (decisions.cpu() == 1).nonzero().flatten()  # the prompt step's synchronisation
+        engine.insert(all_rows, invoking, None, PROMPT)
+    head = trigger_mode == "head" and engine.memory
+    active = all_rows  # host: rows unfinished at the last synchronisation
     steps = 0
     for step in range(max_new_tokens):
-        logits = _penalize(lm_head(last_hidden).float(), seen_tokens, repetition_penalty)
+        logits = _penalize(engine.lm_head(engine.last_hidden).float(), seen_tokens, repetition_penalty)
         tokens = _choose_tokens(logits, do_sample, temperature, top_k, top_p, generator)
-        tokens = torch.where(finished, new_tokens[:, step], tokens)
+        tokens = torch.where(finished, pad, tokens)
         new_tokens[:, step] = tokens
         seen_tokens[rows_t, tokens] |= ~finished
         steps = step + 1
-        if streamer is not None:
-            streamer.put(tokens.cpu())
         finished = finished | torch.isin(tokens, eos)
+        if stop is not None:
+            finished = finished | stop(new_tokens[:, : step + 1])
         if step + 1 == max_new_tokens:
+            if streamer is not None:
+                streamer.put(tokens.cpu())
             break
-        active = [r for r in all_rows if not done[r]]
-        read(active, embed(tokens[active])[:, None], [1] * len(active))
-        candidates: list[int] = []
-        if lora_trigger:
-            active_t = torch.tensor(active, device=device)
-            token_history[active_t, torch.tensor([history_lengths[r] for r in active], device=device)] = tokens[active_t]
-            for r in active:
-                history_lengths[r] += 1
+        decisions = None
+        if head:  # the head reads the reasoner's hidden state of the token: read it first
+            active_tokens = tokens[active.to(device)]
+            engine.read_step(active, active_tokens, None, None)
+            engine.record_tokens(active, active_tokens)
+        if lora:
             at_point = ~finished & model.delimiter_table[tokens] & (counts < budget)
-            candidates = at_point.nonzero().flatten().tolist()
-        decisions = decide(tokens, finished, counts, False, candidates)
-        aug_mask[:, step + 1] = decisions
-        fetched = torch.stack([decisions.long(), finished.long()]).tolist()  # the step's host synchronisation
-        done = [bool(f) for f in fetched[1]]
-        if all(done):
+            host = torch.stack([at_point.long(), finished.long(), tokens]).cpu()  # the step's synchronisation
+            engine.record_trigger_tokens(active, tokens[active.to(device)])
+            candidates = host[0].nonzero().flatten()
+            host[0] = -100
+            if candidates.numel():
+                decisions = engine.decide(tokens, finished, counts, False, candidates)
+                host[0] = decisions.cpu()  # a second one: the trigger's logits shape the next calls
+        else:
+            if engine.memory:
+                decisions = engine.decide(tokens, finished, counts, False, None)
+            host_decisions = decisions.long() if decisions is not None else torch.full_like(tokens, -100)
+            host = torch.stack([host_decisions, finished.long(), tokens]).cpu()  # the step's synchronisation
+        if streamer is not None:
+            streamer.put(host[2])
+        if decisions is not None:
+            aug_mask[:, step + 1] = decisions
+        unfinished = (host[1] == 0).nonzero().flatten()
+        if not unfinished.numel():
             break
-        insert(fetched[0], INFERENCE)
+        invoking = (host[0] == 1).nonzero().flatten()
+        if head:
+            engine.insert(active, invoking, None, INFERENCE)
+        else:
+            engine.insert(unfinished, invoking, tokens, INFERENCE)
+        active = unfinished
     if streamer is not None:
         streamer.end()
     return MemGenGenerateOutput(sequences=torch.cat([input_ids, new_tokens[:, :steps]], 1),

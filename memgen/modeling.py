@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, StopStringCriteria
 from transformers.utils import ModelOutput
 
 from memgen import checkpoints
@@ -234,7 +234,8 @@ class MemGenModel(nn.Module):
                  top_p: float | None = None, generator: torch.Generator | None = None,
                  eos_token_id: int | list[int] | None = None, return_dict_in_generate: bool = False,
                  memory: bool = True, trigger_mode: str | None = None, max_prompt_aug_num: int | None = None,
-                 max_inference_aug_num: int | None = None, repetition_penalty: float = 1.0, streamer: Any = None):
+                 max_inference_aug_num: int | None = None, repetition_penalty: float = 1.0, streamer: Any = None,
+                 stop_strings: str | list[str] | None = None):
         """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
 
         Args:
@@ -248,7 +249,9 @@ class MemGenModel(nn.Module):
             trigger_mode, max_prompt_aug_num, max_inference_aug_num: per-call overrides of the config.
             repetition_penalty: Hugging Face's penalty (> 0; 1.0 = none) on tokens already in the row.
             streamer: an object with `put(tokens)` and `end()` (e.g. `transformers.TextStreamer`):
-                receives the prompts, then each step's new tokens [B] (synchronising each step).
+                receives the prompts, then each step's new tokens [B].
+            stop_strings: a row also finishes once its generated text ends with one of these strings
+                (matched on token ids by `transformers.StopStringCriteria`; no text decoding in the loop).
 
         Returns sequences [B, L + T] (pad after each row's EOS), or the output with the
         augmentation mask [B, T]: -100 no decision point, 0 SKIP, 1 INVOKE before each new token.
@@ -279,10 +282,19 @@ class MemGenModel(nn.Module):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
         if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
             raise ValueError("streamer must have put(tokens) and end() methods, like transformers.TextStreamer")
+        stop = None
+        if stop_strings is not None:
+            strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+            if not (isinstance(strings, (list, tuple)) and strings and all(isinstance(x, str) and x for x in strings)):
+                raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}")
+            criteria = StopStringCriteria(self.tokenizer, list(strings))
+
+            def stop(new_tokens: torch.Tensor) -> torch.Tensor:
+                return criteria(new_tokens, None)
         out = run_engine(self, input_ids, real.long(), max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos_ids=eos_ids,
                          trigger_mode=mode, prompt_budget=prompt_budget, budget=budget,
-                         repetition_penalty=float(repetition_penalty), streamer=streamer)
+                         repetition_penalty=float(repetition_penalty), streamer=streamer, stop=stop)
         return out if return_dict_in_generate else out.sequences
 
     def _check_generate_inputs(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,

@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memgen import generation
 from memgen.reference import reference_generate
 from test_modeling import make_batch
 from test_reference_generation import chatty_model
+
+
+@pytest.fixture(params=["device default", "always packed"])
+def packing(request, monkeypatch):
+    """The engine's two ways of reading latents: packed with the token (one call) or in a second call."""
+    if request.param == "always packed":
+        monkeypatch.setitem(generation.PACKED_PADDING_ITEMS, "cpu", 10**9)
+    return request.param
 
 
 def assert_same_as_reference(model, input_ids, mask, **kwargs):
@@ -20,7 +29,7 @@ def assert_same_as_reference(model, input_ids, mask, **kwargs):
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 @pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
-def test_greedy_equals_reference(arch, trigger_mode):
+def test_greedy_equals_reference(arch, trigger_mode, packing):
     model = chatty_model(arch, trigger_mode)
     input_ids, mask, _ = make_batch(model, [0] * 5, "left", seed=3)
     out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=32)
@@ -31,7 +40,7 @@ def test_greedy_equals_reference(arch, trigger_mode):
 
 
 @pytest.mark.parametrize("batch,k,budget,padding", [(1, 1, 0, "left"), (2, 4, 3, "right"), (16, 8, 5, "left")])
-def test_batches_budgets_and_latent_counts(batch, k, budget, padding):
+def test_batches_budgets_and_latent_counts(batch, k, budget, padding, packing):
     model = chatty_model("qwen2", "always", k_prompt=k, k_inference=k, max_inference=budget)
     input_ids, mask, _ = make_batch(model, [0] * batch, padding, seed=batch)
     out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
@@ -46,7 +55,7 @@ def test_per_call_overrides_and_a_long_generation():
                              max_prompt_aug_num=0, max_inference_aug_num=2)
 
 
-def test_rows_finish_at_different_times():
+def test_rows_finish_at_different_times(packing):
     model = chatty_model("qwen2", "always", boost=1.0)
     eos = model.tokenizer.eos_token_id
     with torch.no_grad():
@@ -176,3 +185,35 @@ def test_streamer_receives_the_prompt_then_each_token():
         model.generate(input_ids, mask, max_new_tokens=2, streamer=object())
     with pytest.raises(ValueError, match="repetition_penalty must be"):
         model.generate(input_ids, mask, max_new_tokens=2, repetition_penalty=0)
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "head"])
+def test_stop_strings_end_rows_where_their_text_does(trigger_mode):
+    model = chatty_model("qwen2", trigger_mode)
+    input_ids, mask, _ = make_batch(model, [0] * 4, "left", seed=21)
+    prompt = input_ids.shape[1]
+    free = model.generate(input_ids, mask, max_new_tokens=40, return_dict_in_generate=True)
+    texts = [model.tokenizer.decode(row) for row in free.sequences[:, prompt:]]
+    stop = texts[0][len(texts[0]) // 2: len(texts[0]) // 2 + 2]  # two characters from the middle of row 0
+    assert stop.strip(), texts[0]
+    out = model.generate(input_ids, mask, max_new_tokens=40, return_dict_in_generate=True, stop_strings=[stop])
+    pad = model.tokenizer.pad_token_id
+    stopped = 0
+    for row in range(4):
+        new = free.sequences[row, prompt:].tolist()
+        cut = next((t + 1 for t in range(len(new)) if stop in model.tokenizer.decode(new[: t + 1])), len(new))
+        got = out.sequences[row, prompt:].tolist()
+        assert got[:cut] == new[:cut], row
+        assert all(t == pad for t in got[cut:]), row
+        assert torch.equal(out.augmentation_mask[row, :cut], free.augmentation_mask[row, :cut])
+        assert (out.augmentation_mask[row, cut:] == -100).all()
+        stopped += cut < len(new)
+    assert stopped >= 1
+
+
+def test_bad_stop_strings():
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0], "left", seed=1)
+    for bad in ("", [], [""], [3]):
+        with pytest.raises(ValueError, match="stop_strings"):
+            model.generate(input_ids, mask, max_new_tokens=4, stop_strings=bad)

@@ -57,9 +57,13 @@ def _cuda_include() -> Path | None:
     return None
 
 
+BINDINGS = sorted((ROOT / "csrc").glob("*.cpp"))
+
+
 @pytest.mark.skipif(_cuda_include() is None, reason="no CUDA toolkit headers next to nvcc")
-def test_cuda_side_of_the_binding_compiles(tmp_path):
-    """csrc/bindings.cpp with MEMGEN_WITH_CUDA, syntax-checked against torch's c10/cuda headers.
+@pytest.mark.parametrize("binding", BINDINGS, ids=[p.name for p in BINDINGS])
+def test_cuda_side_of_the_binding_compiles(binding, tmp_path):
+    """csrc/*.cpp (the torch-facing files) with MEMGEN_WITH_CUDA, syntax-checked against torch's c10/cuda headers.
 
     A CPU build of torch ships those headers but not the one its CUDA build generates
     (c10/cuda/impl/cuda_cmake_macros.h), so the test writes that one-line header itself.
@@ -73,4 +77,4 @@ def test_cuda_side_of_the_binding_compiles(tmp_path):
     (generated / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [str(tmp_path), *cpp.include_paths(), str(_cuda_include()), sysconfig.get_paths()["include"]]
     _run(["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", "-DMEMGEN_WITH_CUDA",
-          *[f"-I{path}" for path in includes], str(ROOT / "csrc" / "bindings.cpp")])
+          *[f"-I{path}" for path in includes], str(binding)])

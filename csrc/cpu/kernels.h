@@ -16,5 +16,12 @@ int64_t first_token_out_of_range(const int64_t* tokens, int64_t n, int64_t vocab
 // Fused trigger scoring over rows [begin, end); every last token must be in range.
 void trigger_scoring(const trigger::Params& params, int64_t begin, int64_t end);
 
+// Packs rows [begin, end) of a ragged step: items, positions, slots and mask (ops.h, ragged).
+// Every index the layout reads must be in range (checked by the caller).
+void pack(const ragged::PackParams& params, int64_t begin, int64_t end);
+
+// Writes entries [begin, end) of the flattened (row, head, item) range of a cache write.
+void write_kv(const ragged::WriteParams& params, int64_t begin, int64_t end);
+
 }  // namespace cpu
 }  // namespace memgen

@@ -14,5 +14,12 @@ namespace cuda {
 // (checking it on the host would cost a synchronisation per decode step).
 cudaError_t trigger_scoring(const trigger::Params& params, cudaStream_t stream);
 
+// Packs a ragged step in one launch; an index outside its source or a slot past the capacity
+// fails with a device-side assertion.
+cudaError_t pack(const ragged::PackParams& params, cudaStream_t stream);
+
+// Writes a call's keys (or values) at per-row cache slots in one launch.
+cudaError_t write_kv(const ragged::WriteParams& params, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace memgen

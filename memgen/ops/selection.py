@@ -7,6 +7,8 @@ Implementations, in order of preference under `auto`:
 
 The preference comes from `set_backend(...)` or the MEMGEN_OPS_BACKEND environment variable
 (`auto`, `native`, `triton` or `torch`). Asking for an implementation that cannot run raises.
+Only trigger scoring has a Triton kernel: the ragged-step ops move bytes in one CUDA launch
+already, so under a `triton` preference they take `auto`'s choice (`backend()` shows which).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from memgen.ops import _native
 
 IMPLEMENTATIONS = ("native", "triton", "torch")
 _CHOICES = ("auto",) + IMPLEMENTATIONS
-OPS = ("trigger_scoring",)
+OPS = ("trigger_scoring", "pack_step", "pack_ragged", "write_kv")
+TRITON_OPS = ("trigger_scoring",)
 
 _preference: str | None = None
 
@@ -65,6 +68,8 @@ def unavailable_reason(impl: str, op: str, device_type: str) -> str | None:
             return f"memgen._C was built without {key} kernels"
         return None
     if impl == "triton":
+        if op not in TRITON_OPS:
+            return f"{op} has no Triton kernel"
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
         if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -86,6 +91,8 @@ def select(op: str, device_type: str, requested: str | None = None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _select(op: str, device_type: str, name: str) -> str:
+    if name == "triton" and op not in TRITON_OPS:
+        name = "auto"
     if name != "auto":
         reason = unavailable_reason(name, op, device_type)
         if reason is not None:
