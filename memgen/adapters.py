@@ -20,7 +20,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 
-def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    """The LoRA-bearing layers of `model` (a walk over every module: callers in a loop keep the list)."""
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
@@ -37,7 +38,7 @@ def add_lora_adapter(model: nn.Module, name: str, settings: dict[str, Any]) -> N
             if "not found in the base model" in str(err):
                 raise no_match from err
             raise
-    layers = _tuner_layers(model)
+    layers = tuner_layers(model)
     if not any(name in getattr(layer, "lora_A", {}) for layer in layers):
         raise no_match
     for layer in layers:
@@ -57,9 +58,12 @@ def _set_active(layers: list[BaseTunerLayer], name: str | None) -> None:
 
 
 @contextlib.contextmanager
-def active_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
-    """Run the enclosed calls of `model` with only adapter `name` (None: the bare base)."""
-    layers = _tuner_layers(model)
+def active_adapter(model: nn.Module, name: str | None, layers: list[BaseTunerLayer] | None = None) -> Iterator[None]:
+    """Run the enclosed calls of `model` with only adapter `name` (None: the bare base).
+
+    layers: `tuner_layers(model)`, when the caller keeps it (the decoding loop does).
+    """
+    layers = tuner_layers(model) if layers is None else layers
     saved = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
     _set_active(layers, name)
     try:

@@ -3,19 +3,19 @@
 - The reasoner reads each stream item (token or latent) once, through a ragged KV cache: a row's
   insertion adds cache entries to that row only. Steps are packed by `memgen.ops.pack_step`
   (latent-token injection) and cache writes go through `memgen.ops.write_kv`.
-- The weaver keeps its own ragged cache over the stream (kept projected into its space): at an
-  insertion the invoking rows, batched, read only the items they have not seen, then the K
-  queries, whose entries are rolled back (`memgen.ops.pack_ragged`). The queries' LayerNorm and
-  scale are applied once per call.
+- The weaver keeps its own ragged cache over the stream: at an insertion the invoking rows,
+  batched, read only the stream items they have not seen (projected into its space as they are
+  read), then the K queries, whose entries are rolled back (`memgen.ops.pack_ragged`). The
+  queries' LayerNorm and scale are applied once per call.
 - The `lora` trigger keeps its own cache over the token embeddings and catches up only at
   decision points; `head` reads the reasoner's hidden state of the delimiter (no extra forward).
   Decisions come from the fused trigger-scoring op.
-- In `always` and `lora` modes the decision comes before the reasoner reads the token, so a step
-  whose rows all invoke is one reasoner call over [token, K latents] per row. When only some rows
-  invoke, the engine packs them into that one call while the padding it adds to the other rows
-  stays under a per-device bound (`PACKED_PADDING_ITEMS`); otherwise the invoking rows read their
-  latents in a second, smaller call (as `head` mode always does: its decision needs the
-  reasoner's hidden state of the token).
+- In `always` and `lora` modes the decision comes before the reasoner reads the token, so every
+  step is one reasoner call: [token, K latents] per row when the padding this adds to rows that
+  do not invoke stays under a per-device bound (`PACKED_PADDING_ITEMS`), else one batch row per
+  item (a latent's batch row reads its row's cache, which the same layer call has just written),
+  so no row pads. `head` mode reads the token first (its decision needs the reasoner's hidden
+  state of it) and the invoking rows' latents in a second call.
 - One host synchronisation per step fetches the decisions, the finished flags and the tokens;
   the `lora` trigger needs a second one on steps where some row is at a decision point (its
   logits decide which rows the next calls contain). Host bookkeeping is vectorised over CPU
@@ -30,14 +30,15 @@ from typing import Callable
 import torch
 from transformers.utils import ModelOutput
 
-from memgen.adapters import active_adapter
+from memgen.adapters import active_adapter, tuner_layers
 from memgen.cache import RaggedCache
 from memgen.ops import pack_ragged, pack_step, trigger_scoring
 from memgen.weaver import INFERENCE, PROMPT
 
-# Padding items (rows that do not invoke x K) that one packed [token, latents] step may add before
-# the engine prefers a second call for the latents. On a GPU a small-batch step is bound by reading
-# the weights, so padding is nearly free; on a CPU every item costs compute.
+# Padding items (rows that do not invoke x K) that a packed [token, latents] step may add before the
+# engine lays the step out one item per batch row instead. On a GPU a small-batch step is bound by
+# reading the weights, so padding is nearly free while the per-item layout copies each batch row's
+# cache view; on a CPU every padding item costs compute.
 PACKED_PADDING_ITEMS = {"cuda": 512, "cpu": 0}
 
 
@@ -56,25 +57,27 @@ class _RaggedDecoder:
     def __init__(self, model, adapter: str | None, batch: int, capacity: int, device: torch.device) -> None:
         self.model, self.adapter, self.batch, self.capacity = model, adapter, batch, capacity
         self.decoder = model.get_decoder()
+        self.layers = tuner_layers(model)
         self.cache = RaggedCache(model.config.num_hidden_layers, batch, capacity, device)
         self.lengths = self.cache.lengths  # host int32 [B]: items each row has read
         self.dtype = model.get_input_embeddings().weight.dtype
 
-    def run(self, rows: torch.Tensor | None, rows_device: torch.Tensor | None, packed: tuple[torch.Tensor, ...],
+    def run(self, rows: torch.Tensor | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
             n_items: torch.Tensor) -> torch.Tensor:
-        """Feed a packed call (items, positions, slots, mask) to `rows` (host; None: all); returns hidden [G, W, d].
+        """Feed a packed call (items, positions, slots, mask) to cache rows `rows` (device [G], repeats
+        allowed; None: all rows in order); returns hidden [G, W, d].
 
-        n_items: host int32 [G], the real items per row, added to the rows' lengths.
+        advance: host int64 row indices (no repeats; None: all) whose lengths grow by n_items (host int32).
         """
         items, positions, slots, mask = packed
-        self.cache.prepare(rows_device, slots, mask.shape[-1])
-        with active_adapter(self.model, self.adapter):
+        self.cache.prepare(rows, slots, mask.shape[-1])
+        with active_adapter(self.model, self.adapter, self.layers):
             hidden = self.decoder(inputs_embeds=items, attention_mask=mask, position_ids=positions,
                                   past_key_values=self.cache, use_cache=True).last_hidden_state
-        if rows is None:
+        if advance is None:
             self.lengths += n_items
         else:
-            self.lengths[rows] += n_items
+            self.lengths[advance] += n_items
         return hidden
 
     def lengths_of(self, rows: torch.Tensor | None) -> torch.Tensor:
@@ -100,8 +103,6 @@ def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, to
 
 def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Hugging Face's repetition penalty on logits [B, V] for the tokens each row has seen (bool [B, V])."""
-    if penalty == 1.0:
-        return logits
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
@@ -128,10 +129,12 @@ class _Engine:
             self.weaver = _RaggedDecoder(model.weaver.model, model.weaver.adapter_name, batch,
                                          capacity + max(self.k.values()), device)
             self.queries = {kind: model.weaver.queries(kind).to(self.weaver.dtype) for kind in (PROMPT, INFERENCE)}
-            # The stream as the weaver reads it: item i of a row is reasoner_to_weaver(its i-th stream item).
-            d_weaver = self.queries[PROMPT].shape[1]
-            self.stream = torch.zeros(batch, capacity + 1, d_weaver, dtype=self.weaver.dtype, device=device)
+            # Every row's stream of reasoner inputs (slot i: its i-th item); the weaver projects what it reads.
+            d_reasoner = self.embed.weight.shape[1]
+            self.stream = torch.zeros(batch, capacity + 1, d_reasoner, dtype=self.reasoner.dtype, device=device)
             self.stream_lengths = torch.zeros(batch, dtype=torch.int32)  # host: items in each row's stream
+            # Zero items that reserve the queries' columns in the weaver's packed call.
+            self.query_slots = {kind: self.stream.new_zeros(k, d_reasoner) for kind, k in self.k.items()}
         if trigger_mode == "lora" and self.memory:
             trigger_model = model.trigger.model
             self.trigger = _RaggedDecoder(trigger_model, model.trigger.adapter_name, batch, width + max_new_tokens,
@@ -147,13 +150,17 @@ class _Engine:
 
     # -- the reasoner ---------------------------------------------------------------------------
 
-    def _record(self, rows: torch.Tensor | None, slots: torch.Tensor, items: torch.Tensor) -> None:
-        """Append reasoner-space items [G, T, d] at their slots [G, T] to the weaver's stream."""
-        if not self.memory:
-            return
-        rows_device = torch.arange(self.batch, device=self.device) if rows is None else rows
-        projected = self.model.reasoner_to_weaver(items.float()).to(self.stream.dtype)
-        self.stream[rows_device[:, None], slots] = projected
+    def _read(self, rows: torch.Tensor | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
+              n_items: torch.Tensor, last: torch.Tensor) -> None:
+        """One reasoner call (see `_RaggedDecoder.run`); then last_hidden of the advanced rows is the hidden
+        state at flat index last[a] of [G * W], and the call's items join the stream."""
+        hidden = self.reasoner.run(rows, packed, advance, n_items)
+        advance_device, last_device = self._to_device(torch.arange(self.batch) if advance is None else advance, last)
+        self.last_hidden[advance_device] = hidden.flatten(0, 1)[last_device]
+        if self.memory:
+            cache_rows = torch.arange(self.batch, device=self.device) if rows is None else rows
+            self.stream[cache_rows[:, None], packed[2]] = packed[0].to(self.stream.dtype)  # padding: scratch slot
+            self.stream_lengths[torch.arange(self.batch) if advance is None else advance] += n_items
 
     def read_prompts(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor) -> None:
         embeds = self.embed(prompts)
@@ -162,52 +169,68 @@ class _Engine:
         lengths_device, = self._to_device(prompt_lengths)
         packed = pack_ragged(embeds, rows, zeros, lengths_device, prompts.shape[1], None, self.reasoner.capacity,
                              max(int(prompt_lengths.max()), 1))
-        hidden = self.reasoner.run(None, None, packed, prompt_lengths)
-        self.last_hidden = hidden[rows, (lengths_device.long() - 1).clamp(min=0)]
-        self._record(None, packed[2], embeds)
-        if self.memory:
-            self.stream_lengths += prompt_lengths
+        last = torch.arange(self.batch) * prompts.shape[1] + (prompt_lengths.long() - 1).clamp(min=0)
+        self._read(None, packed, None, prompt_lengths, last)
 
     def read_step(self, rows: torch.Tensor, tokens: torch.Tensor | None, latents: torch.Tensor | None,
                   n_latents: torch.Tensor | None) -> None:
         """The reasoner reads, for rows (host int64 [G]), their token (if given) then n_latents[g] latents."""
-        rows_device, = self._to_device(rows)
         n_items = (1 if tokens is not None else 0) + (n_latents if n_latents is not None else 0)
         n_items = torch.as_tensor(n_items, dtype=torch.int32).expand(rows.shape[0]).contiguous()
         lengths = self.reasoner.lengths_of(rows)
-        visible = int((lengths + n_items).max())
-        lengths_device, n_items_device = self._to_device(lengths, n_items)
+        rows_device, lengths_device = self._to_device(rows, lengths)
         n_latents_device = self._to_device(n_latents)[0] if n_latents is not None else None
         packed = pack_step(tokens, self.embed.weight, latents, n_latents_device, lengths_device,
-                           self.reasoner.capacity, visible)
-        all_rows = rows.shape[0] == self.batch
-        hidden = self.reasoner.run(None if all_rows else rows, None if all_rows else rows_device, packed, n_items)
-        last = hidden[torch.arange(rows.shape[0], device=self.device), n_items_device.long() - 1]
-        self.last_hidden[rows_device] = last
-        if latents is not None:
-            self._record(rows_device, packed[2][:, -latents.shape[1]:], packed[0][:, -latents.shape[1]:])
-            self.stream_lengths[rows] += n_latents
+                           self.reasoner.capacity, int((lengths + n_items).max()))
+        width = packed[0].shape[1]
+        last = torch.arange(rows.shape[0]) * width + n_items.long() - 1
+        every_row = rows.shape[0] == self.batch
+        self._read(None if every_row else rows_device, packed, None if every_row else rows, n_items, last)
+
+    def read_flat(self, rows: torch.Tensor, tokens: torch.Tensor, invoking: torch.Tensor,
+                  latents: torch.Tensor) -> None:
+        """One call in which each item is its own batch row: rows' tokens, then the invoking rows' K latents.
+
+        A latent's batch row maps to its row's cache, which the same layer call has just written (the token
+        and the earlier latents), so nothing pads the rows that do not invoke.
+        """
+        a, (g, k) = rows.shape[0], latents.shape[:2]
+        lengths = self.reasoner.lengths_of(rows)
+        invoking_lengths = self.reasoner.lengths_of(invoking) + 1
+        flat_lengths = torch.cat([lengths, (invoking_lengths[:, None] + torch.arange(k)).flatten().to(torch.int32)])
+        cache_rows = torch.cat([rows, invoking.repeat_interleave(k)])
+        cache_rows_device, lengths_device = self._to_device(cache_rows, flat_lengths)
+        items = torch.cat([self.embed(tokens), latents.flatten(0, 1)])[:, None]
+        ones = torch.ones(a + g * k, dtype=torch.int32, device=self.device)
+        packed = pack_step(None, self.embed.weight, items, ones, lengths_device, self.reasoner.capacity,
+                           int(flat_lengths.max()) + 1)
+        invokes = torch.isin(rows, invoking)
+        n_items = 1 + invokes.to(torch.int32) * k
+        last = torch.where(invokes, a + (torch.cumsum(invokes, 0) - 1) * k + k - 1, torch.arange(a))
+        self._read(cache_rows_device, packed, rows, n_items, last)
 
     def record_tokens(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Append the pending tokens of rows (host [G]; tokens on the device) to the weaver's stream."""
-        if not self.memory:
-            return
+        """Put rows' pending tokens (host [G]; ids on the device) in the stream ahead of the reasoner's read,
+        for a weave that must see them; the read writes the same items again."""
         rows_device, slots = self._to_device(rows, self.stream_lengths[rows].long())
-        self._record(rows_device, slots[:, None], self.embed(tokens)[:, None])
-        self.stream_lengths[rows] += 1
+        self.stream[rows_device, slots] = self.embed(tokens).to(self.stream.dtype)
 
     # -- the weaver -----------------------------------------------------------------------------
 
-    def weave(self, rows: torch.Tensor, kind: str) -> torch.Tensor:
-        """Latents [G, K, d_R] for rows (host [G]): the weaver reads its unseen stream items, then the queries."""
+    def weave(self, rows: torch.Tensor, kind: str, ahead: int = 0) -> torch.Tensor:
+        """Latents [G, K, d_R] for rows (host [G]): the weaver reads its unseen stream items (plus `ahead`
+        items put there by `record_tokens`), then the queries, whose cache entries are rolled back."""
         seen = self.weaver.lengths_of(rows)
-        pending = self.stream_lengths[rows] - seen
+        pending = self.stream_lengths[rows] + ahead - seen
         k = self.k[kind]
         width = int(pending.max())
         rows_device, seen_device, pending_device = self._to_device(rows, seen, pending)
-        packed = pack_ragged(self.stream, rows_device, seen_device, pending_device, width, self.queries[kind],
-                             self.weaver.capacity, int((seen + pending).max()) + k)
-        hidden = self.weaver.run(rows, rows_device, packed, pending + k)
+        items, positions, slots, mask = pack_ragged(self.stream, rows_device, seen_device, pending_device, width,
+                                                    self.query_slots[kind], self.weaver.capacity,
+                                                    int((seen + pending).max()) + k)
+        inputs = self.model.reasoner_to_weaver(items.float()).to(self.weaver.dtype)
+        inputs[:, width:] = self.queries[kind]
+        hidden = self.weaver.run(rows_device, (inputs, positions, slots, mask), rows, pending + k)
         self.weaver.lengths[rows] -= k  # the queries' entries are rolled back
         return self.model.weaver_to_reasoner(hidden[:, width:].float()).to(self.reasoner.dtype)
 
@@ -227,7 +250,7 @@ class _Engine:
         rows_device, seen_device, pending_device = self._to_device(rows, seen, pending)
         packed = pack_ragged(self.trigger_stream, rows_device, seen_device, pending_device, int(pending.max()), None,
                              self.trigger.capacity, int((seen + pending).max()))
-        hidden = self.trigger.run(rows, rows_device, packed, pending)
+        hidden = self.trigger.run(rows_device, packed, rows, pending)
         last = hidden[torch.arange(rows.shape[0], device=self.device), pending_device.long() - 1]
         logits = torch.zeros(self.batch, 2, device=self.device)
         logits[rows_device] = self.model.trigger.output_layer(last.float())
@@ -257,29 +280,26 @@ class _Engine:
         when the reasoner already read them.
         """
         k = self.k[kind]
+        all_latents = torch.full((invoking.numel(),), k, dtype=torch.int32)
         if tokens is None:
             if invoking.numel():
-                self.read_step(invoking, None, self.weave(invoking, kind), torch.full((invoking.numel(),), k,
-                                                                                        dtype=torch.int32))
+                self.read_step(invoking, None, self.weave(invoking, kind), all_latents)
             return
-        active_device, = self._to_device(active)
-        active_tokens = tokens[active_device]
-        if not invoking.numel() or (active.numel() - invoking.numel()) * k > self.packed_padding:
+        active_tokens = tokens[self._to_device(active)[0]]
+        if not invoking.numel():
             self.read_step(active, active_tokens, None, None)
-            self.record_tokens(active, active_tokens)
-            if not invoking.numel():
-                return
-            self.read_step(invoking, None, self.weave(invoking, kind), torch.full((invoking.numel(),), k,
-                                                                                    dtype=torch.int32))
             return
-        self.record_tokens(active, active_tokens)
-        latents = self.weave(invoking, kind)
-        invoke_mask = torch.isin(active, invoking)
-        n_latents = invoke_mask.to(torch.int32) * k
-        place = torch.cumsum(invoke_mask, 0) - 1  # each invoking row's index in `latents`
-        place_device, invoke_device = self._to_device(place.clamp(min=0), invoke_mask)
-        padded = latents[place_device] * invoke_device[:, None, None].to(latents.dtype)
-        self.read_step(active, active_tokens, padded, n_latents)
+        invoking_tokens = tokens[self._to_device(invoking)[0]]
+        self.record_tokens(invoking, invoking_tokens)
+        latents = self.weave(invoking, kind, ahead=1)
+        if (active.numel() - invoking.numel()) * k > self.packed_padding:
+            self.read_flat(active, active_tokens, invoking, latents)
+            return
+        invokes = torch.isin(active, invoking)
+        place = (torch.cumsum(invokes, 0) - 1).clamp(min=0)  # each invoking row's index in `latents`
+        place_device, invokes_device = self._to_device(place, invokes)
+        padded = latents[place_device] * invokes_device[:, None, None].to(latents.dtype)
+        self.read_step(active, active_tokens, padded, invokes.to(torch.int32) * k)
 
 
 @torch.no_grad()
@@ -308,9 +328,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     new_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
     aug_mask = torch.full((batch, max_new_tokens), -100, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, device=device)
-    seen_tokens = torch.zeros(batch, model.delimiter_table.shape[0], dtype=torch.bool, device=device)
+    penalize = repetition_penalty != 1.0
     rows_t = torch.arange(batch, device=device)
-    seen_tokens[rows_t[:, None].expand_as(input_ids)[real], input_ids[real]] = True
+    if penalize:  # the tokens each row has seen, for the repetition penalty
+        seen_tokens = torch.zeros(batch, model.delimiter_table.shape[0], dtype=torch.bool, device=device)
+        seen_tokens[rows_t[:, None].expand_as(input_ids)[real], input_ids[real]] = True
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
@@ -325,11 +347,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     active = all_rows  # host: rows unfinished at the last synchronisation
     steps = 0
     for step in range(max_new_tokens):
-        logits = _penalize(engine.lm_head(engine.last_hidden).float(), seen_tokens, repetition_penalty)
+        logits = engine.lm_head(engine.last_hidden).float()
+        if penalize:
+            logits = _penalize(logits, seen_tokens, repetition_penalty)
         tokens = _choose_tokens(logits, do_sample, temperature, top_k, top_p, generator)
         tokens = torch.where(finished, pad, tokens)
         new_tokens[:, step] = tokens
-        seen_tokens[rows_t, tokens] |= ~finished
+        if penalize:
+            seen_tokens[rows_t, tokens] |= ~finished
         steps = step + 1
         finished = finished | torch.isin(tokens, eos)
         if stop is not None:
@@ -340,9 +365,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             break
         decisions = None
         if head:  # the head reads the reasoner's hidden state of the token: read it first
-            active_tokens = tokens[active.to(device)]
-            engine.read_step(active, active_tokens, None, None)
-            engine.record_tokens(active, active_tokens)
+            engine.read_step(active, tokens[active.to(device)], None, None)
         if lora:
             at_point = ~finished & model.delimiter_table[tokens] & (counts < budget)
             host = torch.stack([at_point.long(), finished.long(), tokens]).cpu()  # the step's synchronisation
