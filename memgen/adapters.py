@@ -73,6 +73,28 @@ def active_adapter(model: nn.Module, name: str | None, layers: list[BaseTunerLay
             layer._disable_adapters, layer._active_adapter = disabled, active
 
 
+class BareBase:
+    """Runs a model's calls on its bare base modules: each LoRA layer is swapped, for the duration of
+    `with bare():`, for the layer it wraps. PEFT's disabled path computes the same thing but costs a
+    Python call per wrapped layer per step (about 8% of a one-token step of a 16-layer model on a
+    CPU); the decoding engine's reasoner calls, made millions of times, skip it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.sites = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                      if isinstance(child, BaseTunerLayer)]
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        for parent, name, layer in self.sites:
+            setattr(parent, name, layer.get_base_layer())
+        try:
+            yield
+        finally:
+            for parent, name, layer in self.sites:
+                setattr(parent, name, layer)
+
+
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """The parameters of adapter `name`, keyed by their names in `model` (PEFT's layout)."""
     return {n: p for n, p in model.named_parameters() if f".{name}." in n and (".lora_A." in n or ".lora_B." in n)}

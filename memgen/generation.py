@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from transformers.utils import ModelOutput
 
-from memgen.adapters import active_adapter, tuner_layers
+from memgen.adapters import BareBase, active_adapter, tuner_layers
 from memgen.cache import RaggedCache
 from memgen.ops import pack_ragged, pack_step, trigger_scoring
 from memgen.weaver import INFERENCE, PROMPT
@@ -45,10 +45,13 @@ PACKED_PADDING_ITEMS = {"cuda": 512, "cpu": 0}
 @dataclass
 class MemGenGenerateOutput(ModelOutput):
     """sequences: [B, L + T] prompts then new tokens (pad after a row's EOS);
-    augmentation_mask: [B, T] the decision taken before each new token (-100 / 0 SKIP / 1 INVOKE)."""
+    augmentation_mask: [B, T] the decision taken before each new token (-100 / 0 SKIP / 1 INVOKE);
+    latent_norms: float32 [B, T] the mean L2 norm of the K latents woven before each new token (NaN
+    where none were), to compare with the reasoner's token embeddings."""
 
     sequences: torch.Tensor | None = None
     augmentation_mask: torch.Tensor | None = None
+    latent_norms: torch.Tensor | None = None
 
 
 class _RaggedDecoder:
@@ -58,6 +61,7 @@ class _RaggedDecoder:
         self.model, self.adapter, self.batch, self.capacity = model, adapter, batch, capacity
         self.decoder = model.get_decoder()
         self.layers = tuner_layers(model)
+        self.bare = BareBase(model) if adapter is None else None
         self.cache = RaggedCache(model.config.num_hidden_layers, batch, capacity, device)
         self.lengths = self.cache.lengths  # host int32 [B]: items each row has read
         self.dtype = model.get_input_embeddings().weight.dtype
@@ -71,7 +75,7 @@ class _RaggedDecoder:
         """
         items, positions, slots, mask = packed
         self.cache.prepare(rows, slots, mask.shape[-1])
-        with active_adapter(self.model, self.adapter, self.layers):
+        with self.bare() if self.bare is not None else active_adapter(self.model, self.adapter, self.layers):
             hidden = self.decoder(inputs_embeds=items, attention_mask=mask, position_ids=positions,
                                   past_key_values=self.cache, use_cache=True).last_hidden_state
         if advance is None:
@@ -125,6 +129,7 @@ class _Engine:
         self.last_hidden = torch.zeros(batch, self.embed.weight.shape[1], dtype=self.reasoner.dtype, device=device)
         self.memory = prompt_budget > 0 or budget > 0
         self.packed_padding = PACKED_PADDING_ITEMS.get(device.type, 0)
+        self.latent_norms = torch.full((batch, max_new_tokens), float("nan"), device=device)
         if self.memory:
             self.weaver = _RaggedDecoder(model.weaver.model, model.weaver.adapter_name, batch,
                                          capacity + max(self.k.values()), device)
@@ -217,9 +222,10 @@ class _Engine:
 
     # -- the weaver -----------------------------------------------------------------------------
 
-    def weave(self, rows: torch.Tensor, kind: str, ahead: int = 0) -> torch.Tensor:
+    def weave(self, rows: torch.Tensor, kind: str, column: int, ahead: int = 0) -> torch.Tensor:
         """Latents [G, K, d_R] for rows (host [G]): the weaver reads its unseen stream items (plus `ahead`
-        items put there by `record_tokens`), then the queries, whose cache entries are rolled back."""
+        items put there by `record_tokens`), then the queries, whose cache entries are rolled back.
+        Their mean norm goes to latent_norms[rows, column]."""
         seen = self.weaver.lengths_of(rows)
         pending = self.stream_lengths[rows] + ahead - seen
         k = self.k[kind]
@@ -232,7 +238,9 @@ class _Engine:
         inputs[:, width:] = self.queries[kind]
         hidden = self.weaver.run(rows_device, (inputs, positions, slots, mask), rows, pending + k)
         self.weaver.lengths[rows] -= k  # the queries' entries are rolled back
-        return self.model.weaver_to_reasoner(hidden[:, width:].float()).to(self.reasoner.dtype)
+        latents = self.model.weaver_to_reasoner(hidden[:, width:].float())
+        self.latent_norms[rows_device, column] = latents.norm(dim=-1).mean(-1)
+        return latents.to(self.reasoner.dtype)
 
     # -- the trigger ----------------------------------------------------------------------------
 
@@ -273,17 +281,18 @@ class _Engine:
 
     # -- a whole insertion ----------------------------------------------------------------------
 
-    def insert(self, active: torch.Tensor, invoking: torch.Tensor, tokens: torch.Tensor | None, kind: str) -> None:
+    def insert(self, active: torch.Tensor, invoking: torch.Tensor, tokens: torch.Tensor | None, kind: str,
+               column: int) -> None:
         """Read this step's items: active rows' tokens (if not read yet) and latents for the invoking rows.
 
         active, invoking: host int64 row indices (invoking within active); tokens: [B] on the device, or None
-        when the reasoner already read them.
+        when the reasoner already read them; column: the new token the latents precede (for latent_norms).
         """
         k = self.k[kind]
         all_latents = torch.full((invoking.numel(),), k, dtype=torch.int32)
         if tokens is None:
             if invoking.numel():
-                self.read_step(invoking, None, self.weave(invoking, kind), all_latents)
+                self.read_step(invoking, None, self.weave(invoking, kind, column), all_latents)
             return
         active_tokens = tokens[self._to_device(active)[0]]
         if not invoking.numel():
@@ -291,7 +300,7 @@ class _Engine:
             return
         invoking_tokens = tokens[self._to_device(invoking)[0]]
         self.record_tokens(invoking, invoking_tokens)
-        latents = self.weave(invoking, kind, ahead=1)
+        latents = self.weave(invoking, kind, column, ahead=1)
         if (active.numel() - invoking.numel()) * k > self.packed_padding:
             self.read_flat(active, active_tokens, invoking, latents)
             return
@@ -342,7 +351,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         decisions = engine.decide(prompts[:, 0], finished, counts, True, all_rows if lora else None)
         aug_mask[:, 0] = decisions
         invoking = (decisions.cpu() == 1).nonzero().flatten()  # the prompt step's synchronisation
-        engine.insert(all_rows, invoking, None, PROMPT)
+        engine.insert(all_rows, invoking, None, PROMPT, 0)
     head = trigger_mode == "head" and engine.memory
     active = all_rows  # host: rows unfinished at the last synchronisation
     steps = 0
@@ -389,11 +398,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             break
         invoking = (host[0] == 1).nonzero().flatten()
         if head:
-            engine.insert(active, invoking, None, INFERENCE)
+            engine.insert(active, invoking, None, INFERENCE, step + 1)
         else:
-            engine.insert(unfinished, invoking, tokens, INFERENCE)
+            engine.insert(unfinished, invoking, tokens, INFERENCE, step + 1)
         active = unfinished
     if streamer is not None:
         streamer.end()
     return MemGenGenerateOutput(sequences=torch.cat([input_ids, new_tokens[:, :steps]], 1),
-                                augmentation_mask=aug_mask[:, :steps])
+                                augmentation_mask=aug_mask[:, :steps], latent_norms=engine.latent_norms[:, :steps])

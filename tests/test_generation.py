@@ -114,6 +114,16 @@ def test_bfloat16_reasoner_generates():
     assert out.sequences.shape == (2, input_ids.shape[1] + 12) and (out.augmentation_mask == 1).any()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+def test_cuda_engine_equals_the_reference_on_cuda(trigger_mode):
+    """The engine's CUDA path (native CUDA kernels, padded packed steps) against the reference on the same GPU."""
+    model = chatty_model("qwen2", trigger_mode).to("cuda")
+    input_ids, mask, _ = make_batch(model, [0] * 5, "left", seed=3)
+    out = assert_same_as_reference(model, input_ids.cuda(), mask.cuda(), max_new_tokens=32)
+    assert (out.augmentation_mask == 1).any()
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
     (dict(do_sample=True, temperature=0.0), "temperature must be a finite number > 0"),

@@ -288,3 +288,28 @@ def test_config_round_trip():
     config = MemGenConfig(prompt_latents_len=4, max_inference_aug_num=2, trigger_mode="head", delimiters=[".", "!"])
     again = MemGenConfig.from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict()
+
+
+def test_bare_base_computes_the_frozen_model_without_lora_layers_and_restores_them():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from memgen.adapters import BareBase, active_adapter
+
+    model = make_model("qwen2", trigger_mode="lora")
+    with torch.no_grad():  # nonzero LoRA B, so that an active adapter would change the output
+        for name, p in model.reasoner.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    ids = torch.randint(0, 50, (2, 7))
+    decoder = model.reasoner.get_decoder()
+    with torch.no_grad(), active_adapter(model.reasoner, None):
+        want = decoder(input_ids=ids).last_hidden_state
+    bare = BareBase(model.reasoner)
+    assert bare.sites
+    with torch.no_grad(), bare():
+        assert not any(isinstance(m, BaseTunerLayer) for m in model.reasoner.modules())
+        got = decoder(input_ids=ids).last_hidden_state
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError), bare():
+        raise RuntimeError("restored even so")
+    assert sum(isinstance(m, BaseTunerLayer) for m in model.reasoner.modules()) == len(bare.sites)

@@ -1,0 +1,129 @@
+"""The `memgen` command line.
+
+    memgen generate --memgen CKPT [--model PATH] --prompt TEXT [--prompt TEXT ...] [options]
+
+`generate` prints each completion with a marker where memory was woven, then one line per
+insertion: the mean norm of the woven latents against the mean norm of the reasoner's token
+embeddings (latents many times larger than any token are a known failure of trained weavers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+
+import torch
+
+MARKER = "⟦M⟧"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate with latent memory and show where it was woven",
+                       description="Generate with a MemGen checkpoint; mark insertions and report latent norms.")
+    p.add_argument("--memgen", required=True, metavar="CKPT",
+                   help="memgen checkpoint directory (memgen's format or the reference implementation's)")
+    p.add_argument("--model", metavar="PATH", help="the reasoner (Hugging Face name or directory); default: the "
+                   "name the checkpoint records")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="a prompt (repeat for a batch; '-' reads one from standard input)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
+    p.add_argument("--no-memory", action="store_true", help="decode the bare reasoner (a baseline)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeatable)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="the reasoner's weights")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
+    if any(not p for p in prompts):
+        raise SystemExit("memgen generate: --prompt must not be empty")
+    return prompts
+
+
+def _encode(tokenizer, prompts: list[str], chat: bool) -> dict[str, torch.Tensor]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise SystemExit("memgen generate: --chat needs a tokenizer with a chat template")
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    tokenizer.padding_side = "left"
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+
+
+def marked_text(tokenizer, tokens: list[int], woven_before: list[int]) -> str:
+    """The decoded tokens with MARKER spliced in before each token index in `woven_before`."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    cuts = sorted({len(tokenizer.decode(tokens[:i], skip_special_tokens=True)) for i in woven_before})
+    pieces, start = [], 0
+    for cut in cuts:
+        pieces += [text[start:cut], MARKER]
+        start = cut
+    return "".join(pieces) + text[start:]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from memgen import MemGenModel
+
+    prompts = _prompts(args)
+    reasoner, tokenizer = args.model, None
+    if args.dtype != "float32":  # load the base in that dtype; the trained tensors stay float32
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from memgen import MemGenConfig
+
+        name = args.model or MemGenConfig.from_pretrained(args.memgen).reasoner_name_or_path
+        reasoner = AutoModelForCausalLM.from_pretrained(name, dtype=_DTYPES[args.dtype])
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    model = MemGenModel.from_pretrained(args.memgen, reasoner=reasoner, tokenizer=tokenizer)
+    model = model.to(device=args.device).eval()
+    tok = model.tokenizer
+    batch = _encode(tok, prompts, args.chat)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed) if args.sample else None
+    out = model.generate(batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
+                         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, generator=generator, memory=not args.no_memory,
+                         trigger_mode=args.trigger_mode, stop_strings=args.stop, return_dict_in_generate=True)
+    embed = model.reasoner.get_input_embeddings().weight
+    token_norm = float(embed.float().norm(dim=-1).mean())
+    width = batch["input_ids"].shape[1]
+    for row, prompt in enumerate(prompts):
+        new = out.sequences[row, width:].tolist()
+        real = next((i + 1 for i, t in enumerate(new) if t == tok.eos_token_id), len(new))  # through EOS
+        decisions = out.augmentation_mask[row, :real].tolist()
+        norms = out.latent_norms[row, :real].tolist()
+        woven = [i for i, d in enumerate(decisions) if d == 1]
+        print(f"=== prompt {row + 1} ===\n{prompt}")
+        print(f"--- completion ({MARKER} marks where memory was woven) ---")
+        print(marked_text(tok, new[:real], woven))
+        points = sum(d != -100 for d in decisions)
+        print(f"--- {len(woven)} insertions at {points} decision points; mean token-embedding norm "
+              f"{token_norm:.3g} ---")
+        for i in woven:
+            kind = "prompt" if i == 0 else "inference"
+            preceding = tok.decode(new[max(0, i - 3):i], skip_special_tokens=True)
+            ratio = norms[i] / token_norm if token_norm > 0 and not math.isnan(norms[i]) else float("nan")
+            print(f"  before token {i:4d} ({kind:9s}) after {preceding!r}: latent norm {norms[i]:.3g} "
+                  f"= {ratio:.2f}x the token embeddings")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memgen", description="MemGen: generative latent memory for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    args = parser.parse_args(argv)
+    return {"generate": _generate}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""`memgen generate`: a saved reasoner and checkpoint in, marked completions and latent norms out."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from memgen import MemGenModel
+from memgen.cli import MARKER, main, marked_text
+from test_modeling import make_batch
+from test_reference_generation import chatty_model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = chatty_model("qwen2", "always")
+    model.reasoner.save_pretrained(root / "reasoner")
+    model.tokenizer.save_pretrained(root / "reasoner")
+    model.config.reasoner_name_or_path = str(root / "reasoner")
+    model.save_pretrained(root / "ckpt")
+    return root, model
+
+
+def test_generate_marks_insertions_and_reports_latent_norms(saved, capsys):
+    root, model = saved
+    assert main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b, c", "--prompt", "x y z.",
+                 "--max-new-tokens", "24"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("=== prompt") == 2 and MARKER in printed
+    reports = re.findall(r"latent norm ([0-9.e+-]+) = ([0-9.]+)x the token embeddings", printed)
+    assert reports, printed
+    assert all(float(norm) > 0 and float(ratio) > 0 for norm, ratio in reports)
+    # the same numbers as the API's: the first row's prompt insertion comes first
+    loaded = MemGenModel.from_pretrained(root / "ckpt").eval()
+    batch = loaded.tokenizer(["a b, c", "x y z."], return_tensors="pt", padding=True)
+    out = loaded.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=24,
+                          return_dict_in_generate=True)
+    first = out.latent_norms[0, 0].item()
+    assert math.isclose(float(reports[0][0]), first, rel_tol=1e-2)
+
+
+def test_latent_norms_are_set_exactly_where_memory_was_woven():
+    model = chatty_model("qwen2", "head")
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
+    out = model.generate(input_ids, mask, max_new_tokens=20, return_dict_in_generate=True)
+    woven = out.augmentation_mask == 1
+    assert woven.any()
+    assert torch.isfinite(out.latent_norms[woven]).all() and (out.latent_norms[woven] > 0).all()
+    assert torch.isnan(out.latent_norms[~woven]).all()
+
+
+def test_marked_text_splices_markers_before_tokens(saved):
+    _, model = saved
+    tok = model.tokenizer
+    ids = tok("hello, world.")["input_ids"]
+    text = marked_text(tok, ids, [0, len(ids) - 1])
+    assert text.startswith(MARKER) and text.replace(MARKER, "") == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_bad_arguments_exit_with_a_message(saved, capsys):
+    root, _ = saved
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x"])  # no --memgen
+    with pytest.raises(SystemExit, match="must not be empty"):
+        main(["generate", "--memgen", str(root / "ckpt"), "--prompt", ""])
