@@ -94,7 +94,7 @@ def test_decode(benchmark, model, impl, batch):
             times.append(time.perf_counter() - start)
 
     interleave = impl.startswith("memgen_") and impl != "memgen_memory_off"
-    benchmark.pedantic(runs[impl], setup=run_baselines if interleave else None, rounds=5, iterations=1,
+    benchmark.pedantic(runs[impl], setup=run_baselines if interleave else None, rounds=9, iterations=1,
                        warmup_rounds=0)
     median = benchmark.stats.stats.median
     benchmark.extra_info["tokens_per_s"] = batch * new_tokens / median
