@@ -150,8 +150,13 @@ class _Engine:
             self.trigger_stream[:, :width] = self.trigger_embed(prompts)
             self.history = prompt_lengths.clone()  # host: token ids in each row's trigger stream
 
-    def _to_device(self, *host: torch.Tensor) -> list[torch.Tensor]:
-        return [t.to(self.device) for t in host]
+    def to_device(self, *host: torch.Tensor) -> list[torch.Tensor]:
+        """Host tensors on the engine's device without a synchronisation: a copy from pageable memory
+        makes the host wait for the copy (and so for the stream's queued work), one from pinned memory
+        does not. On the CPU they are returned as they are."""
+        if self.device.type == "cpu":
+            return list(host)
+        return [t.pin_memory().to(self.device, non_blocking=True) for t in host]
 
     # -- the reasoner ---------------------------------------------------------------------------
 
@@ -160,7 +165,7 @@ class _Engine:
         """One reasoner call (see `_RaggedDecoder.run`); then last_hidden of the advanced rows is the hidden
         state at flat index last[a] of [G * W], and the call's items join the stream."""
         hidden = self.reasoner.run(rows, packed, advance, n_items)
-        advance_device, last_device = self._to_device(torch.arange(self.batch) if advance is None else advance, last)
+        advance_device, last_device = self.to_device(torch.arange(self.batch) if advance is None else advance, last)
         self.last_hidden[advance_device] = hidden.flatten(0, 1)[last_device]
         if self.memory:
             cache_rows = torch.arange(self.batch, device=self.device) if rows is None else rows
@@ -171,7 +176,7 @@ class _Engine:
         embeds = self.embed(prompts)
         rows = torch.arange(self.batch, device=self.device)
         zeros = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
-        lengths_device, = self._to_device(prompt_lengths)
+        lengths_device, = self.to_device(prompt_lengths)
         packed = pack_ragged(embeds, rows, zeros, lengths_device, prompts.shape[1], None, self.reasoner.capacity,
                              max(int(prompt_lengths.max()), 1))
         last = torch.arange(self.batch) * prompts.shape[1] + (prompt_lengths.long() - 1).clamp(min=0)
@@ -183,8 +188,8 @@ class _Engine:
         n_items = (1 if tokens is not None else 0) + (n_latents if n_latents is not None else 0)
         n_items = torch.as_tensor(n_items, dtype=torch.int32).expand(rows.shape[0]).contiguous()
         lengths = self.reasoner.lengths_of(rows)
-        rows_device, lengths_device = self._to_device(rows, lengths)
-        n_latents_device = self._to_device(n_latents)[0] if n_latents is not None else None
+        rows_device, lengths_device = self.to_device(rows, lengths)
+        n_latents_device = self.to_device(n_latents)[0] if n_latents is not None else None
         packed = pack_step(tokens, self.embed.weight, latents, n_latents_device, lengths_device,
                            self.reasoner.capacity, int((lengths + n_items).max()))
         width = packed[0].shape[1]
@@ -204,7 +209,7 @@ class _Engine:
         invoking_lengths = self.reasoner.lengths_of(invoking) + 1
         flat_lengths = torch.cat([lengths, (invoking_lengths[:, None] + torch.arange(k)).flatten().to(torch.int32)])
         cache_rows = torch.cat([rows, invoking.repeat_interleave(k)])
-        cache_rows_device, lengths_device = self._to_device(cache_rows, flat_lengths)
+        cache_rows_device, lengths_device = self.to_device(cache_rows, flat_lengths)
         items = torch.cat([self.embed(tokens), latents.flatten(0, 1)])[:, None]
         ones = torch.ones(a + g * k, dtype=torch.int32, device=self.device)
         packed = pack_step(None, self.embed.weight, items, ones, lengths_device, self.reasoner.capacity,
@@ -217,7 +222,7 @@ class _Engine:
     def record_tokens(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Put rows' pending tokens (host [G]; ids on the device) in the stream ahead of the reasoner's read,
         for a weave that must see them; the read writes the same items again."""
-        rows_device, slots = self._to_device(rows, self.stream_lengths[rows].long())
+        rows_device, slots = self.to_device(rows, self.stream_lengths[rows].long())
         self.stream[rows_device, slots] = self.embed(tokens).to(self.stream.dtype)
 
     # -- the weaver -----------------------------------------------------------------------------
@@ -230,7 +235,7 @@ class _Engine:
         pending = self.stream_lengths[rows] + ahead - seen
         k = self.k[kind]
         width = int(pending.max())
-        rows_device, seen_device, pending_device = self._to_device(rows, seen, pending)
+        rows_device, seen_device, pending_device = self.to_device(rows, seen, pending)
         items, positions, slots, mask = pack_ragged(self.stream, rows_device, seen_device, pending_device, width,
                                                     self.query_slots[kind], self.weaver.capacity,
                                                     int((seen + pending).max()) + k)
@@ -247,7 +252,7 @@ class _Engine:
     def record_trigger_tokens(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         if self.trigger_mode != "lora" or not self.memory:
             return
-        rows_device, slots = self._to_device(rows, self.history[rows].long())
+        rows_device, slots = self.to_device(rows, self.history[rows].long())
         self.trigger_stream[rows_device, slots] = self.trigger_embed(tokens).to(self.trigger_stream.dtype)
         self.history[rows] += 1
 
@@ -255,7 +260,7 @@ class _Engine:
         """[B, 2] float logits of the `lora` trigger for rows (host [G]), catching up on their new tokens."""
         seen = self.trigger.lengths_of(rows)
         pending = self.history[rows] - seen
-        rows_device, seen_device, pending_device = self._to_device(rows, seen, pending)
+        rows_device, seen_device, pending_device = self.to_device(rows, seen, pending)
         packed = pack_ragged(self.trigger_stream, rows_device, seen_device, pending_device, int(pending.max()), None,
                              self.trigger.capacity, int((seen + pending).max()))
         hidden = self.trigger.run(rows_device, packed, rows, pending)
@@ -294,11 +299,11 @@ class _Engine:
             if invoking.numel():
                 self.read_step(invoking, None, self.weave(invoking, kind, column), all_latents)
             return
-        active_tokens = tokens[self._to_device(active)[0]]
+        active_tokens = tokens[self.to_device(active)[0]]
         if not invoking.numel():
             self.read_step(active, active_tokens, None, None)
             return
-        invoking_tokens = tokens[self._to_device(invoking)[0]]
+        invoking_tokens = tokens[self.to_device(invoking)[0]]
         self.record_tokens(invoking, invoking_tokens)
         latents = self.weave(invoking, kind, column, ahead=1)
         if (active.numel() - invoking.numel()) * k > self.packed_padding:
@@ -306,7 +311,7 @@ class _Engine:
             return
         invokes = torch.isin(active, invoking)
         place = (torch.cumsum(invokes, 0) - 1).clamp(min=0)  # each invoking row's index in `latents`
-        place_device, invokes_device = self._to_device(place, invokes)
+        place_device, invokes_device = self.to_device(place, invokes)
         padded = latents[place_device] * invokes_device[:, None, None].to(latents.dtype)
         self.read_step(active, active_tokens, padded, invokes.to(torch.int32) * k)
 
@@ -374,11 +379,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             break
         decisions = None
         if head:  # the head reads the reasoner's hidden state of the token: read it first
-            engine.read_step(active, tokens[active.to(device)], None, None)
+            engine.read_step(active, tokens[engine.to_device(active)[0]], None, None)
         if lora:
             at_point = ~finished & model.delimiter_table[tokens] & (counts < budget)
             host = torch.stack([at_point.long(), finished.long(), tokens]).cpu()  # the step's synchronisation
-            engine.record_trigger_tokens(active, tokens[active.to(device)])
+            engine.record_trigger_tokens(active, tokens[engine.to_device(active)[0]])
             candidates = host[0].nonzero().flatten()
             host[0] = -100
             if candidates.numel():

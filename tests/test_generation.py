@@ -124,6 +124,31 @@ def test_cuda_engine_equals_the_reference_on_cuda(trigger_mode):
     assert (out.augmentation_mask == 1).any()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("trigger_mode", ["always", "head"])
+def test_cuda_engine_synchronises_once_per_step(trigger_mode):
+    """CUDA's sync debug mode flags every synchronising call: twelve more steps cost at most twelve more."""
+    import warnings
+
+    model = chatty_model("qwen2", trigger_mode).to("cuda")
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=3)
+    input_ids, mask = input_ids.cuda(), mask.cuda()
+    never = model.tokenizer.convert_tokens_to_ids("<|im_start|>")  # no row finishes early
+
+    def syncs(new_tokens: int) -> int:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model.generate(input_ids, mask, max_new_tokens=new_tokens, eos_token_id=never)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    syncs(4)  # warm-up: lazy initialisations
+    assert syncs(24) - syncs(12) <= 12
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
     (dict(do_sample=True, temperature=0.0), "temperature must be a finite number > 0"),
