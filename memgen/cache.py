@@ -70,7 +70,6 @@ class RaggedCache(Cache):
         self._call = _Call()
         all_rows = torch.arange(batch, device=device)
         super().__init__(layers=[RaggedLayer(batch, capacity + 1, self._call, all_rows) for _ in range(num_layers)])
-        self.capacity, self.device = capacity, device
         self.lengths = torch.zeros(batch, dtype=torch.int32)
 
     def prepare(self, rows: torch.Tensor | None, slots: torch.Tensor, visible: int) -> None:

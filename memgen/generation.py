@@ -58,9 +58,9 @@ class _RaggedDecoder:
     """A base model (with one adapter active, or none) reading ragged rows through its own cache."""
 
     def __init__(self, model, adapter: str | None, batch: int, capacity: int, device: torch.device) -> None:
-        self.model, self.adapter, self.batch, self.capacity = model, adapter, batch, capacity
+        self.model, self.adapter, self.capacity = model, adapter, capacity
         self.decoder = model.get_decoder()
-        self.layers = tuner_layers(model)
+        self.layers = tuner_layers(model) if adapter is not None else None
         self.bare = BareBase(model) if adapter is None else None
         self.cache = RaggedCache(model.config.num_hidden_layers, batch, capacity, device)
         self.lengths = self.cache.lengths  # host int32 [B]: items each row has read
@@ -119,6 +119,8 @@ class _Engine:
         config, device = model.config, prompts.device
         batch, width = prompts.shape
         self.model, self.device, self.batch = model, device, batch
+        self.all_rows = torch.arange(batch)  # host
+        self.all_rows_device = torch.arange(batch, device=device)
         self.trigger_mode, self.budget = trigger_mode, budget
         self.do_sample, self.temperature, self.generator = do_sample, temperature, generator
         self.k = {PROMPT: config.prompt_latents_len, INFERENCE: config.inference_latents_len}
@@ -165,21 +167,21 @@ class _Engine:
         """One reasoner call (see `_RaggedDecoder.run`); then last_hidden of the advanced rows is the hidden
         state at flat index last[a] of [G * W], and the call's items join the stream."""
         hidden = self.reasoner.run(rows, packed, advance, n_items)
-        advance_device, last_device = self.to_device(torch.arange(self.batch) if advance is None else advance, last)
+        advance = self.all_rows if advance is None else advance
+        advance_device, last_device = self.to_device(advance, last)
         self.last_hidden[advance_device] = hidden.flatten(0, 1)[last_device]
         if self.memory:
-            cache_rows = torch.arange(self.batch, device=self.device) if rows is None else rows
+            cache_rows = self.all_rows_device if rows is None else rows
             self.stream[cache_rows[:, None], packed[2]] = packed[0].to(self.stream.dtype)  # padding: scratch slot
-            self.stream_lengths[torch.arange(self.batch) if advance is None else advance] += n_items
+            self.stream_lengths[advance] += n_items
 
     def read_prompts(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor) -> None:
         embeds = self.embed(prompts)
-        rows = torch.arange(self.batch, device=self.device)
         zeros = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
         lengths_device, = self.to_device(prompt_lengths)
-        packed = pack_ragged(embeds, rows, zeros, lengths_device, prompts.shape[1], None, self.reasoner.capacity,
+        packed = pack_ragged(embeds, self.all_rows_device, zeros, lengths_device, prompts.shape[1], None, self.reasoner.capacity,
                              max(int(prompt_lengths.max()), 1))
-        last = torch.arange(self.batch) * prompts.shape[1] + (prompt_lengths.long() - 1).clamp(min=0)
+        last = self.all_rows * prompts.shape[1] + (prompt_lengths.long() - 1).clamp(min=0)
         self._read(None, packed, None, prompt_lengths, last)
 
     def read_step(self, rows: torch.Tensor, tokens: torch.Tensor | None, latents: torch.Tensor | None,
@@ -250,8 +252,7 @@ class _Engine:
     # -- the trigger ----------------------------------------------------------------------------
 
     def record_trigger_tokens(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        if self.trigger_mode != "lora" or not self.memory:
-            return
+        """Append rows' new tokens (host [G]; ids on the device) to the `lora` trigger's stream."""
         rows_device, slots = self.to_device(rows, self.history[rows].long())
         self.trigger_stream[rows_device, slots] = self.trigger_embed(tokens).to(self.trigger_stream.dtype)
         self.history[rows] += 1
@@ -294,10 +295,10 @@ class _Engine:
         when the reasoner already read them; column: the new token the latents precede (for latent_norms).
         """
         k = self.k[kind]
-        all_latents = torch.full((invoking.numel(),), k, dtype=torch.int32)
         if tokens is None:
             if invoking.numel():
-                self.read_step(invoking, None, self.weave(invoking, kind, column), all_latents)
+                self.read_step(invoking, None, self.weave(invoking, kind, column),
+                               torch.full((invoking.numel(),), k, dtype=torch.int32))
             return
         active_tokens = tokens[self.to_device(active)[0]]
         if not invoking.numel():
@@ -351,7 +352,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         streamer.put(input_ids.cpu())
 
     engine.read_prompts(prompts, prompt_lengths)
-    all_rows = torch.arange(batch)
+    all_rows = engine.all_rows
     if prompt_budget > 0:
         decisions = engine.decide(prompts[:, 0], finished, counts, True, all_rows if lora else None)
         aug_mask[:, 0] = decisions

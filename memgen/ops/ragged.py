@@ -24,15 +24,7 @@ from __future__ import annotations
 import torch
 
 from memgen.ops import _native, selection
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _describe(t) -> str:
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}"
-
+from memgen.ops._checks import FLOAT_DTYPES, describe
 
 def _expect(cond: bool, op: str, message: str) -> None:
     if not cond:
@@ -41,7 +33,7 @@ def _expect(cond: bool, op: str, message: str) -> None:
 
 def _int_vector(t, name: str, dtype: torch.dtype, groups: int, device: torch.device, op: str) -> None:
     _expect(isinstance(t, torch.Tensor) and t.dtype == dtype and tuple(t.shape) == (groups,) and t.device == device,
-            op, f"argument '{name}' must be {str(dtype).removeprefix('torch.')}[{groups}] on {device}, got {_describe(t)}")
+            op, f"argument '{name}' must be {str(dtype).removeprefix('torch.')}[{groups}] on {device}, got {describe(t)}")
 
 
 def _check_sizes(capacity: int, visible: int, op: str) -> None:
@@ -132,13 +124,13 @@ def write_kv_reference(keys: torch.Tensor, values: torch.Tensor, rows: torch.Ten
 def _check_pack_step(tokens, embed_weight, latents, n_latents, lengths, capacity, visible) -> None:
     op = "pack_step"
     _expect(isinstance(lengths, torch.Tensor) and lengths.dim() == 1, op,
-            f"argument 'lengths' must be int32[G], got {_describe(lengths)}")
+            f"argument 'lengths' must be int32[G], got {describe(lengths)}")
     groups, device = lengths.shape[0], lengths.device
     _int_vector(lengths, "lengths", torch.int32, groups, device, op)
     _expect(isinstance(embed_weight, torch.Tensor) and embed_weight.dim() == 2 and embed_weight.device == device, op,
-            f"argument 'embed_weight' must be a float tensor [V, d] on {device}, got {_describe(embed_weight)}")
-    _expect(embed_weight.dtype in _FLOAT_DTYPES, op,
-            f"argument 'embed_weight' must be float32, bfloat16 or float16, got {_describe(embed_weight)}")
+            f"argument 'embed_weight' must be a float tensor [V, d] on {device}, got {describe(embed_weight)}")
+    _expect(embed_weight.dtype in FLOAT_DTYPES, op,
+            f"argument 'embed_weight' must be float32, bfloat16 or float16, got {describe(embed_weight)}")
     _expect(tokens is not None or latents is not None, op, "nothing to pack: pass 'tokens', 'latents' or both")
     _check_sizes(capacity, visible, op)
     if tokens is not None:
@@ -151,7 +143,7 @@ def _check_pack_step(tokens, embed_weight, latents, n_latents, lengths, capacity
         _expect(isinstance(latents, torch.Tensor) and latents.dim() == 3 and latents.shape[0] == groups
                 and latents.shape[2] == d and latents.dtype == embed_weight.dtype and latents.device == device, op,
                 f"argument 'latents' must be {str(embed_weight.dtype).removeprefix('torch.')}[{groups}, K, {d}] "
-                f"on {device}, got {_describe(latents)}")
+                f"on {device}, got {describe(latents)}")
         _expect(n_latents is not None, op, "argument 'n_latents' (int32[G], latents per row) is required with 'latents'")
         _int_vector(n_latents, "n_latents", torch.int32, groups, device, op)
     else:
@@ -165,14 +157,14 @@ def _check_pack_step(tokens, embed_weight, latents, n_latents, lengths, capacity
 
 def _check_pack_ragged(stream, rows, lengths, pending, width, queries, capacity, visible) -> None:
     op = "pack_ragged"
-    _expect(isinstance(rows, torch.Tensor) and rows.dim() == 1, op, f"argument 'rows' must be int64[G], got {_describe(rows)}")
+    _expect(isinstance(rows, torch.Tensor) and rows.dim() == 1, op, f"argument 'rows' must be int64[G], got {describe(rows)}")
     groups, device = rows.shape[0], rows.device
     _int_vector(rows, "rows", torch.int64, groups, device, op)
     _int_vector(lengths, "lengths", torch.int32, groups, device, op)
     _int_vector(pending, "pending", torch.int32, groups, device, op)
     _expect(isinstance(stream, torch.Tensor) and stream.dim() == 3 and stream.device == device, op,
-            f"argument 'stream' must be a float tensor [B, S, d] on {device}, got {_describe(stream)}")
-    _expect(stream.dtype in _FLOAT_DTYPES, op, f"argument 'stream' must be float32, bfloat16 or float16, got {_describe(stream)}")
+            f"argument 'stream' must be a float tensor [B, S, d] on {device}, got {describe(stream)}")
+    _expect(stream.dtype in FLOAT_DTYPES, op, f"argument 'stream' must be float32, bfloat16 or float16, got {describe(stream)}")
     _expect(width >= 0, op, f"argument 'width' must be >= 0, got {width}")
     _check_sizes(capacity, visible, op)
     if queries is not None:
@@ -180,7 +172,7 @@ def _check_pack_ragged(stream, rows, lengths, pending, width, queries, capacity,
         _expect(isinstance(queries, torch.Tensor) and queries.dim() == 2 and queries.shape[1] == d
                 and queries.dtype == stream.dtype and queries.device == device, op,
                 f"argument 'queries' must be {str(stream.dtype).removeprefix('torch.')}[K, {d}] on {device}, "
-                f"got {_describe(queries)}")
+                f"got {describe(queries)}")
     b_width = queries.shape[0] if queries is not None else 0
     _check_layout(lengths, pending, width, torch.full((groups,), b_width), b_width, capacity, visible, op,
                   "pending", "query")
@@ -192,24 +184,24 @@ def _check_pack_ragged(stream, rows, lengths, pending, width, queries, capacity,
 def _check_write_kv(keys, values, rows, slots, new_keys, new_values) -> None:
     op = "write_kv"
     _expect(isinstance(rows, torch.Tensor) and rows.dim() == 1 and rows.dtype == torch.int64, op,
-            f"argument 'rows' must be int64[G], got {_describe(rows)}")
+            f"argument 'rows' must be int64[G], got {describe(rows)}")
     groups, device = rows.shape[0], rows.device
     _expect(isinstance(slots, torch.Tensor) and slots.dim() == 2 and slots.shape[0] == groups
             and slots.dtype == torch.int64 and slots.device == device, op,
-            f"argument 'slots' must be int64[{groups}, T] on {device}, got {_describe(slots)}")
+            f"argument 'slots' must be int64[{groups}, T] on {device}, got {describe(slots)}")
     for cache, update, cache_name, update_name in ((keys, new_keys, "keys", "new_keys"),
                                                    (values, new_values, "values", "new_values")):
         _expect(isinstance(cache, torch.Tensor) and cache.dim() == 4 and cache.is_contiguous() and cache.device == device,
-                op, f"argument '{cache_name}' must be a contiguous [B, H, S, D] tensor on {device}, got {_describe(cache)}")
-        _expect(cache.dtype in _FLOAT_DTYPES, op,
-                f"argument '{cache_name}' must be float32, bfloat16 or float16, got {_describe(cache)}")
+                op, f"argument '{cache_name}' must be a contiguous [B, H, S, D] tensor on {device}, got {describe(cache)}")
+        _expect(cache.dtype in FLOAT_DTYPES, op,
+                f"argument '{cache_name}' must be float32, bfloat16 or float16, got {describe(cache)}")
         shape = (groups, cache.shape[1], slots.shape[1], cache.shape[3])
         _expect(isinstance(update, torch.Tensor) and tuple(update.shape) == shape and update.dtype == cache.dtype
                 and update.device == device, op,
                 f"argument '{update_name}' must be {str(cache.dtype).removeprefix('torch.')}{list(shape)} on {device}, "
-                f"got {_describe(update)}")
+                f"got {describe(update)}")
     _expect(keys.shape[0] == values.shape[0] and keys.shape[2] == values.shape[2], op,
-            f"arguments 'keys' and 'values' must share B and S, got {_describe(keys)} and {_describe(values)}")
+            f"arguments 'keys' and 'values' must share B and S, got {describe(keys)} and {describe(values)}")
     rows_h, slots_h = rows.cpu(), slots.cpu()
     bad = ((rows_h < 0) | (rows_h >= keys.shape[0])).nonzero()
     _expect(bad.numel() == 0, op, f"rows[{bad[0, 0].item() if bad.numel() else 0}] is outside the cache's "

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from memgen.ops import _native, selection
+from memgen.ops._checks import FLOAT_DTYPES, describe
 
 MODES = ("always", "lora", "head")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OP = "memgen.ops.trigger_scoring"
 
 
@@ -64,10 +64,6 @@ def trigger_scoring_reference(
     return decisions
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}"
-
-
 def _expect(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(f"{_OP}: {message}")
@@ -79,20 +75,20 @@ def _check_inputs(
 ) -> None:
     """Shape, dtype and device checks of the Python implementations (csrc/bindings.cpp mirrors them), before any work."""
     _expect(isinstance(last_tokens, torch.Tensor) and last_tokens.dim() == 1 and last_tokens.dtype == torch.int64,
-            f"argument 'last_tokens' must be int64[B], got {_describe(last_tokens) if isinstance(last_tokens, torch.Tensor) else type(last_tokens).__name__}")
+            f"argument 'last_tokens' must be int64[B], got {describe(last_tokens)}")
     batch, device = last_tokens.shape[0], last_tokens.device
 
     def same(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...], form: str) -> None:
         _expect(isinstance(t, torch.Tensor), f"argument '{name}' must be a tensor {form}, got {type(t).__name__}")
         _expect(t.dtype == dtype and tuple(t.shape) == shape and t.device == device,
-                f"argument '{name}' must be {form} on {device}, got {_describe(t)}")
+                f"argument '{name}' must be {form} on {device}, got {describe(t)}")
 
     def floating(t: torch.Tensor | None, name: str, shape: tuple[int | None, ...], form: str) -> None:
         _expect(t is not None, f"argument '{name}' is required in trigger_mode {trigger_mode!r}")
-        _expect(isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES and t.device == device
+        _expect(isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES and t.device == device
                 and t.dim() == len(shape) and all(s is None or s == n for s, n in zip(shape, t.shape)),
                 f"argument '{name}' must be a float32/bfloat16/float16 tensor {form} on {device}, got "
-                f"{_describe(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
+                f"{describe(t)}")
 
     def absent(t: torch.Tensor | None, name: str) -> None:
         _expect(t is None, f"argument '{name}' must be None in trigger_mode {trigger_mode!r}")
@@ -100,7 +96,7 @@ def _check_inputs(
     _expect(isinstance(delimiter_table, torch.Tensor) and delimiter_table.dim() == 1
             and delimiter_table.dtype == torch.bool and delimiter_table.device == device,
             f"argument 'delimiter_table' must be bool[V] on {device}, got "
-            f"{_describe(delimiter_table) if isinstance(delimiter_table, torch.Tensor) else type(delimiter_table).__name__}")
+            f"{describe(delimiter_table)}")
     same(counts, "counts", torch.int32, (batch,), f"int32[{batch}]")
     _expect(counts.is_contiguous(), "argument 'counts' is updated in place and must be contiguous")
     _expect(isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0,
@@ -136,7 +132,7 @@ def _check_same_device(last_tokens: torch.Tensor, **tensors: torch.Tensor | None
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.device != last_tokens.device:
             raise ValueError(f"{_OP}: argument '{name}' must be on {last_tokens.device} like 'last_tokens', "
-                             f"got {_describe(t)}")
+                             f"got {describe(t)}")
 
 
 def _check_token_range(last_tokens: torch.Tensor, vocab_size: int) -> None:
