@@ -1,16 +1,20 @@
 """The `memgen` command line.
 
     memgen generate --memgen CKPT [--model PATH] --prompt TEXT [--prompt TEXT ...] [options]
+    memgen bench [--suite ops|decode|train|all] [--preset NAME | --model PATH] [--device cpu|cuda] [--out DIR]
 
 `generate` prints each completion with a marker where memory was woven, then one line per
 insertion: the mean norm of the woven latents against the mean norm of the reasoner's token
 embeddings (latents many times larger than any token are a known failure of trained weavers).
+`bench` runs the benchmark suites (`memgen.bench`), prints their tables and writes results.json,
+results.md and results.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -117,12 +121,56 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    from memgen.bench import SUITES
+    from memgen.presets import PRESETS
+
+    p = sub.add_parser("bench", help="run the benchmark suites and write results.json, results.md, results.png",
+                       description="Measure memgen against vanilla decoding, Hugging Face generate and the "
+                                   "reference algorithm, side by side, on a preset (built offline) or your model.")
+    p.add_argument("--suite", choices=(*SUITES, "all"), default="all")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=PRESETS,
+                        help="a model built offline: 'tiny' is trained in seconds to write punctuated text; the "
+                             "others have real architecture shapes and random weights (default: tiny)")
+    source.add_argument("--model", metavar="PATH", help="a Hugging Face causal LM (directory or name) instead")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--out", default="memgen-bench", metavar="DIR", help="where the three files go (default: %(default)s)")
+    p.add_argument("--rounds", type=int, help="timed rounds per case (default: ops 30, decode 5, train 5)")
+    p.add_argument("--batch", type=int, nargs="+", metavar="B",
+                   help="batch sizes (default: ops 1 64, decode 1 16, train 1 8)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens per row in the decode suite")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from memgen import bench
+    from memgen.bench.report import markdown, write
+
+    suites = bench.SUITES if args.suite == "all" else (args.suite,)
+    try:
+        results = bench.run(suites, preset=None if args.model else args.preset or "tiny", model_path=args.model,
+                            device=args.device, dtype=_DTYPES[args.dtype] if args.dtype else None,
+                            rounds=args.rounds, batches=args.batch, new_tokens=args.new_tokens,
+                            progress=not args.no_progress, command="memgen " + shlex.join(args.argv))
+    except ValueError as error:
+        raise SystemExit(f"memgen bench: {error}") from error
+    paths = write(results, args.out)
+    print(markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memgen", description="MemGen: generative latent memory for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _bench_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    return {"generate": _generate}[args.command](args)
+    args.argv = argv
+    return {"generate": _generate, "bench": _bench}[args.command](args)
 
 
 if __name__ == "__main__":

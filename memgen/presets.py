@@ -122,26 +122,40 @@ def build_tiny(path: Path | None = None) -> Path:
     return path
 
 
+def _tiny_files() -> Path:
+    """The cached tiny preset's directory, trained first if this machine has not built it yet."""
+    path = tiny_path()
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny(path)
+    return path
+
+
+def preset_tokenizer() -> PreTrainedTokenizerFast:
+    """The presets' tokenizer (the tiny preset's byte-level BPE), also used with the shape-only presets."""
+    return PreTrainedTokenizerFast.from_pretrained(_tiny_files())
+
+
+def preset_config(name: str) -> Qwen2Config:
+    """The preset's model config (shapes), without building its weights."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+    if name == "tiny":
+        return Qwen2Config.from_pretrained(_tiny_files())
+    if name == "small":
+        return _tiny_config(len(preset_tokenizer()), hidden_size=512, intermediate_size=1024, num_hidden_layers=16,
+                            num_attention_heads=8)
+    return Qwen2Config(vocab_size=151_936, max_position_embeddings=32_768, **_QWEN25[name])
+
+
 def load_preset(name: str, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast | None]:
     """The preset's reasoner (eval mode, on `device` in `dtype`) and tokenizer (None for shape-only presets)."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
-    if name in ("tiny", "small"):
-        path = tiny_path()
-        if not (path / "config.json").is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            build_tiny(path)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        if name == "tiny":
-            model = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype)
-        else:
-            torch.manual_seed(0)
-            model = Qwen2ForCausalLM(_tiny_config(len(tokenizer), hidden_size=512, intermediate_size=1024,
-                                                  num_hidden_layers=16, num_attention_heads=8)).to(dtype)
-        return model.to(device).eval(), tokenizer
-    config = Qwen2Config(vocab_size=151_936, max_position_embeddings=32_768, **_QWEN25[name])
+    config = preset_config(name)
+    if name == "tiny":
+        model = Qwen2ForCausalLM.from_pretrained(_tiny_files(), dtype=dtype)
+        return model.to(device).eval(), preset_tokenizer()
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype)
-    return model.eval(), None
+    return model.eval(), (preset_tokenizer() if name == "small" else None)

@@ -1,0 +1,87 @@
+"""The decode suite: end-to-end generation, memgen against vanilla decoding and the reference.
+
+Per batch size, one case whose implementations run side by side, sampling (temperature 1, a
+seeded generator) `new_tokens` tokens per row from ragged, left-padded prompts:
+- `hf_generate`: Hugging Face `generate` on the bare reasoner (memgen's LoRA layers swapped out),
+  as users decode today;
+- `memory_off`: memgen's engine with memory off (the same engine, no weaving);
+- `always`: memory on with the `always` trigger and the default 1 + 5 budget;
+- `prompt_only`: one prompt weave and no inference weaves (how QA tasks use MemGen);
+- `head`, `lora`: the two learned triggers, invoking with probability 0.1 per decision point;
+- `reference`: `memgen.reference.reference_generate` with the `always` trigger, the reference
+  algorithm (recomputes every prefix); slow, so at most `REFERENCE_ROUNDS` of its rounds are timed.
+Ratios over `memory_off`, `hf_generate` and `reference` come from these medians.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memgen.adapters import BareBase
+from memgen.bench.harness import Case
+from memgen.bench.workload import Workload, prompt_batch
+from memgen.reference import reference_generate
+
+BATCHES = (1, 16)
+NEW_TOKENS = 256
+REFERENCE_ROUNDS = 3
+IMPLS = ("hf_generate", "memory_off", "always", "prompt_only", "head", "lora", "reference")
+
+
+def _facts(impl: str, result: Any) -> dict[str, float]:
+    """Insertions and decision points per row, from the run's augmentation mask (none for HF)."""
+    mask = result[1] if isinstance(result, tuple) else getattr(result, "augmentation_mask", None)
+    if mask is None:
+        return {"insertions_per_row": 0.0, "decision_points_per_row": 0.0}
+    return {"insertions_per_row": float((mask == 1).sum(1).float().mean()),
+            "decision_points_per_row": float((mask >= 0).sum(1).float().mean())}
+
+
+def cases(workload: Workload, batches: tuple[int, ...] = BATCHES, new_tokens: int = NEW_TOKENS,
+          impls: tuple[str, ...] = IMPLS) -> list[Case]:
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        raise ValueError(f"decode impls must be among {IMPLS}, got {sorted(unknown)}")
+    lora = workload.memgen_model("lora")
+    head = workload.memgen_model("head") if "head" in impls else None
+    eos = workload.tokenizer.eos_token_id
+    bare = BareBase(lora.reasoner)
+    device = workload.device
+    out = []
+    for batch in batches:
+        input_ids, mask = prompt_batch(workload, batch)
+
+        def memgen(model, input_ids=input_ids, mask=mask, **kwargs):
+            generator = torch.Generator(device=device).manual_seed(0)
+            return model.generate(input_ids, mask, max_new_tokens=new_tokens, do_sample=True, generator=generator,
+                                  eos_token_id=eos, return_dict_in_generate=True, **kwargs)
+
+        def hf_generate(input_ids=input_ids, mask=mask):
+            torch.manual_seed(0)
+            with bare():
+                return lora.reasoner.generate(input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                              do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                              eos_token_id=eos, pad_token_id=workload.tokenizer.pad_token_id)
+
+        def reference(input_ids=input_ids, mask=mask):
+            generator = torch.Generator(device=device).manual_seed(0)
+            return reference_generate(lora, input_ids, mask, max_new_tokens=new_tokens, do_sample=True,
+                                      generator=generator, eos_token_id=eos, trigger_mode="always")
+
+        every = {
+            "hf_generate": hf_generate,
+            "memory_off": lambda m=memgen: m(lora, memory=False),
+            "always": lambda m=memgen: m(lora, trigger_mode="always"),
+            "prompt_only": lambda m=memgen: m(lora, trigger_mode="always", max_inference_aug_num=0),
+            "head": lambda m=memgen: m(head, trigger_mode="head"),
+            "lora": lambda m=memgen: m(lora, trigger_mode="lora"),
+            "reference": reference,
+        }
+        chosen = {name: every[name] for name in impls}
+        baselines = tuple(b for b in ("memory_off", "hf_generate", "reference") if b in chosen)
+        out.append(Case("decode", f"decode-B{batch}", dict(batch=batch, new_tokens=new_tokens), chosen,
+                        baselines=baselines, work=batch * new_tokens, unit="tokens", describe=_facts,
+                        max_rounds={"reference": REFERENCE_ROUNDS}))
+    return out

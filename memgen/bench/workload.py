@@ -1,0 +1,151 @@
+"""What `memgen bench` measures on: a reasoner (a preset or a Hugging Face model), memgen models
+around it, and the prompts and training rows of the suites.
+
+Two adjustments make every configuration do comparable, real work:
+- the reasoner's EOS logit is pushed to -1e9 (a forward hook on its output embeddings, seen by the
+  engine, the reference and Hugging Face `generate` alike), so every row decodes exactly the
+  requested number of tokens;
+- a random-weight preset (`small`, the Qwen2.5 shapes) would almost never emit a delimiter, so the
+  same hook adds a bias that gives delimiter tokens about 1/8 of the probability mass when sampling
+  from its near-uniform logits, and memory really is woven. The trained `tiny` preset and real
+  models are left as they are.
+Triggers (`lora`, `head`) get an output layer that invokes with probability 0.1 at each decision
+point (decisions are sampled, like the tokens), the rate the engine issue's speed target names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from memgen import presets
+from memgen.config import MemGenConfig
+from memgen.delimiters import build_delimiter_table
+from memgen.modeling import MemGenModel
+
+INVOKE_PROBABILITY = 0.1
+DELIMITER_SHARE = 1 / 8
+_NEVER = -1e9
+
+
+@dataclass
+class Workload:
+    """A reasoner source and where to run it. Weights load only when a suite builds a model.
+
+    name: the preset's name or the model path. synthetic: random weights (delimiters need a bias).
+    """
+
+    name: str
+    config: PretrainedConfig
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    synthetic: bool
+    _models: dict[str, MemGenModel] = field(default_factory=dict, repr=False)
+
+    def load_reasoner(self) -> torch.nn.Module:
+        """A freshly loaded reasoner in eval mode on the workload's device and dtype, with the logit hook."""
+        if self.name in presets.PRESETS:
+            model, _ = presets.load_preset(self.name, self.device, self.dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.name, dtype=self.dtype).to(self.device).eval()
+        _install_logit_bias(model, self._logit_bias(model))
+        return model
+
+    def _logit_bias(self, model: torch.nn.Module) -> torch.Tensor:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        bias = torch.zeros(vocab, device=self.device)
+        bias[self.tokenizer.eos_token_id] = _NEVER
+        if self.synthetic:
+            table = build_delimiter_table(self.tokenizer, vocab_size=vocab).to(self.device)
+            table[self.tokenizer.eos_token_id] = False
+            n, others = int(table.sum()), int(((bias == 0) & ~table).sum())
+            # near-uniform logits: a bias b on n tokens gives them n e^b / (n e^b + others) of the mass
+            bias[table] = math.log(DELIMITER_SHARE / (1 - DELIMITER_SHARE) * others / n)
+        return bias
+
+    def memgen_model(self, trigger_mode: str) -> MemGenModel:
+        """The workload's MemGen model with this trigger (built once, on its own reasoner: a base takes
+        one set of adapters). LoRA dropout is 0; the trigger invokes with probability 0.1."""
+        if trigger_mode not in self._models:
+            config = MemGenConfig(trigger_mode=trigger_mode, weaver_lora={"lora_dropout": 0.0},
+                                  trigger_lora={"lora_dropout": 0.0})
+            model = MemGenModel.from_reasoner(self.load_reasoner(), self.tokenizer, config).to(self.device).eval()
+            if model.trigger is not None:
+                with torch.no_grad():
+                    model.trigger.output_layer.weight.zero_()
+                    logit = math.log(INVOKE_PROBABILITY / (1 - INVOKE_PROBABILITY))
+                    model.trigger.output_layer.bias.copy_(torch.tensor([0.0, logit]))
+            self._models[trigger_mode] = model
+        return self._models[trigger_mode]
+
+
+def _install_logit_bias(model: torch.nn.Module, bias: torch.Tensor) -> None:
+    head = model.get_output_embeddings()
+
+    def add_bias(module, args, output):
+        return output + bias.to(output.dtype)
+
+    head.register_forward_hook(add_bias)
+
+
+def load_workload(preset: str | None = "tiny", model_path: str | None = None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Workload:
+    """A preset (random weights unless `tiny`, built offline) or a Hugging Face model directory or name."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but this torch sees no CUDA device")
+    if model_path is not None:
+        config = AutoConfig.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"model_path {model_path!r}: its tokenizer has no EOS token")
+        return Workload(str(model_path), config, tokenizer, device, dtype, synthetic=False)
+    if preset not in presets.PRESETS:
+        raise ValueError(f"preset must be one of {presets.PRESETS}, got {preset!r}")
+    return Workload(preset, presets.preset_config(preset), presets.preset_tokenizer(), device, dtype,
+                    synthetic=preset != "tiny")
+
+
+def prompt_batch(workload: Workload, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` left-padded prompts of synthetic prose with different lengths (8 to 39 tokens)."""
+    text_ids = workload.tokenizer(presets.synthetic_text(40, seed=batch))["input_ids"]
+    rows = [text_ids[7 * b % 50:][: 8 + (13 * b) % 32] for b in range(batch)]
+    return _pad_left(rows, workload.tokenizer.pad_token_id, workload.device)
+
+
+def training_batch(workload: Workload, batch: int, points: int) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask, labels) of `batch` prompt/answer rows, each answer with at least
+    `points - 1` delimiters (the prompt point plus that many inference points)."""
+    tok = workload.tokenizer
+    table = build_delimiter_table(tok, vocab_size=workload.config.vocab_size)
+    rows, labels = [], []
+    for b in range(batch):
+        ids = tok(presets.synthetic_text(12, seed=100 + b))["input_ids"]
+        prompt_len = 10 + 3 * b % 7
+        answer = ids[prompt_len:]
+        delimiters = table[torch.tensor(answer[:-1])].nonzero().flatten()
+        if len(delimiters) < points - 1:
+            raise ValueError(f"the training text has {len(delimiters)} delimiters, fewer than {points - 1}")
+        answer = answer[: int(delimiters[points - 2]) + 1 + 8]  # 8 tokens past the last inference point
+        rows.append(ids[:prompt_len] + answer)
+        labels.append([-100] * prompt_len + answer)
+    input_ids, mask = _pad_left(rows, tok.pad_token_id, workload.device)
+    label_ids, _ = _pad_left(labels, -100, workload.device)
+    return input_ids, mask, label_ids
+
+
+def _pad_left(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+        mask[b, width - len(row):] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,174 @@
+"""`memgen bench`: the timing harness, ratios, reports, workloads, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from memgen import bench, build_delimiter_table
+from memgen.bench.harness import Case, measure
+from memgen.bench.report import add_ratios, markdown, suite_table, write
+from memgen.bench.workload import DELIMITER_SHARE, Workload, load_workload, prompt_batch, training_batch
+from memgen.cli import main
+from offline import chat_tokenizer, tiny_causal_lm
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fresh preset cache for this module: the tiny preset is trained once, here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEMGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+def _case(log: list[str], **kwargs) -> Case:
+    def impl(name):
+        def run():
+            log.append(name)
+            return len(log)
+        return run
+
+    return Case("decode", "c", {"batch": 2}, {n: impl(n) for n in "abc"}, baselines=("a",), work=10, unit="tokens",
+                **kwargs)
+
+
+def test_measure_interleaves_rotating_rounds_and_caps_slow_implementations():
+    log: list[str] = []
+    seen = {}
+    case = _case(log, max_rounds={"b": 2}, describe=lambda name, result: seen.setdefault(name, result) and {"n": 1})
+    records = measure(case, rounds=4, device="cpu")
+    assert log[:3] == ["a", "b", "c"]  # one warm-up call each, whose results reach `describe`
+    assert seen == {"a": 1, "b": 2, "c": 3}
+    assert log[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "a", "c"]  # rotated order; b stops after 2 rounds
+    assert [len(r["times_s"]) for r in records] == [r["rounds"] for r in records] == [4, 2, 4]
+    r = records[0]
+    assert r["impl"] == "a" and r["params"] == {"batch": 2} and r["facts"] == {"n": 1} and r["baselines"] == ["a"]
+    assert r["median_s"] > 0 and r["rate_per_s"] == pytest.approx(10 / r["median_s"])
+    assert r["peak_memory_mib"] is None or r["peak_memory_mib"] > 0
+    json.dumps(records)  # plain data
+
+
+def test_measure_times_iterations_per_call():
+    calls = []
+    case = Case("ops", "o", {}, {"x": lambda: calls.append(1)}, iterations=7, warmup=3)
+    measure(case, rounds=2, device="cpu")
+    assert len(calls) == 3 + 2 * 7
+
+
+def test_measure_rejects_zero_rounds():
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        measure(_case([]), rounds=0, device="cpu")
+
+
+def _record(case, impl, median, baselines=("ref",), suite="train"):
+    return dict(suite=suite, case=case, params={"batch": 1}, impl=impl, rounds=1, times_s=[median], median_s=median,
+                iqr_s=0.0, iterations=1, work=1, unit="steps", rate_per_s=1 / median, peak_memory_mib=100.0,
+                facts={}, baselines=list(baselines))
+
+
+def test_ratios_are_medians_over_each_baseline_in_the_same_case():
+    records = [_record("x", "fast", 1.0), _record("x", "ref", 4.0), _record("y", "fast", 3.0), _record("y", "ref", 3.0)]
+    add_ratios(records)
+    assert records[0]["ratios"] == {"ref": 0.25}
+    assert records[1]["ratios"] == {}  # not compared with itself
+    assert records[2]["ratios"] == {"ref": 1.0}
+    table = suite_table(records)
+    assert "| batch | implementation | median ± IQR | steps/s | peak MiB | / ref |" in table
+    assert "| 1 | fast | 1.00 s ± 0.0 µs | 1 | 100 | 0.25 |" in table
+
+
+def test_write_makes_json_markdown_and_png(tmp_path):
+    records = [_record("x", "fast", 0.002), _record("x", "ref", 0.004)]
+    add_ratios(records)
+    meta = dict(workload="tiny", device="cpu", dtype="float32", date="2026-01-01 00:00 UTC", command="memgen bench",
+                machine=dict(cpu="Test CPU", cores=2, torch="2", transformers="5", memgen="0"))
+    paths = write({"meta": meta, "records": records}, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["records"][0]["ratios"] == {"ref": 0.5}
+    text = paths["markdown"].read_text()
+    assert "Test CPU, 2 threads" in text and "## Training step" in text and "`memgen bench`" in text
+    assert text == markdown({"meta": meta, "records": records})
+    assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_synthetic_workloads_bias_delimiters_to_their_share_and_never_emit_eos():
+    tok = chat_tokenizer()
+    model = tiny_causal_lm("qwen2", len(tok) + 37)  # a vocabulary larger than the tokenizer's, like Qwen's
+    workload = Workload("random", model.config, tok, torch.device("cpu"), torch.float32, synthetic=True)
+    bias = workload._logit_bias(model)
+    probs = torch.softmax(bias, 0)  # what near-uniform logits become
+    table = build_delimiter_table(tok, vocab_size=bias.numel())
+    assert probs[table].sum().item() == pytest.approx(DELIMITER_SHARE, rel=1e-4)
+    assert probs[tok.eos_token_id].item() == 0.0
+    real = Workload("real", model.config, tok, torch.device("cpu"), torch.float32, synthetic=False)._logit_bias(model)
+    assert (real[torch.arange(real.numel()) != tok.eos_token_id] == 0).all()
+
+
+def test_prompts_are_ragged_and_training_rows_carry_the_points(cache):
+    workload = load_workload("tiny")
+    ids, mask = prompt_batch(workload, 5)
+    lengths = mask.sum(1)
+    assert len(set(lengths.tolist())) > 1 and (mask[:, -1] == 1).all()  # left-padded, different lengths
+    model = workload.memgen_model("lora")
+    input_ids, mask, labels = training_batch(workload, 3, points=6)
+    points = model(input_ids, mask, labels).augmentation_points
+    assert ((points != 0).sum(1) == 6).all()
+    assert workload.memgen_model("lora") is model  # built once per trigger mode
+    assert workload.memgen_model("head").reasoner is not model.reasoner  # its own base: one set of adapters each
+
+
+def test_bench_command_writes_three_files_and_every_memory_configuration_weaves(cache, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--rounds", "1", "--batch", "1", "3", "--new-tokens", "48", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for title in ("## Compiled ops", "## Decoding", "## Training step"):
+        assert title in printed
+    assert all((out / name).is_file() for name in ("results.json", "results.md", "results.png"))
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["command"] == f"memgen bench --rounds 1 --batch 1 3 --new-tokens 48 --out {out} --no-progress"
+    decode = {(r["params"]["batch"], r["impl"]): r for r in results["records"] if r["suite"] == "decode"}
+    assert sorted({impl for _, impl in decode}) == sorted(bench.decode_suite.IMPLS)
+    for batch in (1, 3):
+        for impl in ("always", "prompt_only", "reference"):
+            assert decode[batch, impl]["facts"]["insertions_per_row"] >= 1
+        assert decode[batch, "always"]["facts"]["insertions_per_row"] > 1  # inference weaves too
+        assert decode[batch, "prompt_only"]["facts"]["insertions_per_row"] == 1
+        for impl in ("head", "lora"):
+            assert decode[batch, impl]["facts"]["decision_points_per_row"] > 1
+        assert decode[batch, "always"]["ratios"].keys() == {"memory_off", "hf_generate", "reference"}
+    train = [r for r in results["records"] if r["suite"] == "train"]
+    assert {r["params"]["points_per_row"] for r in train} == {6}
+    ops = {r["params"]["op"] for r in results["records"] if r["suite"] == "ops"}
+    assert ops == {"trigger_scoring", "pack_step", "pack_ragged", "write_kv"}
+
+
+def test_bench_runs_on_a_model_directory(tmp_path):
+    tok = chat_tokenizer()
+    tiny_causal_lm("qwen2", len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    results = bench.run(("decode",), preset=None, model_path=str(tmp_path / "m"), rounds=1, batches=(2,),
+                        new_tokens=6, progress=False)
+    records = {r["impl"]: r for r in results["records"]}
+    assert results["meta"]["workload"] == str(tmp_path / "m")
+    assert records["always"]["facts"]["insertions_per_row"] >= 1  # the prompt weave at least
+    assert records["memory_off"]["facts"]["insertions_per_row"] == 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(suites=("nope",)), "suite must be one of"),
+    (dict(rounds=0), "rounds must be an int >= 1"),
+    (dict(batches=(0,)), "batches must be ints >= 1"),
+    (dict(new_tokens=0), "new_tokens must be an int >= 1"),
+    (dict(preset="huge"), "preset must be one of"),
+])
+def test_bad_arguments_raise_before_any_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bench.run(progress=False, **kwargs)
+
+
+def test_bench_command_rejects_a_preset_and_a_model_together(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "tiny", "--model", "x"])
+    assert "not allowed with argument" in capsys.readouterr().err
