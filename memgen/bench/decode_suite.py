@@ -39,13 +39,8 @@ def _facts(impl: str, result: Any) -> dict[str, float]:
             "decision_points_per_row": float((mask >= 0).sum(1).float().mean())}
 
 
-def cases(workload: Workload, batches: tuple[int, ...] = BATCHES, new_tokens: int = NEW_TOKENS,
-          impls: tuple[str, ...] = IMPLS) -> list[Case]:
-    unknown = set(impls) - set(IMPLS)
-    if unknown:
-        raise ValueError(f"decode impls must be among {IMPLS}, got {sorted(unknown)}")
-    lora = workload.memgen_model("lora")
-    head = workload.memgen_model("head") if "head" in impls else None
+def cases(workload: Workload, batches: tuple[int, ...] = BATCHES, new_tokens: int = NEW_TOKENS) -> list[Case]:
+    lora, head = workload.memgen_model("lora"), workload.memgen_model("head")
     eos = workload.tokenizer.eos_token_id
     bare = BareBase(lora.reasoner)
     device = workload.device
@@ -70,7 +65,7 @@ def cases(workload: Workload, batches: tuple[int, ...] = BATCHES, new_tokens: in
             return reference_generate(lora, input_ids, mask, max_new_tokens=new_tokens, do_sample=True,
                                       generator=generator, eos_token_id=eos, trigger_mode="always")
 
-        every = {
+        impls = {
             "hf_generate": hf_generate,
             "memory_off": lambda m=memgen: m(lora, memory=False),
             "always": lambda m=memgen: m(lora, trigger_mode="always"),
@@ -79,9 +74,9 @@ def cases(workload: Workload, batches: tuple[int, ...] = BATCHES, new_tokens: in
             "lora": lambda m=memgen: m(lora, trigger_mode="lora"),
             "reference": reference,
         }
-        chosen = {name: every[name] for name in impls}
-        baselines = tuple(b for b in ("memory_off", "hf_generate", "reference") if b in chosen)
-        out.append(Case("decode", f"decode-B{batch}", dict(batch=batch, new_tokens=new_tokens), chosen,
-                        baselines=baselines, work=batch * new_tokens, unit="tokens", describe=_facts,
+        assert tuple(impls) == IMPLS
+        out.append(Case("decode", f"decode-B{batch}", dict(batch=batch, new_tokens=new_tokens), impls,
+                        baselines=("memory_off", "hf_generate", "reference"), work=batch * new_tokens,
+                        unit="tokens", describe=_facts,
                         max_rounds={"reference": REFERENCE_ROUNDS}))
     return out

@@ -71,7 +71,7 @@ def _ragged_inputs(op: str, shape: dict[str, int], batch: int, dtype: torch.dtyp
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), moved
 
 
-def shape_of(workload: Workload) -> dict[str, int]:
+def _shape_of(workload: Workload) -> dict[str, int]:
     config = workload.config
     heads = config.num_attention_heads
     return dict(vocab=config.vocab_size, hidden=config.hidden_size,
@@ -81,7 +81,7 @@ def shape_of(workload: Workload) -> dict[str, int]:
 
 def cases(workload: Workload, batches: tuple[int, ...] = BATCHES) -> list[Case]:
     """One case per op (and trigger mode) and batch size; the torch reference is the baseline."""
-    device, dtype, shape = workload.device, workload.dtype, shape_of(workload)
+    device, dtype, shape = workload.device, workload.dtype, _shape_of(workload)
     out = []
     for batch in batches:
         for mode in ("always", "lora", "head"):
