@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 TINY_VERSION = "1"  # bump when the recipe below changes: the cache key
@@ -94,7 +95,7 @@ def _train_tiny(steps: int = 300, seed: int = 0) -> tuple[Qwen2ForCausalLM, PreT
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="training the tiny preset (once; cached)", unit="step", leave=False):
         starts = torch.randint(0, ids.numel() - 65, (16,), generator=g)
         batch = torch.stack([ids[s:s + 65] for s in starts.tolist()])
         loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
