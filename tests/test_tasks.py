@@ -1,0 +1,198 @@
+"""Tasks: loaders over small offline files shaped like each dataset, reward functions, the sandbox."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from memgen.tasks import TASKS, load_task, rewards
+from memgen.tasks.sandbox import count_tests, run_unit_tests
+
+ROWS = {
+    "gsm8k": [{"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+               "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"},
+              {"question": "A shirt costs $1,200 after a 20% rise. What did it cost?",
+               "answer": "It cost 1200/1.2 = 1,000 dollars.\n#### 1,000"}],
+    "math": [{"problem": "What is $\\frac{1}{2} + \\frac{1}{4}$?",
+              "solution": "We have $\\frac{2}{4} + \\frac{1}{4} = \\boxed{\\dfrac{3}{4}}$."},
+             {"problem": "Find $x$ if $2x = 10$.", "solution": "Divide: $x = \\boxed{5}$.", "answer": "5"}],
+    "gpqa": [{"Question": "Which particle mediates the electromagnetic force?", "Correct Answer": "Photon",
+              "Incorrect Answer 1": "Gluon", "Incorrect Answer 2": "W boson", "Incorrect Answer 3": "Graviton",
+              "Explanation": "Photons carry the electromagnetic interaction."}],
+    "triviaqa": [{"question": "Which planet is known as the Red Planet?",
+                  "answer": {"value": "Mars", "aliases": ["Mars", "The Red Planet", "Planet Mars"]}}],
+    "popqa": [{"question": "What is George Rankin's occupation?", "possible_answers": "[\"politician\", \"MP\"]"}],
+    "kodcode": [{"question": "Write add(a, b) that returns the sum.",
+                 "solution": "def add(a, b):\n    return a + b\n",
+                 "test": "from solution import add\n\ndef test_small():\n    assert add(1, 2) == 3\n\n"
+                         "def test_negative():\n    assert add(-1, 1) == 0\n"}],
+    "qa": [{"prompt": "Capital of France?", "answer": "Paris"}],
+}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_each_task_loads_offline_files_and_its_reference_answer_earns_full_reward(tmp_path, name):
+    data = load_task(name, _write_jsonl(tmp_path / f"{name}.jsonl", ROWS[name]))
+    assert data.column_names == ["prompt", "answer", "target"] and len(data) == len(ROWS[name])
+    for row in data:
+        assert row["prompt"] and row["answer"]
+        assert TASKS[name].reward(row["answer"], row["target"]) == 1.0, row
+        assert TASKS[name].reward("I do not know.", row["target"]) == 0.0
+
+
+def test_targets_of_each_dataset_shape(tmp_path):
+    gsm = load_task("gsm8k", _write_jsonl(tmp_path / "g.jsonl", ROWS["gsm8k"]))
+    assert gsm["target"] == ["72", "1000"] and "<<" not in gsm[0]["answer"] and "\\boxed{72}" in gsm[0]["answer"]
+    assert load_task("math", _write_jsonl(tmp_path / "m.jsonl", ROWS["math"]))["target"] == ["\\dfrac{3}{4}", "5"]
+    trivia = load_task("triviaqa", _write_jsonl(tmp_path / "t.jsonl", ROWS["triviaqa"]))
+    assert trivia[0]["target"] == ["Mars", "The Red Planet", "Planet Mars"]
+    assert load_task("popqa", _write_jsonl(tmp_path / "p.jsonl", ROWS["popqa"]))[0]["target"] == ["politician", "MP"]
+
+
+def test_gpqa_options_are_shuffled_the_same_way_every_time(tmp_path):
+    path = _write_jsonl(tmp_path / "gpqa.jsonl", ROWS["gpqa"])
+    first, again = load_task("gpqa", path)[0], load_task("gpqa", path)[0]
+    assert first == again
+    letter = first["target"]
+    assert f"({letter}) Photon" in first["prompt"]
+    assert all(f"({x})" in first["prompt"] for x in "ABCD")
+
+
+def test_parquet_files_and_limit(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ROWS["gsm8k"]).to_parquet(str(tmp_path / "g.parquet"))
+    data = load_task("gsm8k", str(tmp_path / "g.parquet"), limit=1)
+    assert len(data) == 1 and data[0]["target"] == "72"
+
+
+def test_bad_sources_and_rows_raise_clearly(tmp_path):
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_task("nope")
+    with pytest.raises(ValueError, match="source files not found"):
+        load_task("gsm8k", str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="all be .json/.jsonl or all .parquet"):
+        load_task("gsm8k", [str(_write_jsonl(tmp_path / "a.jsonl", ROWS["gsm8k"])), str(tmp_path / "b.parquet")])
+    with pytest.raises(ValueError, match="limit must be"):
+        load_task("gsm8k", str(tmp_path / "a.jsonl"), limit=0)
+    with pytest.raises(ValueError, match="has no public dataset"):
+        load_task("qa")
+    with pytest.raises(ValueError, match=r"lacks the field\(s\) \['solution'\]"):
+        load_task("math", _write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p"}]))
+    with pytest.raises(ValueError, match="#### <number>"):
+        load_task("gsm8k", _write_jsonl(tmp_path / "bad2.jsonl", [{"question": "q", "answer": "42"}]))
+
+
+@pytest.mark.parametrize("completion,target,expected", [
+    ("so the total is 72.", "72", 1.0),
+    ("First 10, then 20, so 1,000 in all", "1000", 1.0),
+    ("The answer is \\boxed{72.0}", "72", 1.0),
+    ("\\boxed{\\frac{3}{4}}", "\\dfrac{3}{4}", 1.0),
+    ("\\boxed{0.75}", "\\frac34", 1.0),
+    ("\\boxed{3/4}", "0.75", 1.0),
+    ("\\boxed{x = 5}", "5", 1.0),
+    ("\\boxed{90^\\circ}", "90", 1.0),
+    ("\\boxed{\\text{(B)}}", "(B)", 1.0),
+    ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)", 1.0),
+    ("it is 71, not \\boxed{73}", "72", 0.0),
+    ("nothing here", "72", 0.0),
+])
+def test_math_reward(completion, target, expected):
+    assert rewards.math_reward(completion, target) == expected
+
+
+def test_last_boxed_matches_nested_braces():
+    assert rewards.last_boxed("a \\boxed{1} then \\boxed{\\frac{a}{b}} end") == "\\frac{a}{b}"
+    assert rewards.last_boxed("no box") is None
+    assert rewards.last_boxed("\\boxed{72") is None  # unbalanced: no boxed answer, so the last number counts
+    assert rewards.math_answer("\\boxed{72") == "72"
+
+
+@pytest.mark.parametrize("completion,letter", [
+    ("The photon... The answer is (C).", "C"), ("Answer: B", "B"), ("so \\boxed{D}", "D"),
+    ("between (A) and (B) I pick (B)", "B"), ("A photon carries it, the answer is (D)", "D"),
+    ("Thinking.\nC", "C"), ("A cat sat.", None), ("the answer is (E)", None),
+])
+def test_option_letter(completion, letter):
+    assert rewards.option_letter(completion) == letter
+
+
+def test_qa_reward_normalises_and_accepts_any_alias():
+    assert rewards.normalize_qa("The  Red-Planet!") == "redplanet"
+    aliases = ["Mars", "The Red Planet"]
+    assert rewards.qa_reward("The answer is the red planet.", aliases) == 1.0
+    assert rewards.qa_reward("\\boxed{MARS}", aliases) == 1.0
+    assert rewards.qa_reward("Mars\nbecause it is red", aliases) == 1.0
+    assert rewards.qa_reward("Jupiter", aliases) == 0.0
+    assert rewards.qa_reward("", aliases) == 0.0
+    assert rewards.qa_reward("Paris", "paris") == 1.0
+
+
+def test_code_block_takes_the_last_fenced_block():
+    text = "Try:\n```python\nx = 1\n```\nBetter:\n```\ndef f():\n    return 2\n```\n"
+    assert rewards.code_block(text) == "def f():\n    return 2\n"
+    assert rewards.code_block("def f(): pass") == "def f(): pass"
+
+
+TESTS = ("from solution import add\n\ndef test_a():\n    assert add(1, 2) == 3\n\n"
+         "def test_b():\n    assert add(2, 2) == 4\n\nclass TestMore:\n    def test_c(self):\n        assert add(0, 0) == 1\n")
+
+
+def test_sandbox_counts_passes_and_gives_partial_credit():
+    assert count_tests(TESTS) == 3 and count_tests("def (") == 0
+    run = run_unit_tests("def add(a, b):\n    return a + b\n", TESTS)
+    assert (run.passed, run.total, run.status) == (2, 3, "ok")
+    assert rewards.code_reward("```python\ndef add(a, b):\n    return a + b\n```", TESTS) == pytest.approx(2 / 3)
+
+
+def test_sandbox_survives_broken_and_hanging_code():
+    broken = run_unit_tests("def add(a, b) return", TESTS)
+    assert (broken.passed, broken.total, broken.status) == (0, 3, "error") and "SyntaxError" in broken.detail
+    hang = run_unit_tests("def add(a, b):\n    while True:\n        pass\n", TESTS, timeout=1.5)
+    assert (hang.passed, hang.status) == (0, "timeout")
+    partial = run_unit_tests("import time\ndef add(a, b):\n    if a == 2:\n        time.sleep(60)\n    return a + b\n",
+                             TESTS, timeout=1.5)
+    assert (partial.passed, partial.status) == (1, "timeout")  # test_a passed before test_b hung
+
+
+@pytest.mark.parametrize("attack,event", [
+    ("import socket\nsocket.create_connection(('127.0.0.1', 9))", "socket."),
+    ("import os\nos.fork()", "os.fork"),
+    ("import subprocess\nsubprocess.run(['true'])", "subprocess.Popen"),
+    ("import os\nos.system('true')", "os.system"),
+    ("import os\nos.kill(os.getppid(), 9)", "os.kill"),
+    ("open({outside!r}, 'w').write('x')", "writing"),
+    ("import os\nos.remove({outside!r})", "os.remove"),
+    ("x = bytearray(8 << 30)", "MemoryError"),
+])
+def test_sandbox_refuses_harm(tmp_path, attack, event):
+    outside = tmp_path / "victim.txt"
+    outside.write_text("keep")
+    run = run_unit_tests(attack.format(outside=str(outside)) + "\ndef add(a, b):\n    return a + b\n", TESTS,
+                         memory_mb=512)
+    assert run.passed == 0 and run.status == "error" and event in run.detail, run.detail
+    assert outside.read_text() == "keep" and os.getppid() > 0
+
+
+def test_sandbox_counts_cannot_be_rewritten_from_inside():
+    forge = ("import __main__, sys\nfor name in dir(__main__):\n    pass\n"
+             "sys.modules['__main__'].__dict__['passed'] = 99\n"
+             "def add(a, b):\n    return 0\n")
+    assert run_unit_tests(forge, TESTS).passed == 0
+
+
+def test_sandbox_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="timeout must be"):
+        run_unit_tests("", TESTS, timeout=0)
+    with pytest.raises(ValueError, match="memory_mb must be"):
+        run_unit_tests("", TESTS, memory_mb=1)
+    with pytest.raises(ValueError, match="strings of Python source"):
+        run_unit_tests(None, TESTS)
