@@ -7,6 +7,7 @@ import random
 import torch
 from transformers import Trainer, TrainingArguments
 
+from memgen.training import MemGenCollator
 from test_modeling import make_model
 
 
@@ -23,19 +24,6 @@ def sft_rows(model, n_rows=32, seed=0):
     return rows
 
 
-def left_pad_collate(pad_id):
-    def collate(rows):
-        length = max(len(r["input_ids"]) for r in rows)
-        out = {"input_ids": [], "attention_mask": [], "labels": []}
-        for r in rows:
-            pad = length - len(r["input_ids"])
-            out["input_ids"].append([pad_id] * pad + r["input_ids"])
-            out["attention_mask"].append([0] * pad + [1] * len(r["input_ids"]))
-            out["labels"].append([-100] * pad + r["labels"])
-        return {k: torch.tensor(v) for k, v in out.items()}
-    return collate
-
-
 def test_trainer_sft_lowers_the_loss_and_leaves_the_reasoner_alone(tmp_path):
     model = make_model("qwen2", k_prompt=4, k_inference=2)
     model.train()
@@ -45,7 +33,7 @@ def test_trainer_sft_lowers_the_loss_and_leaves_the_reasoner_alone(tmp_path):
                              report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
                              remove_unused_columns=False, disable_tqdm=True, log_level="error")
     trainer = Trainer(model=model, args=args, train_dataset=sft_rows(model),
-                      data_collator=left_pad_collate(model.tokenizer.pad_token_id))
+                      data_collator=MemGenCollator(model.tokenizer.pad_token_id))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 40

@@ -1,0 +1,41 @@
+"""Training MemGen: weaver SFT on chat-formatted data through Hugging Face `Trainer`.
+
+    from transformers import TrainingArguments
+    from memgen.training import sft_trainer
+    trainer = sft_trainer(model, load_task("gsm8k", "train.jsonl"), TrainingArguments("out", ...))
+    trainer.train()                      # or train(resume_from_checkpoint=True)
+
+The loss is `MemGenModel.forward`'s: mean cross-entropy over answer tokens, with latents woven at
+the prompt point and at delimiters (DESIGN.md section 1); only the weaver's parameters train.
+Checkpoints are memgen checkpoints plus optimizer and random states, all safetensors and JSON
+(`MemGenTrainer`). Several processes: launch the same script with `torchrun` or `accelerate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memgen.training.data import MemGenCollator, encode_example
+from memgen.training.trainer import MemGenTrainer
+
+
+def encode_dataset(tokenizer: Any, rows: Any, max_length: int | None = None) -> Any:
+    """Encode prompt/answer or messages rows (a `datasets.Dataset` or a list of dicts) for SFT."""
+    if hasattr(rows, "map") and hasattr(rows, "column_names"):
+        return rows.map(lambda row: encode_example(tokenizer, row, max_length), remove_columns=rows.column_names,
+                        desc="encoding rows")
+    return [encode_example(tokenizer, row, max_length) for row in rows]
+
+
+def sft_trainer(model: Any, train_dataset: Any, args: Any, eval_dataset: Any = None, max_length: int | None = None,
+                padding_side: str = "left", **trainer_kwargs: Any) -> MemGenTrainer:
+    """A `MemGenTrainer` for weaver SFT: rows encoded with the model's tokenizer (answer-only labels), padded
+    by `MemGenCollator`, the weaver's parameters trainable and everything else frozen."""
+    tokenizer = model.tokenizer
+    return MemGenTrainer(model, args, stage="weaver", train_dataset=encode_dataset(tokenizer, train_dataset, max_length),
+                         eval_dataset=None if eval_dataset is None else encode_dataset(tokenizer, eval_dataset,
+                                                                                       max_length),
+                         data_collator=MemGenCollator(tokenizer.pad_token_id, padding_side), **trainer_kwargs)
+
+
+__all__ = ["MemGenCollator", "MemGenTrainer", "encode_dataset", "encode_example", "sft_trainer"]

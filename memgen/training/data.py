@@ -1,0 +1,97 @@
+"""SFT data: chat-formatted rows to (input_ids, labels) with the loss on answer tokens only, and a collator.
+
+A row is either `{"prompt": str, "answer": str}` (one user turn, one assistant turn; what
+`memgen.tasks.load_task` gives) or `{"messages": [{"role": ..., "content": ...}, ...]}` (a
+conversation with one or more assistant turns). With a chat template, each assistant turn's
+tokens, up to and including the template's end-of-turn tokens, carry labels. A conversation with
+several assistant turns is what `MemGenModel.forward` treats turn by turn. Without a template, the
+prompt and the answer are concatenated and the answer ends with the EOS token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+IGNORE = -100
+
+
+def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    if "messages" in row:
+        messages = row["messages"]
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                                 and isinstance(m.get("content"), str)
+                                                                 for m in messages)):
+            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("messages must hold at least one assistant turn to train on")
+        return messages
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str):
+        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["answer"]}]
+    raise ValueError(f"a row must hold 'messages', or 'prompt' and 'answer' strings; it has {sorted(row)}")
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int | None = None) -> dict[str, list[int]]:
+    """`{"input_ids", "labels"}` of one row; labels are the token ids on assistant turns and -100 elsewhere.
+
+    Raises when the row is longer than `max_length` (nothing is cut silently), when the chat template
+    does not render a conversation as a growing prefix (turns could not be located), or when the
+    text before the first assistant turn is empty (the weaver's prompt point needs a prompt).
+    """
+    messages = _messages(row)
+    if getattr(tokenizer, "chat_template", None):
+        full = _ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
+        labels = [IGNORE] * len(full)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            start = len(_ids(tokenizer, before)) if before else 0
+            through = _ids(tokenizer, tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+            if full[: len(through)] != through or start >= len(through):
+                raise ValueError("the tokenizer's chat template does not render this conversation as a growing "
+                                 f"prefix, so assistant turn {i} cannot be located; pass prompt/answer rows instead")
+            labels[start: len(through)] = full[start: len(through)]
+        input_ids = full
+    else:
+        if len(messages) != 2 or [m["role"] for m in messages] != ["user", "assistant"]:
+            raise ValueError("a tokenizer without a chat template takes prompt/answer rows only, not conversations")
+        prompt, answer = _ids(tokenizer, messages[0]["content"]), _ids(tokenizer, messages[1]["content"])
+        answer = answer + [tokenizer.eos_token_id]
+        input_ids, labels = prompt + answer, [IGNORE] * len(prompt) + answer
+    if labels[0] != IGNORE:
+        raise ValueError("the row has no prompt before its first assistant turn")
+    if max_length is not None and len(input_ids) > max_length:
+        raise ValueError(f"a row has {len(input_ids)} tokens, more than max_length={max_length}; raise max_length or "
+                         "shorten the row (rows are never truncated silently)")
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class MemGenCollator:
+    """Pads encoded rows into `input_ids`, `attention_mask` and `labels` tensors (left padding by default)."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "left") -> None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if not isinstance(pad_token_id, int):
+            raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
+        self.pad_token_id, self.padding_side = pad_token_id, padding_side
+
+    def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, row in enumerate(rows):
+            n = len(row["input_ids"])
+            cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            ids[b, cols] = torch.tensor(row["input_ids"])
+            labels[b, cols] = torch.tensor(row["labels"])
+            mask[b, cols] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

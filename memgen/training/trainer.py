@@ -1,0 +1,139 @@
+"""`MemGenTrainer`: Hugging Face `Trainer` for a MemGen stage, with checkpoints in safetensors and JSON.
+
+It trains only the stage's parameters (`MemGenModel.set_trainable`), so `torchrun` / `accelerate`
+and DDP work as for any Trainer. Its checkpoints hold no pickles: the model part is a memgen
+checkpoint (`config.json` + `memgen.safetensors`, only the trained tensors), the optimizer and
+scheduler states are `optimizer.safetensors` + `optimizer.json`, the random states are
+`rng_state[_<rank>].safetensors` + `.json`, and the arguments `training_args.json`. Resuming reads
+them back (`trainer.train(resume_from_checkpoint=...)`) without unpickling anything. Under
+DeepSpeed or FSDP those libraries write and read their own optimizer and model state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from memgen.checkpoints import WEIGHTS_NAME, load_strict
+
+OPTIMIZER = "optimizer"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"memgen checkpoints store optimizer and scheduler settings as JSON; {type(value).__name__} "
+                    f"({value!r}) is not JSON-serialisable")
+
+
+def save_optimizer_state(optimizer_state: dict[str, Any], scheduler_state: dict[str, Any], directory: str) -> None:
+    """An optimizer's and a scheduler's `state_dict()`s as `optimizer.safetensors` (tensors) + `optimizer.json`."""
+    tensors, meta = {}, {"param_groups": optimizer_state["param_groups"], "state": {}, "scheduler": scheduler_state}
+    for index, per_param in optimizer_state["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                meta["state"].setdefault(str(index), {})[name] = value
+    save_file(tensors, os.path.join(directory, f"{OPTIMIZER}.safetensors"))
+    Path(directory, f"{OPTIMIZER}.json").write_text(json.dumps(meta, default=_json_default))
+
+
+def load_optimizer_state(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer state_dict, scheduler state_dict) written by `save_optimizer_state`."""
+    meta = json.loads(Path(directory, f"{OPTIMIZER}.json").read_text())
+    state: dict[int, dict[str, Any]] = {int(i): dict(values) for i, values in meta["state"].items()}
+    for key, tensor in load_file(os.path.join(directory, f"{OPTIMIZER}.safetensors")).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    return {"state": state, "param_groups": meta["param_groups"]}, meta["scheduler"]
+
+
+def save_rng_state(path_stem: str) -> None:
+    """Python's, NumPy's, torch's CPU and (when present) CUDA generators' states as `<stem>.safetensors` + `.json`."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"numpy": torch.from_numpy(keys.astype(np.int64)), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.random.get_rng_state_all())})
+    save_file(tensors, path_stem + ".safetensors")
+    Path(path_stem + ".json").write_text(json.dumps({"python": random.getstate(),
+                                                     "numpy": [name, int(pos), int(has_gauss), float(cached)]}))
+
+
+def load_rng_state(path_stem: str) -> None:
+    """Restore what `save_rng_state` wrote."""
+    meta = json.loads(Path(path_stem + ".json").read_text())
+    tensors = load_file(path_stem + ".safetensors")
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.random.set_rng_state(tensors["cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.random.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+class MemGenTrainer(Trainer):
+    """A `Trainer` for one MemGen stage ("weaver" or "trigger") whose checkpoints are safetensors and JSON."""
+
+    def __init__(self, model: Any, args: Any = None, stage: str = "weaver", **kwargs: Any) -> None:
+        model.set_trainable(stage)
+        self.stage = stage
+        super().__init__(model=model, args=args, **kwargs)
+
+    def _own_state(self) -> bool:
+        """False under DeepSpeed / FSDP, which checkpoint the optimizer (and sharded model) themselves."""
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"resume_from_checkpoint {resume_from_checkpoint!r} holds no {WEIGHTS_NAME}")
+        load_strict(self.accelerator.unwrap_model(model or self.model), load_file(path))
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._own_state():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            save_optimizer_state(self.optimizer.state_dict(), self.lr_scheduler.state_dict(), output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self._own_state():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, f"{OPTIMIZER}.json")):
+            return
+        optimizer_state, scheduler_state = load_optimizer_state(checkpoint)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.lr_scheduler.load_state_dict(scheduler_state)
+
+    def _rng_stem(self, directory: str) -> str:
+        name = "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"
+        return os.path.join(directory, name)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        save_rng_state(self._rng_stem(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and os.path.isfile(self._rng_stem(checkpoint) + ".json"):
+            load_rng_state(self._rng_stem(checkpoint))

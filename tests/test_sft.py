@@ -1,0 +1,140 @@
+"""Weaver SFT: chat rows to answer-only labels, the collator, MemGenTrainer's loss, and its pickle-free
+checkpoints, which resume exactly where they stopped."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from memgen.training import MemGenCollator, encode_dataset, encode_example, sft_trainer
+from test_modeling import make_model
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _labelled_text(tok, encoded):
+    spans, current = [], []
+    for token, label in zip(encoded["input_ids"], encoded["labels"]):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    if current:
+        spans.append(tok.decode(current))
+    return spans
+
+
+def test_prompt_answer_rows_without_a_template_label_the_answer_and_eos():
+    tok = make_model().tokenizer
+    encoded = encode_example(tok, {"prompt": "Q: one, two?", "answer": " A: three."})
+    assert encoded["input_ids"][-1] == tok.eos_token_id
+    assert _labelled_text(tok, encoded) == [" A: three.<|endoftext|>"]
+    assert encoded["labels"][: len(tok("Q: one, two?")["input_ids"])] == [-100] * len(tok("Q: one, two?")["input_ids"])
+
+
+def test_conversations_label_every_assistant_turn_and_nothing_else():
+    tok = make_model().tokenizer
+    tok.chat_template = CHATML
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Step 1?"},
+                        {"role": "assistant", "content": "Read, then think."}, {"role": "user", "content": "Next?"},
+                        {"role": "assistant", "content": "Answer."}]}
+    encoded = encode_example(tok, row)
+    assert tok.decode(encoded["input_ids"]) == tok.apply_chat_template(row["messages"], tokenize=False)
+    assert _labelled_text(tok, encoded) == ["Read, then think.<|endoftext|>\n", "Answer.<|endoftext|>\n"]
+    single = encode_example(tok, {"prompt": "Hi?", "answer": "Hello."})
+    assert _labelled_text(tok, single) == ["Hello.<|endoftext|>\n"]
+
+
+@pytest.mark.parametrize("row,template,match", [
+    ({"messages": [{"role": "user", "content": "x"}]}, CHATML, "at least one assistant turn"),
+    ({"messages": []}, CHATML, "non-empty list"),
+    ({"text": "x"}, None, "must hold 'messages', or 'prompt' and 'answer'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}, None,
+     "without a chat template takes prompt/answer rows only"),
+    ({"messages": [{"role": "assistant", "content": "b"}]}, CHATML, "no prompt before its first assistant turn"),
+    ({"prompt": "a b c d e f g h", "answer": "i j k l m n"}, None, "more than max_length=5"),
+    ({"prompt": "Hi", "answer": "Yo"}, "{{ messages[-1]['content'] }}", "growing prefix"),
+])
+def test_bad_rows_raise_clearly(row, template, match):
+    tok = make_model().tokenizer
+    tok.chat_template = template
+    with pytest.raises(ValueError, match=match):
+        encode_example(tok, row, max_length=5 if "max_length" in match else None)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collator_pads_on_either_side(side):
+    batch = MemGenCollator(7, side)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+                                     {"input_ids": [4], "labels": [4]}])
+    if side == "left":
+        assert batch["input_ids"].tolist() == [[1, 2, 3], [7, 7, 4]]
+        assert batch["labels"].tolist() == [[-100, 2, 3], [-100, -100, 4]]
+        assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    else:
+        assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+    with pytest.raises(ValueError, match="padding_side"):
+        MemGenCollator(0, "middle")
+
+
+def _rows(n=24):
+    words = ["apple", "river", "stone", "cloud", "green", "seven"]
+    return [{"prompt": "Q: " + " ".join(words[(i + j) % 6] for j in range(2 + i % 4)) + "?",
+             "answer": " First, the plan. Then, the answer.\n Done."} for i in range(n)]
+
+
+def _args(path, **kw):
+    base = dict(per_device_train_batch_size=4, learning_rate=3e-2, lr_scheduler_type="linear", logging_steps=1,
+                report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True, log_level="error",
+                save_strategy="no")
+    base.update(kw)
+    return TrainingArguments(output_dir=str(path), **base)
+
+
+def test_sft_lowers_the_answer_loss_and_trains_only_the_weaver(tmp_path):
+    model = make_model("qwen2", k_prompt=4, k_inference=2, trigger_mode="lora").train()
+    trained = {p.data_ptr() for p in model.stage_parameters("weaver").values()}  # also named inside the shared base
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if v.data_ptr() not in trained}
+    weaver = {k: v.detach().clone() for k, v in model.stage_parameters("weaver").items()}
+    trainer = sft_trainer(model, _rows(32), _args(tmp_path, max_steps=30, lr_scheduler_type="constant"))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses
+    for key, value in model.state_dict().items():
+        if key in frozen:
+            assert torch.equal(value, frozen[key]), key  # the reasoner and the trigger stay as they were
+    assert any(not torch.equal(p, weaver[k]) for k, p in model.stage_parameters("weaver").items())
+
+
+def test_datasets_rows_encode_like_lists():
+    import datasets
+
+    model = make_model()
+    rows = _rows(3)
+    assert list(encode_dataset(model.tokenizer, datasets.Dataset.from_list(rows))) == \
+        encode_dataset(model.tokenizer, rows)
+
+
+def test_checkpoints_hold_no_pickles_and_resuming_continues_exactly(tmp_path):
+    full = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    sft_trainer(full, _rows(), _args(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3)).train()
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    files = sorted(os.listdir(checkpoint))
+    assert "memgen.safetensors" in files and "optimizer.safetensors" in files and "rng_state.safetensors" in files
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl"))], files
+
+    resumed = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    trainer = sft_trainer(resumed, _rows(), _args(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3))
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 6
+    for (name, a), b in zip(full.stage_parameters("weaver").items(), resumed.stage_parameters("weaver").values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="holds no memgen.safetensors"):
+        sft_trainer(make_model(), _rows(), _args(tmp_path / "c", max_steps=1)).train(
+            resume_from_checkpoint=str(tmp_path))
