@@ -1,0 +1,257 @@
+"""GRPO for the weaver (DESIGN.md section 1, "Training procedures").
+
+Each step takes a batch of prompts and, for each, samples `group_size` rollouts with memgen's engine
+(`always` trigger, the weaver's current weights). It then scores each completion with the reward
+function and normalises rewards within each group into advantages. Finally it recomputes the
+completion tokens' log-probabilities with the training forward at the *same* insertion points the
+rollout used (`augmentation_points`). The loss is PPO's clipped ratio, with an optional KL to the
+initial weaver (`beta`), aggregated as `grpo` (mean per sequence, then over sequences), `bnpo` (mean
+over all tokens) or `dr_grpo` (sum over tokens / (sequences x max_new_tokens); advantages not
+divided by the group's standard deviation).
+
+A completion ends at its first EOS: the mask that weighs its tokens includes that EOS and nothing
+after it (the reference code padded with EOS and masked nothing, which clipped everything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from memgen.training.trainer import MemGenTrainer
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+
+
+@dataclass
+class GRPOConfig(TrainingArguments):
+    """`TrainingArguments` plus GRPO's settings. `per_device_train_batch_size` counts prompts; each
+    prompt yields `group_size` rollouts."""
+
+    group_size: int = field(default=8, metadata={"help": "rollouts per prompt (G)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "completion length limit"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
+    beta: float = field(default=0.0, metadata={"help": "weight of the KL to the initial weaver"})
+    epsilon: float = field(default=0.2, metadata={"help": "clipping range of the probability ratio"})
+    loss_type: str = field(default="grpo", metadata={"help": "grpo | bnpo | dr_grpo"})
+    eos_token_ids: list[int] | None = field(default=None, metadata={"help": "default: the tokenizer's EOS"})
+    remove_unused_columns: bool = False  # rows carry prompt and target, which forward does not take
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"group_size must be an int >= 2 (advantages compare rollouts), got {self.group_size!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.beta < 0 or not 0 < self.epsilon < 1:
+            raise ValueError(f"beta must be >= 0 and epsilon in (0, 1), got {self.beta!r}, {self.epsilon!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must be False: GRPO reads the rows' prompt and target")
+
+
+def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """bool [B, T]: each completion's tokens up to and including its first EOS."""
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))
+    return (is_eos.long().cumsum(1) - is_eos.long()) == 0
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+    """(reward - its group's mean), divided by the group's standard deviation (+1e-4) when `scale`."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(1, keepdim=True) + 1e-4)
+    return centred.flatten()
+
+
+def clipped_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                 epsilon: float, loss_type: str, max_len: int, kl: torch.Tensor | None = None,
+                 beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token [B, T], aggregated by `loss_type`; also the clipped fraction."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
+    per_token = -torch.min(ratio * advantages[:, None], clipped * advantages[:, None])
+    if kl is not None:
+        per_token = per_token + beta * kl
+    mask = mask.float()
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    else:
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_len)
+    is_clipped = ((ratio < 1 - epsilon) & (advantages[:, None] < 0)) | ((ratio > 1 + epsilon) & (advantages[:, None] > 0))
+    return loss, (is_clipped.float() * mask).sum() / mask.sum().clamp(min=1)
+
+
+@dataclass
+class Rollouts:
+    """A step's rollouts, repacked for the training forward: each row left-padded as prompt + completion.
+
+    input_ids, attention_mask, labels (completion tokens, -100 elsewhere), points (1 = a weave before
+    that token: the rollout's INVOKE positions): [B, L]. completion: bool [B, L] of the completion
+    tokens. rewards, advantages: [B]. decisions: [B, T] (-100 / 0 / 1 per new token).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    points: torch.Tensor
+    completion: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    decisions: torch.Tensor
+    texts: list[str]
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] log-probability of each token under the logits of the item before it (0 at column 0)."""
+    logps = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    logps[:, 1:] = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return logps
+
+
+class GRPOTrainer(MemGenTrainer):
+    """GRPO on a MemGen stage, through Hugging Face `Trainer` (DDP and `torchrun` work as for any Trainer).
+
+    train_dataset: rows with `prompt` (str) and `target` (anything the reward takes), e.g. from
+    `memgen.tasks.load_task`. reward: (completion text, target) -> float, e.g. `TASKS["gsm8k"].reward`.
+    """
+
+    stage_name = "weaver"
+
+    def __init__(self, model: Any, args: GRPOConfig, train_dataset: Any, reward: Callable[[str, Any], float],
+                 **kwargs: Any) -> None:
+        if not isinstance(args, GRPOConfig):
+            raise ValueError(f"args must be a GRPOConfig, got {type(args).__name__}")
+        if not callable(reward):
+            raise ValueError("reward must be a callable (completion text, target) -> float")
+        super().__init__(model, args, stage=self.stage_name, train_dataset=train_dataset,
+                         data_collator=lambda rows: rows, **kwargs)
+        self.reward = reward
+        self.initial_state = {k: p.detach().clone() for k, p in model.stage_parameters(self.stage_name).items()} \
+            if args.beta > 0 else None
+        self._metrics: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _prompts(self, rows: list[dict[str, Any]]) -> list[list[int]]:
+        tok = self.accelerator.unwrap_model(self.model).tokenizer
+        if getattr(tok, "chat_template", None):
+            texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                             add_generation_prompt=True) for r in rows]
+        else:
+            texts = [r["prompt"] for r in rows]
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """How rollouts are sampled (the trigger stage samples its decisions too)."""
+        return {"trigger_mode": "always"}
+
+    def rollouts(self, rows: list[dict[str, Any]]) -> Rollouts:
+        """Sample `group_size` completions per row and score them; no gradients."""
+        model = self.accelerator.unwrap_model(self.model)
+        tok, device, g = model.tokenizer, model.delimiter_table.device, self.args.group_size
+        prompts = [p for p in self._prompts(rows) for _ in range(g)]
+        if any(not p for p in prompts):
+            raise ValueError("a row's prompt encodes to no tokens")
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):], mask[b, width - len(p):] = torch.tensor(p), 1
+        eos = self.args.eos_token_ids or [tok.eos_token_id]
+        seed = self.args.seed + 1_000_003 * (self.state.global_step * self.args.world_size + self.args.process_index)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(ids.to(device), mask.to(device), max_new_tokens=self.args.max_new_tokens,
+                                 do_sample=True, temperature=self.args.temperature, generator=generator,
+                                 eos_token_id=eos, return_dict_in_generate=True, **self.generation_kwargs())
+        model.train(was_training)
+        new = out.sequences[:, width:].cpu()
+        keep = completion_mask(new, eos)
+        texts = [tok.decode(new[b][keep[b]], skip_special_tokens=True) for b in range(len(prompts))]
+        targets = [r["target"] for r in rows for _ in range(g)]
+        rewards = torch.tensor([float(self.reward(t, y)) for t, y in zip(texts, targets)])
+        advantages = group_advantages(rewards, g, scale=self.args.loss_type != "dr_grpo")
+        return self._repack(prompts, new, keep, out.augmentation_mask.cpu(), rewards, advantages, texts, device,
+                            tok.pad_token_id)
+
+    @staticmethod
+    def _repack(prompts, new, keep, decisions, rewards, advantages, texts, device, pad_id) -> Rollouts:
+        rows = [(p, new[b][keep[b]].tolist(), decisions[b][keep[b]].tolist()) for b, p in enumerate(prompts)]
+        width = max(len(p) + len(c) for p, c, _ in rows)
+        shape = (len(rows), width)
+        ids, labels = torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, -100, dtype=torch.long)
+        mask, points, completion = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long), \
+            torch.zeros(shape, dtype=torch.bool)
+        for b, (p, c, d) in enumerate(rows):
+            start = width - len(p) - len(c)
+            ids[b, start:] = torch.tensor(p + c)
+            mask[b, start:] = 1
+            labels[b, width - len(c):] = torch.tensor(c)
+            completion[b, width - len(c):] = True
+            points[b, width - len(c):] = (torch.tensor(d) == 1).long()
+        return Rollouts(ids.to(device), mask.to(device), labels.to(device), points.to(device), completion.to(device),
+                        rewards.to(device), advantages.to(device), decisions, texts)
+
+    # ------------------------------------------------------------------ loss
+
+    def _reference_logps(self, batch: Rollouts) -> torch.Tensor:
+        """Token log-probs under the initial weaver (its tensors swapped in for one no-grad forward)."""
+        model = self.accelerator.unwrap_model(self.model)
+        params = model.stage_parameters(self.stage_name)
+        current = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(self.initial_state[k])
+            try:
+                logits = model(batch.input_ids, batch.attention_mask, batch.labels,
+                               augmentation_points=batch.points).logits
+            finally:
+                for k, p in params.items():
+                    p.copy_(current[k])
+        return token_logps(logits, batch.input_ids)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = self.rollouts(inputs)
+        # before the policy's forward: swapping the initial tensors in afterwards would alter its saved graph
+        reference = self._reference_logps(batch) if self.args.beta > 0 else None
+        logits = model(batch.input_ids, batch.attention_mask, batch.labels, augmentation_points=batch.points).logits
+        logps = token_logps(logits, batch.input_ids)
+        kl = None
+        if reference is not None:
+            delta = reference - logps
+            kl = torch.exp(delta) - delta - 1  # k3 estimator of KL(policy || initial weaver), >= 0
+        loss, clipped = clipped_loss(logps, logps.detach(), batch.advantages, batch.completion, self.args.epsilon,
+                                     self.args.loss_type, self.args.max_new_tokens, kl, self.args.beta)
+        self._record(batch, clipped, kl)
+        return (loss, logits) if return_outputs else loss
+
+    def _record(self, batch: Rollouts, clipped: torch.Tensor, kl: torch.Tensor | None) -> None:
+        decided = (batch.decisions >= 0).sum()
+        lengths = batch.completion.sum(1).float()
+        values = {"reward": batch.rewards.mean(), "reward_std": batch.rewards.std(), "completion_length": lengths.mean(),
+                  "insertions_per_response": (batch.decisions == 1).sum(1).float().mean(),
+                  "invocation_rate": (batch.decisions == 1).sum() / decided.clamp(min=1), "clip_ratio": clipped}
+        if kl is not None:
+            values["kl"] = (kl * batch.completion).sum() / batch.completion.sum().clamp(min=1)
+        for k, v in values.items():
+            self._metrics.setdefault(k, []).append(float(v))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds the mean of each rollout metric since the last log (reward, KL, invocation rate, ...)."""
+        if "loss" in logs:
+            logs.update({k: sum(v) / len(v) for k, v in self._metrics.items() if v})
+            self._metrics = {}
+        super().log(logs, *args, **kwargs)
