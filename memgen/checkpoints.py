@@ -71,6 +71,7 @@ def load(cls, path: str, reasoner: Any, tokenizer: Any, config: MemGenConfig | N
         ignored.update({k: v for k, v in state.items() if k.startswith("trigger.")})
         state = {k: v for k, v in state.items() if not k.startswith("trigger.")}
     loaded = load_strict(model, state)
+    model.weaver_trained = True
     logger.info("memgen: loaded %d tensors from %s; %d tensors not needed (frozen base weights, or the trigger of "
                 "an `always` model)", loaded, path, len(ignored))
     return model

@@ -37,11 +37,14 @@ class MemGenOutput(ModelOutput):
     loss: mean cross-entropy over answer tokens (when labels are given).
     logits: [B, L, V]; logits[:, i] predicts token i + 1 (zeros at padding positions).
     augmentation_points: int64 [B, L]; 1 prompt point, 2 inference point (latents before token j), 0 none.
+    trigger_logits: float32 [B, L, 2] (only with `forward(..., trigger_logits=True)`): the `lora` trigger's
+        [SKIP, INVOKE] logits after reading the tokens through position j, as generation computes them.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     augmentation_points: torch.Tensor | None = None
+    trigger_logits: torch.Tensor | None = None
 
 
 def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrainedModel:
@@ -89,6 +92,7 @@ class MemGenModel(nn.Module):
         self.register_buffer("delimiter_table", build_delimiter_table(tokenizer, config.delimiters, vocab_size=vocab),
                              persistent=False)
         self.set_trainable("weaver")
+        self.weaver_trained = False  # set by loading a checkpoint or by a weaver training run; trigger RL checks it
 
     # ------------------------------------------------------------------ construction
 
@@ -195,7 +199,8 @@ class MemGenModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, augmentation_points: Any = None,
-                memory: bool = True, generator: torch.Generator | None = None) -> MemGenOutput:
+                memory: bool = True, generator: torch.Generator | None = None,
+                trigger_logits: bool = False) -> MemGenOutput:
         """Teacher-forced forward with latents woven at the augmentation points.
 
         Args:
@@ -208,12 +213,21 @@ class MemGenModel(nn.Module):
             memory: False runs the bare reasoner through the same code path (a fair baseline).
             generator: draws which turns of a conversation get a prompt weave when a row has more
                 than `max_prompt_aug_num` assistant turns.
+            trigger_logits: instead of the reasoner, run the `lora` trigger over the token ids (no
+                latents; positions count from each row's first token, as in generation) and return its
+                logits; trigger RL takes its decisions' log-probabilities from them (through forward, so
+                that DDP synchronises the trigger's gradients).
 
         Rows with several answer spans are conversations: each assistant turn is a single-turn
         forward over the prefix ending at that turn (earlier turns' latents are invisible to it);
         logits[:, j] come from the forward of the turn that contains token j + 1.
         """
         real = self._check_forward_inputs(input_ids, attention_mask, labels)
+        if trigger_logits:
+            if self.trigger is None or self.trigger.mode != "lora":
+                raise ValueError("trigger_logits=True needs a model built with MemGenConfig(trigger_mode='lora')")
+            positions = (real.long().cumsum(1) - 1).clamp(min=0)
+            return MemGenOutput(trigger_logits=self.trigger(input_ids, real.long(), positions))
         if not memory:
             points = torch.zeros_like(input_ids)
         elif labels is None:

@@ -78,7 +78,7 @@ def test_rollouts_are_replayed_at_their_own_insertion_points(tmp_path):
                           reward=lambda text, target: 0.0)
     batch = trainer.rollouts(_prompts(3))
     assert batch.input_ids.shape[0] == 3 * 8 and (batch.points.sum(1) >= 1).all()  # the prompt weave at least
-    assert (batch.decisions == 1).any() and table.any()
+    assert (batch.decided[batch.completion] == 1).any() and table.any()
     logits = model(batch.input_ids, batch.attention_mask, batch.labels, augmentation_points=batch.points).logits
     predicted = logits[:, :-1].argmax(-1)
     completion = batch.completion[:, 1:]

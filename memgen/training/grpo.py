@@ -96,19 +96,21 @@ def clipped_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch
 class Rollouts:
     """A step's rollouts, repacked for the training forward: each row left-padded as prompt + completion.
 
-    input_ids, attention_mask, labels (completion tokens, -100 elsewhere), points (1 = a weave before
-    that token: the rollout's INVOKE positions): [B, L]. completion: bool [B, L] of the completion
-    tokens. rewards, advantages: [B]. decisions: [B, T] (-100 / 0 / 1 per new token).
+    input_ids, attention_mask, labels (completion tokens, -100 elsewhere), decided (the trigger's
+    decision taken before each completion token: -100 none, 0 SKIP, 1 INVOKE), points (decided == 1,
+    where the rollout wove memory): [B, L]. completion: bool [B, L] of the completion tokens. rewards,
+    scores (what the advantages were computed from), advantages: [B].
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    decided: torch.Tensor
     points: torch.Tensor
     completion: torch.Tensor
     rewards: torch.Tensor
+    scores: torch.Tensor
     advantages: torch.Tensor
-    decisions: torch.Tensor
     texts: list[str]
 
 
@@ -183,27 +185,31 @@ class GRPOTrainer(MemGenTrainer):
         texts = [tok.decode(new[b][keep[b]], skip_special_tokens=True) for b in range(len(prompts))]
         targets = [r["target"] for r in rows for _ in range(g)]
         rewards = torch.tensor([float(self.reward(t, y)) for t, y in zip(texts, targets)])
-        advantages = group_advantages(rewards, g, scale=self.args.loss_type != "dr_grpo")
-        return self._repack(prompts, new, keep, out.augmentation_mask.cpu(), rewards, advantages, texts, device,
+        decisions = torch.where(keep, out.augmentation_mask.cpu(), -100)
+        scores = self.scores(rewards, decisions)
+        advantages = group_advantages(scores, g, scale=self.args.loss_type != "dr_grpo")
+        return self._repack(prompts, new, keep, decisions, rewards, scores, advantages, texts, device,
                             tok.pad_token_id)
 
+    def scores(self, rewards: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
+        """What advantages are computed from: the rewards themselves (the trigger stage shapes them)."""
+        return rewards
+
     @staticmethod
-    def _repack(prompts, new, keep, decisions, rewards, advantages, texts, device, pad_id) -> Rollouts:
+    def _repack(prompts, new, keep, decisions, rewards, scores, advantages, texts, device, pad_id) -> Rollouts:
         rows = [(p, new[b][keep[b]].tolist(), decisions[b][keep[b]].tolist()) for b, p in enumerate(prompts)]
         width = max(len(p) + len(c) for p, c, _ in rows)
         shape = (len(rows), width)
         ids, labels = torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, -100, dtype=torch.long)
-        mask, points, completion = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long), \
-            torch.zeros(shape, dtype=torch.bool)
+        mask, decided = torch.zeros(shape, dtype=torch.long), torch.full(shape, -100, dtype=torch.long)
         for b, (p, c, d) in enumerate(rows):
-            start = width - len(p) - len(c)
-            ids[b, start:] = torch.tensor(p + c)
-            mask[b, start:] = 1
+            ids[b, width - len(p) - len(c):] = torch.tensor(p + c)
+            mask[b, width - len(p) - len(c):] = 1
             labels[b, width - len(c):] = torch.tensor(c)
-            completion[b, width - len(c):] = True
-            points[b, width - len(c):] = (torch.tensor(d) == 1).long()
-        return Rollouts(ids.to(device), mask.to(device), labels.to(device), points.to(device), completion.to(device),
-                        rewards.to(device), advantages.to(device), decisions, texts)
+            decided[b, width - len(c):] = torch.tensor(d)
+        return Rollouts(ids.to(device), mask.to(device), labels.to(device), decided.to(device),
+                        (decided == 1).long().to(device), (labels != -100).to(device), rewards.to(device),
+                        scores.to(device), advantages.to(device), texts)
 
     # ------------------------------------------------------------------ loss
 
@@ -239,11 +245,11 @@ class GRPOTrainer(MemGenTrainer):
         return (loss, logits) if return_outputs else loss
 
     def _record(self, batch: Rollouts, clipped: torch.Tensor, kl: torch.Tensor | None) -> None:
-        decided = (batch.decisions >= 0).sum()
+        decided = (batch.decided >= 0).sum()
         lengths = batch.completion.sum(1).float()
         values = {"reward": batch.rewards.mean(), "reward_std": batch.rewards.std(), "completion_length": lengths.mean(),
-                  "insertions_per_response": (batch.decisions == 1).sum(1).float().mean(),
-                  "invocation_rate": (batch.decisions == 1).sum() / decided.clamp(min=1), "clip_ratio": clipped}
+                  "insertions_per_response": batch.points.sum(1).float().mean(),
+                  "invocation_rate": batch.points.sum() / decided.clamp(min=1), "clip_ratio": clipped}
         if kl is not None:
             values["kl"] = (kl * batch.completion).sum() / batch.completion.sum().clamp(min=1)
         for k, v in values.items():

@@ -92,6 +92,13 @@ class MemGenTrainer(Trainer):
         self.stage = stage
         super().__init__(model=model, args=args, **kwargs)
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.train; a finished weaver stage marks the model's weaver as trained (trigger RL requires it)."""
+        output = super().train(*args, **kwargs)
+        if self.stage == "weaver":
+            self.accelerator.unwrap_model(self.model).weaver_trained = True
+        return output
+
     def _own_state(self) -> bool:
         """False under DeepSpeed / FSDP, which checkpoint the optimizer (and sharded model) themselves."""
         return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
