@@ -2,12 +2,15 @@
 
     memgen generate --memgen CKPT [--model PATH] --prompt TEXT [--prompt TEXT ...] [options]
     memgen bench [--suite ops|decode|train|all] [--preset NAME | --model PATH] [--device cpu|cuda] [--out DIR]
+    memgen train --config run.yaml [key=value ...]
+    memgen eval --memgen CKPT --task NAME [--data FILES] [--split test] [--limit N] [options]
 
 `generate` prints each completion with a marker where memory was woven, then one line per
 insertion: the mean norm of the woven latents against the mean norm of the reasoner's token
 embeddings (latents many times larger than any token are a known failure of trained weavers).
 `bench` runs the benchmark suites (`memgen.bench`), prints their tables and writes results.json,
-results.md and results.png.
+results.md and results.png. `train` runs one training stage described in YAML
+(`memgen.training.run`); `eval` reports a task's accuracy with memory and without.
 """
 
 from __future__ import annotations
@@ -162,15 +165,83 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="run a training stage (sft, grpo, trigger) described in a YAML file",
+                       description="Train a MemGen stage; see memgen.training.run for the YAML keys.")
+    p.add_argument("--config", required=True, metavar="YAML", help="the run description")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.learning_rate=3e-6 limit=64")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from memgen.training.run import load_run_config, train_from_config
+
+    try:
+        run = load_run_config(args.config, args.overrides)
+    except ValueError as error:
+        raise SystemExit(f"memgen train: {error}") from error
+    trainer = train_from_config(run)
+    print(f"memgen train: {run['stage']} finished after {trainer.state.global_step} steps; checkpoint in "
+          f"{trainer.args.output_dir}")
+    return 0
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    from memgen.tasks import TASKS
+
+    p = sub.add_parser("eval", help="a task's accuracy with memory and without",
+                       description="Greedy decoding on a task's rows, scored by its reward, with and without memory.")
+    p.add_argument("--memgen", required=True, metavar="CKPT", help="memgen checkpoint directory")
+    p.add_argument("--model", metavar="PATH", help="the reasoner (default: the name the checkpoint records)")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--data", nargs="+", metavar="FILE", help="local json/jsonl/parquet files or a hub name")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, help="the first N rows")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="the reasoner's weights")
+    p.add_argument("--out", metavar="JSON", help="also write the results here")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from memgen.evaluation import evaluate
+    from memgen.tasks import TASKS, load_task
+    from memgen.training.run import build_model
+
+    try:
+        data = args.data[0] if args.data and len(args.data) == 1 else args.data
+        rows = list(load_task(args.task, data, args.split, args.limit))
+    except ValueError as error:
+        raise SystemExit(f"memgen eval: {error}") from error
+    model = build_model(args.model, args.memgen, dtype=args.dtype).to(args.device).eval()
+    results = {}
+    for memory in (True, False):
+        results["with memory" if memory else "without memory"] = evaluate(
+            model, rows, TASKS[args.task].reward, memory=memory, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, trigger_mode=args.trigger_mode)
+    print(f"| {args.task} ({len(rows)} rows) | accuracy | insertions per response |\n|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['accuracy']:.4f} | {r['insertions_per_response']:.2f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"task": args.task, "checkpoint": args.memgen, **results}, f, indent=1)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memgen", description="MemGen: generative latent memory for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _bench_parser(sub)
+    _train_parser(sub)
+    _eval_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    return {"generate": _generate, "bench": _bench}[args.command](args)
+    return {"generate": _generate, "bench": _bench, "train": _train, "eval": _eval}[args.command](args)
 
 
 if __name__ == "__main__":

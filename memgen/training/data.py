@@ -95,3 +95,16 @@ class MemGenCollator:
             labels[b, cols] = torch.tensor(row["labels"])
             mask[b, cols] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def prompt_batch(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask) of user prompts for generation, through the chat template
+    (with the assistant's generation prompt) when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    ids = [_ids(tokenizer, p) for p in prompts]
+    if any(not row for row in ids):
+        raise ValueError("a prompt encodes to no tokens")
+    batch = MemGenCollator(tokenizer.pad_token_id, "left")([{"input_ids": row, "labels": row} for row in ids])
+    return batch["input_ids"], batch["attention_mask"]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from memgen.training.data import prompt_batch
 from memgen.training.trainer import MemGenTrainer
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -145,15 +146,6 @@ class GRPOTrainer(MemGenTrainer):
 
     # ------------------------------------------------------------------ rollouts
 
-    def _prompts(self, rows: list[dict[str, Any]]) -> list[list[int]]:
-        tok = self.accelerator.unwrap_model(self.model).tokenizer
-        if getattr(tok, "chat_template", None):
-            texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                             add_generation_prompt=True) for r in rows]
-        else:
-            texts = [r["prompt"] for r in rows]
-        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-
     def generation_kwargs(self) -> dict[str, Any]:
         """How rollouts are sampled (the trigger stage samples its decisions too)."""
         return {"trigger_mode": "always"}
@@ -162,14 +154,9 @@ class GRPOTrainer(MemGenTrainer):
         """Sample `group_size` completions per row and score them; no gradients."""
         model = self.accelerator.unwrap_model(self.model)
         tok, device, g = model.tokenizer, model.delimiter_table.device, self.args.group_size
-        prompts = [p for p in self._prompts(rows) for _ in range(g)]
-        if any(not p for p in prompts):
-            raise ValueError("a row's prompt encodes to no tokens")
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, p in enumerate(prompts):
-            ids[b, width - len(p):], mask[b, width - len(p):] = torch.tensor(p), 1
+        ids, mask = prompt_batch(tok, [r["prompt"] for r in rows for _ in range(g)])
+        width = ids.shape[1]
+        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         eos = self.args.eos_token_ids or [tok.eos_token_id]
         seed = self.args.seed + 1_000_003 * (self.state.global_step * self.args.world_size + self.args.process_index)
         generator = torch.Generator(device=device).manual_seed(seed)

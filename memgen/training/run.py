@@ -1,0 +1,132 @@
+"""`memgen train --config run.yaml [key=value ...]`: one training stage from a YAML file.
+
+    stage: sft | grpo | trigger
+    model: Qwen/Qwen2.5-1.5B-Instruct     # the reasoner (name or directory)
+    memgen: runs/sft                      # optional: start from a memgen checkpoint (trigger RL needs one)
+    config: {trigger_mode: lora}          # MemGenConfig fields for a fresh model
+    task: gsm8k                           # memgen.tasks: the data's shape and the reward
+    data: data/train.jsonl                # optional: local files or a hub name (default: the task's dataset)
+    split: train
+    limit: 1000                           # optional: the first N rows
+    max_length: 1024                      # optional (sft): rows longer than this raise
+    dtype: bfloat16                       # the base model's weights (trained tensors stay float32)
+    allow_untrained_weaver: false         # trigger RL against a weaver never trained or loaded
+    training: {output_dir: runs/sft, learning_rate: 1.0e-5, num_train_epochs: 2}  # TrainingArguments,
+                                          # GRPOConfig (grpo) or TriggerConfig (trigger) fields
+
+Overrides use dotted keys: `training.learning_rate=3e-6 limit=64`; values are read as YAML. The
+trained model is saved as a memgen checkpoint in `training.output_dir`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+STAGES = ("sft", "grpo", "trigger")
+_KEYS = {"stage", "model", "memgen", "config", "task", "data", "split", "limit", "max_length", "dtype",
+         "allow_untrained_weaver", "training"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads `1e-5` as a string; read such exponent numbers as floats, as users mean them."""
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return float(value) if isinstance(value, str) and _EXPONENT.match(value) else value
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML run description with `key=value` overrides applied, checked before anything is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {str(path)!r} is not a file")
+    run = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(run, dict):
+        raise ValueError(f"{path}: the run description must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"overrides look like key=value or section.key=value, got {item!r}")
+        *parents, leaf = key.split(".")
+        node = run
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    run = _numbers(run)
+    unknown = sorted(set(run) - _KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; the run description takes {sorted(_KEYS)}")
+    if run.get("stage") not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {run.get('stage')!r}")
+    for key in ("task", "training"):
+        if key not in run:
+            raise ValueError(f"the run description needs {key!r}")
+    if not run.get("model") and not run.get("memgen"):
+        raise ValueError("the run description needs 'model' (the reasoner) or 'memgen' (a checkpoint)")
+    if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
+        raise ValueError("training must be a mapping with at least output_dir")
+    if run.get("dtype", "float32") not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {run.get('dtype')!r}")
+    return run
+
+
+def build_model(model: str | None, memgen: str | None, config: dict[str, Any] | None = None,
+                dtype: str = "float32") -> Any:
+    """A MemGen model: loaded from a memgen checkpoint, or fresh around the reasoner `model`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memgen import MemGenConfig, MemGenModel
+
+    reasoner = tokenizer = None
+    name = model
+    if name is None:
+        name = MemGenConfig.from_pretrained(memgen).reasoner_name_or_path
+    if name is not None:
+        reasoner = AutoModelForCausalLM.from_pretrained(name, dtype=_DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if memgen:
+        return MemGenModel.from_pretrained(memgen, reasoner=reasoner, tokenizer=tokenizer)
+    return MemGenModel.from_reasoner(reasoner, tokenizer, MemGenConfig(**(config or {})))
+
+
+def train_from_config(run: dict[str, Any]) -> Any:
+    """Build the model, data and trainer a checked run description names; train; save; return the trainer."""
+    from transformers import TrainingArguments
+
+    from memgen.tasks import TASKS, load_task
+    from memgen.training import sft_trainer
+    from memgen.training.grpo import GRPOConfig, GRPOTrainer
+    from memgen.training.trigger_rl import TriggerConfig, TriggerTrainer
+
+    if run["task"] not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {run['task']!r}")
+    stage = run["stage"]
+    args_class = {"sft": TrainingArguments, "grpo": GRPOConfig, "trigger": TriggerConfig}[stage]
+    args = args_class(**run["training"])
+    rows = load_task(run["task"], run.get("data"), run.get("split", "train"), run.get("limit"))
+    model = build_model(run.get("model"), run.get("memgen"), run.get("config"), run.get("dtype", "float32")).train()
+    reward = TASKS[run["task"]].reward
+    if stage == "sft":
+        trainer = sft_trainer(model, rows, args, max_length=run.get("max_length"))
+    elif stage == "grpo":
+        trainer = GRPOTrainer(model, args, rows, reward)
+    else:
+        trainer = TriggerTrainer(model, args, rows, reward,
+                                 allow_untrained_weaver=bool(run.get("allow_untrained_weaver", False)))
+    trainer.train(resume_from_checkpoint=run["training"].get("resume_from_checkpoint"))
+    trainer.save_model(args.output_dir)
+    return trainer

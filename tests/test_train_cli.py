@@ -1,0 +1,123 @@
+"""`memgen train --config run.yaml` (the three stages, chained through checkpoints) and `memgen eval`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from memgen import MemGenModel
+from memgen.cli import main
+from memgen.evaluation import evaluate
+from memgen.training.grpo import completion_mask
+from memgen.training.run import load_run_config
+from test_modeling import make_model
+from test_tasks import ROWS, _write_jsonl
+
+TRAINING = dict(per_device_train_batch_size=2, use_cpu=True, report_to=[], save_strategy="no", learning_rate=0.01,
+                disable_tqdm=True, log_level="error", logging_steps=1, dataloader_num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_cli")
+    model = make_model("qwen2", trigger_mode="lora")
+    model.reasoner.save_pretrained(root / "base")
+    model.tokenizer.save_pretrained(root / "base")
+    data = _write_jsonl(root / "gsm8k.jsonl", ROWS["gsm8k"] * 3)
+    return root, data
+
+
+def _yaml(path, **run):
+    path.write_text(yaml.safe_dump(run))
+    return str(path)
+
+
+def test_the_three_stages_run_from_yaml_and_chain_through_checkpoints(workspace, capsys):
+    root, data = workspace
+    config = {"prompt_latents_len": 4, "inference_latents_len": 2, "trigger_mode": "lora",
+              "weaver_lora": {"lora_dropout": 0.0}, "trigger_lora": {"lora_dropout": 0.0}}
+    sft = _yaml(root / "sft.yaml", stage="sft", model=str(root / "base"), config=config, task="gsm8k", data=str(data),
+                training={**TRAINING, "output_dir": str(root / "sft"), "max_steps": 1})
+    assert main(["train", "--config", sft, "training.max_steps=3"]) == 0
+    assert "sft finished after 3 steps" in capsys.readouterr().out
+    assert (root / "sft" / "memgen.safetensors").is_file()
+    grpo = _yaml(root / "grpo.yaml", stage="grpo", memgen=str(root / "sft"), task="gsm8k", data=str(data),
+                 training={**TRAINING, "output_dir": str(root / "grpo"), "max_steps": 1, "group_size": 2,
+                           "max_new_tokens": 4})
+    assert main(["train", "--config", grpo]) == 0
+    trigger = _yaml(root / "trigger.yaml", stage="trigger", memgen=str(root / "grpo"), task="gsm8k", data=str(data),
+                    training={**TRAINING, "output_dir": str(root / "trigger"), "max_steps": 1, "group_size": 2,
+                              "max_new_tokens": 4, "invoke_penalty": 0.5})
+    assert main(["train", "--config", trigger]) == 0
+    after_grpo, after_trigger = (MemGenModel.from_pretrained(root / name) for name in ("grpo", "trigger"))
+    weaver_after_trigger = after_trigger.stage_parameters("weaver")
+    for key, value in after_grpo.stage_parameters("weaver").items():  # the trigger stage leaves the weaver alone
+        assert torch.equal(value, weaver_after_trigger[key]), key
+    assert any(not torch.equal(a, b) for a, b in zip(after_grpo.stage_parameters("trigger").values(),
+                                                      after_trigger.stage_parameters("trigger").values()))
+
+
+def test_eval_reports_accuracy_with_and_without_memory(workspace, capsys, tmp_path):
+    root, data = workspace
+    model = make_model("qwen2", trigger_mode="lora")
+    model.config.reasoner_name_or_path = str(root / "base")
+    model.save_pretrained(root / "eval_ckpt")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--memgen", str(root / "eval_ckpt"), "--task", "gsm8k", "--data", str(data), "--limit", "3",
+                 "--max-new-tokens", "6", "--batch-size", "2", "--trigger-mode", "always", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| with memory |" in printed and "| without memory |" in printed
+    results = json.loads(out.read_text())
+    assert results["with memory"]["rows"] == 3 and results["with memory"]["insertions_per_response"] >= 1
+    assert results["without memory"]["insertions_per_response"] == 0
+
+
+def test_evaluate_scores_each_completion_with_the_task_reward():
+    model = make_model("qwen2")
+    rows = [{"prompt": "Q: one, two", "target": "x"}, {"prompt": "Q: three", "target": "y"}]
+    seen = []
+
+    def reward(text, target):
+        seen.append((text, target))
+        return float(len(text) % 2)
+
+    result = evaluate(model, rows, reward, max_new_tokens=5, batch_size=1)
+    tok = model.tokenizer
+    expected = []
+    for row in rows:
+        ids = tok(row["prompt"], return_tensors="pt")
+        new = model.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=5)[:, ids["input_ids"].shape[1]:]
+        keep = completion_mask(new, [tok.eos_token_id])
+        expected.append((tok.decode(new[0][keep[0]], skip_special_tokens=True), row["target"]))
+    assert seen == expected
+    assert result["accuracy"] == sum(len(t) % 2 for t, _ in expected) / 2 and result["rows"] == 2
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, rows, reward, batch_size=0)
+    with pytest.raises(ValueError, match="rows must not be empty"):
+        evaluate(model, [], reward)
+
+
+@pytest.mark.parametrize("run,overrides,match", [
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}, "epochs": 2}, [], "unknown keys"),
+    ({"stage": "ppo", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, [], "stage must be one of"),
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {}}, [], "at least output_dir"),
+    ({"stage": "sft", "task": "gsm8k", "training": {"output_dir": "o"}}, [], "needs 'model'"),
+    ({"stage": "sft", "model": "m", "training": {"output_dir": "o"}}, [], "needs 'task'"),
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["limit"], "key=value"),
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["dtype=int8"], "dtype must"),
+])
+def test_bad_run_descriptions_raise_before_loading_anything(tmp_path, run, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_run_config(_yaml(tmp_path / "run.yaml", **run), overrides)
+
+
+def test_overrides_reach_nested_keys(tmp_path):
+    path = _yaml(tmp_path / "run.yaml", stage="sft", model="m", task="gsm8k", training={"output_dir": "o"})
+    run = load_run_config(path, ["training.learning_rate=3e-6", "limit=64", "stage=grpo"])  # 3e-6: a float
+    assert run["training"] == {"output_dir": "o", "learning_rate": 3e-6} and run["limit"] == 64
+    assert run["stage"] == "grpo"
+    with pytest.raises(SystemExit, match="is not a file"):
+        main(["train", "--config", str(tmp_path / "missing.yaml")])
