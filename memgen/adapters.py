@@ -73,6 +73,30 @@ def active_adapter(model: nn.Module, name: str | None, layers: list[BaseTunerLay
             layer._disable_adapters, layer._active_adapter = disabled, active
 
 
+def adapter_state_context(layers: list[BaseTunerLayer]):
+    """A `context_fn` for `torch.utils.checkpoint` (non-reentrant): it records which adapter the layers run
+    when a checkpointed block runs forward and restores that during the block's recomputation. The weaver's
+    adapter is switched on only inside its calls, so without this the backward pass would recompute the
+    weaver's layers with the adapter off (and the reasoner's with it on, were they interleaved)."""
+    def context_fn():
+        saved = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
+
+        @contextlib.contextmanager
+        def as_in_forward() -> Iterator[None]:
+            current = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
+            for layer, (disabled, active) in zip(layers, saved):
+                layer._disable_adapters, layer._active_adapter = disabled, active
+            try:
+                yield
+            finally:
+                for layer, (disabled, active) in zip(layers, current):
+                    layer._disable_adapters, layer._active_adapter = disabled, active
+
+        return contextlib.nullcontext(), as_in_forward()
+
+    return context_fn
+
+
 class BareBase:
     """Runs a model's calls on its bare base modules: each LoRA layer is swapped, for the duration of
     `with bare():`, for the layer it wraps. PEFT's disabled path computes the same thing but costs a

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, S
 from transformers.utils import ModelOutput
 
 from memgen import checkpoints
-from memgen.adapters import add_lora_adapter, adapter_parameters
+from memgen.adapters import adapter_parameters, adapter_state_context, add_lora_adapter, tuner_layers
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
@@ -131,6 +131,33 @@ class MemGenModel(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the config and what is trained (adapters, queries, norms, scales, projections, trigger) as safetensors."""
         checkpoints.save(self, str(path))
+
+    # ------------------------------------------------------------------ memory
+
+    def _bases(self) -> list[PreTrainedModel]:
+        """The distinct base models (the reasoner, and a separate weaver or trigger base if any)."""
+        bases = [self.reasoner, self.weaver.model]
+        if self.trigger is not None and self.trigger.mode == "lora":
+            bases.append(self.trigger.model)
+        return list({id(b): b for b in bases}.values())
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the bases' layer activations in the backward pass instead of keeping them (what
+        `TrainingArguments(activation_checkpointing=True)` calls): the weaver's and the reasoner's passes of a
+        training forward then hold one layer's activations at a time. Only in train mode, as in Hugging Face."""
+        kwargs = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        if kwargs.get("use_reentrant", False):
+            raise ValueError("activation_checkpointing_kwargs: use_reentrant must be False (the recomputation has to "
+                             "restore which adapter ran, which only non-reentrant checkpointing allows)")
+        kwargs.update(use_reentrant=False,
+                      context_fn=adapter_state_context([layer for b in self._bases() for layer in tuner_layers(b)]))
+        for base in self._bases():
+            base.activation_checkpointing_enable(kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        for base in self._bases():
+            base.activation_checkpointing_disable()
 
     # ------------------------------------------------------------------ what trains
 

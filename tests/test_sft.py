@@ -106,6 +106,7 @@ def test_sft_lowers_the_answer_loss_and_trains_only_the_weaver(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses
+    assert all(h["peak_memory_mib"] > 0 for h in trainer.state.log_history if "loss" in h)
     for key, value in model.state_dict().items():
         if key in frozen:
             assert torch.equal(value, frozen[key]), key  # the reasoner and the trigger stay as they were
@@ -138,3 +139,30 @@ def test_checkpoints_hold_no_pickles_and_resuming_continues_exactly(tmp_path):
     with pytest.raises(ValueError, match="holds no memgen.safetensors"):
         sft_trainer(make_model(), _rows(), _args(tmp_path / "c", max_steps=1)).train(
             resume_from_checkpoint=str(tmp_path))
+
+
+def test_activation_checkpointing_keeps_the_loss_and_gradients(tmp_path):
+    model = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    batch = MemGenCollator(model.tokenizer.pad_token_id)(encode_dataset(model.tokenizer, _rows(3)))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.stage_parameters("weaver").items()
+                               if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.activation_checkpointing_enable()
+    assert model.reasoner.is_activation_checkpointing
+    checkpointed_loss, checkpointed_grads = loss_and_grads()
+    torch.testing.assert_close(checkpointed_loss, plain_loss)
+    assert checkpointed_grads.keys() == plain_grads.keys()
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[key], grad, rtol=1e-5, atol=1e-7, msg=key)
+    model.activation_checkpointing_disable()
+    assert not model.reasoner.is_activation_checkpointing
+    trainer = sft_trainer(make_model("qwen2").train(), _rows(8), _args(tmp_path, max_steps=2,
+                                                                       activation_checkpointing=True))
+    trainer.train()  # Trainer turns it on through MemGenModel.activation_checkpointing_enable
+    assert trainer.model.reasoner.is_activation_checkpointing and trainer.state.global_step == 2

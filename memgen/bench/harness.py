@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from memgen.peak_memory import peak_memory_mib, reset_peak_memory
+
 
 @dataclass
 class Case:
@@ -53,28 +55,6 @@ def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work, so that a clock read after it includes that work."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_mib(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024
-    except (OSError, StopIteration):
-        return None
 
 
 def _timed(fn: Callable[[], Any], iterations: int, device: torch.device) -> float:
@@ -117,13 +97,13 @@ def measure(case: Case, rounds: int, device: torch.device | str,
 def warm_up(case: Case, impl: str, device: torch.device | str) -> tuple[dict[str, Any], float | None]:
     """Run `impl`'s untimed calls; returns what `describe` says of the last one and the peak memory (MiB)."""
     device = torch.device(device)
-    _reset_peak(device)
+    reset_peak_memory(device)
     result = None
     for _ in range(max(case.warmup, 1)):
         result = case.impls[impl]()
     synchronize(device)
     facts = case.describe(impl, result) if case.describe is not None else {}
-    return facts, _peak_mib(device)
+    return facts, peak_memory_mib(device)
 
 
 def record(case: Case, impl: str, median: float, iqr: float, times: list[float], facts: dict[str, Any],

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from memgen.checkpoints import WEIGHTS_NAME, load_strict
+from memgen.peak_memory import peak_memory_mib, reset_peak_memory
 
 OPTIMIZER = "optimizer"
 
@@ -98,6 +99,16 @@ class MemGenTrainer(Trainer):
         if self.stage == "weaver":
             self.accelerator.unwrap_model(self.model).weaver_trained = True
         return output
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds `peak_memory_mib`, the peak since the previous log (CUDA: allocated by torch; CPU: the
+        process's resident set), so each logged step shows what it needed."""
+        if "loss" in logs:
+            peak = peak_memory_mib(self.args.device)
+            if peak is not None:
+                logs["peak_memory_mib"] = round(peak, 1)
+            reset_peak_memory(self.args.device)
+        super().log(logs, *args, **kwargs)
 
     def _own_state(self) -> bool:
         """False under DeepSpeed / FSDP, which checkpoint the optimizer (and sharded model) themselves."""
