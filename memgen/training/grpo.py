@@ -238,7 +238,7 @@ class GRPOTrainer(MemGenTrainer):
                   "insertions_per_response": batch.points.sum(1).float().mean(),
                   "invocation_rate": batch.points.sum() / decided.clamp(min=1), "clip_ratio": clipped}
         if kl is not None:
-            values["kl"] = (kl * batch.completion).sum() / batch.completion.sum().clamp(min=1)
+            values["kl"] = (kl.detach() * batch.completion).sum() / batch.completion.sum().clamp(min=1)
         for k, v in values.items():
             self._metrics.setdefault(k, []).append(float(v))
 
