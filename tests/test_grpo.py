@@ -57,12 +57,13 @@ def test_config_checks(tmp_path, kwargs, match):
         GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kwargs)
 
 
-def _config(tmp_path, **kw):
+def _config(tmp_path, config_class=GRPOConfig, **kw):
+    """A small CPU run's settings (GRPOConfig, or a subclass such as TriggerConfig)."""
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4, group_size=8,
                 max_new_tokens=6, learning_rate=3e-2, lr_scheduler_type="constant", logging_steps=1,
                 save_strategy="no", disable_tqdm=True, log_level="error", seed=0, dataloader_num_workers=0)
     base.update(kw)
-    return GRPOConfig(**base)
+    return config_class(**base)
 
 
 def _prompts(n):

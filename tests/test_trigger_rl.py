@@ -9,6 +9,7 @@ import torch
 from memgen import MemGenModel
 from memgen.training import sft_trainer
 from memgen.training.trigger_rl import TriggerConfig, TriggerTrainer, adaptive_penalty
+from test_grpo import _config as grpo_config
 from test_grpo import _prompts
 from test_modeling import make_model
 from test_reference_generation import chatty_model
@@ -27,11 +28,7 @@ def test_adaptive_penalty_by_hand():
 
 
 def _config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4, group_size=8,
-                max_new_tokens=8, learning_rate=1e-1, lr_scheduler_type="constant", logging_steps=1,
-                save_strategy="no", disable_tqdm=True, log_level="error", seed=0, dataloader_num_workers=0)
-    base.update(kw)
-    return TriggerConfig(**base)
+    return grpo_config(tmp_path, TriggerConfig, **{"max_new_tokens": 8, "learning_rate": 1e-1, **kw})
 
 
 def test_decisions_are_replayed_from_the_trigger_logits(tmp_path):
