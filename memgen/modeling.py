@@ -37,7 +37,7 @@ class MemGenOutput(ModelOutput):
     loss: mean cross-entropy over answer tokens (when labels are given).
     logits: [B, L, V]; logits[:, i] predicts token i + 1 (zeros at padding positions).
     augmentation_points: int64 [B, L]; 1 prompt point, 2 inference point (latents before token j), 0 none.
-    trigger_logits: float32 [B, L, 2] (only with `forward(..., trigger_logits=True)`): the `lora` trigger's
+    trigger_logits: float32 [B, L, 2] (only with `forward(..., trigger_logits=True)`): the trigger's
         [SKIP, INVOKE] logits after reading the tokens through position j, as generation computes them.
     """
 
@@ -240,10 +240,11 @@ class MemGenModel(nn.Module):
             memory: False runs the bare reasoner through the same code path (a fair baseline).
             generator: draws which turns of a conversation get a prompt weave when a row has more
                 than `max_prompt_aug_num` assistant turns.
-            trigger_logits: instead of the reasoner, run the `lora` trigger over the token ids (no
-                latents; positions count from each row's first token, as in generation) and return its
-                logits; trigger RL takes its decisions' log-probabilities from them (through forward, so
-                that DDP synchronises the trigger's gradients).
+            trigger_logits: return the trigger's logits after each token instead of the reasoner's (see
+                MemGenOutput): the `lora` trigger reads the token ids alone; the `head` trigger reads the
+                reasoner's hidden states, which needs labels and `augmentation_points`. Trigger RL takes its
+                decisions' log-probabilities from them (through forward, so that DDP synchronises the
+                trigger's gradients).
 
         Rows with several answer spans are conversations: each assistant turn is a single-turn
         forward over the prefix ending at that turn (earlier turns' latents are invisible to it);
@@ -251,10 +252,7 @@ class MemGenModel(nn.Module):
         """
         real = self._check_forward_inputs(input_ids, attention_mask, labels)
         if trigger_logits:
-            if self.trigger is None or self.trigger.mode != "lora":
-                raise ValueError("trigger_logits=True needs a model built with MemGenConfig(trigger_mode='lora')")
-            positions = (real.long().cumsum(1) - 1).clamp(min=0)
-            return MemGenOutput(trigger_logits=self.trigger(input_ids, real.long(), positions))
+            return MemGenOutput(trigger_logits=self._trigger_logits(input_ids, real, labels, augmentation_points))
         if not memory:
             points = torch.zeros_like(input_ids)
         elif labels is None:
@@ -408,11 +406,45 @@ class MemGenModel(nn.Module):
             merged_points[b] = torch.where(in_span[n], points[n], merged_points[b])
         return logits, merged_points
 
+    def _trigger_logits(self, input_ids: torch.Tensor, real: torch.Tensor, labels: torch.Tensor | None,
+                        augmentation_points: Any) -> torch.Tensor:
+        """[B, L, 2] float32: the trigger's [SKIP, INVOKE] logits after reading token j, as generation computes
+        them. `lora`: its adapted model over the token ids alone, positions from each row's first token.
+        `head`: its head on the reasoner's hidden state of token j in the stream with the latents woven at
+        `augmentation_points` (which generation recorded); only the head takes gradients."""
+        if self.trigger is None:
+            raise ValueError("trigger_logits=True needs a model built with MemGenConfig(trigger_mode='lora' or 'head')")
+        if self.trigger.mode == "lora":
+            positions = (real.long().cumsum(1) - 1).clamp(min=0)
+            return self.trigger(input_ids, real.long(), positions)
+        if labels is None or augmentation_points is None:
+            raise ValueError("the `head` trigger's logits need labels and the augmentation_points generation recorded "
+                             "(its hidden states depend on the latents woven before each token)")
+        points = explicit_points(augmentation_points, real, labels)
+        with torch.no_grad():
+            hidden, item_index, _ = self._interleaved_hidden(input_ids, real, points)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        token_hidden = hidden[rows[:, None], torch.where(real, item_index, 0)]
+        return self.trigger.head_logits(token_hidden) * real[..., None]
+
     def _latents_per_point(self, points: torch.Tensor) -> torch.Tensor:
         k_prompt, k_inference = self.config.prompt_latents_len, self.config.inference_latents_len
         return torch.where(points == PROMPT_POINT, k_prompt, torch.where(points == INFERENCE_POINT, k_inference, 0))
 
     def _interleaved_logits(self, input_ids: torch.Tensor, real: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        hidden, item_index, n_latents = self._interleaved_hidden(input_ids, real, points)
+        # logits[:, j] come from the item just before token j + 1: the last latent woven there, if any
+        next_latents = torch.zeros_like(n_latents)
+        next_latents[:, :-1] = n_latents[:, 1:]
+        read_at = torch.where(real, item_index + next_latents, 0)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        logits = self.reasoner.get_output_embeddings()(hidden[rows[:, None], read_at])
+        return logits * real[..., None].to(logits.dtype)
+
+    def _interleaved_hidden(self, input_ids: torch.Tensor, real: torch.Tensor,
+                            points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reasoner's final hidden states [B, S, d_R] over the interleaved stream (tokens and the latents
+        woven at `points`), each token's index in it [B, L], and the latents woven before each token [B, L]."""
         batch, length = input_ids.shape
         device = input_ids.device
         rows = torch.arange(batch, device=device)
@@ -443,12 +475,7 @@ class MemGenModel(nn.Module):
         stream_mask = positions < stream_len[:, None]
         hidden = self.reasoner.get_decoder()(inputs_embeds=stream, attention_mask=stream_mask.long(),
                                              position_ids=positions, use_cache=False).last_hidden_state
-        # logits[:, j] come from the item just before token j + 1: the last latent woven there, if any
-        next_latents = torch.zeros_like(n_latents)
-        next_latents[:, :-1] = n_latents[:, 1:]
-        read_at = torch.where(real, item_index + next_latents, 0)
-        logits = self.reasoner.get_output_embeddings()(hidden[rows[:, None], read_at])
-        return logits * real[..., None].to(logits.dtype)
+        return hidden, item_index, n_latents
 
     def _weave(self, stream: torch.Tensor, rows: torch.Tensor, prefix_len: torch.Tensor, kind: str) -> torch.Tensor:
         """Latents [G, K, d_R] for stream rows `rows`, each reading its first `prefix_len` items.

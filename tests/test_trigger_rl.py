@@ -31,12 +31,14 @@ def _config(tmp_path, **kw):
     return grpo_config(tmp_path, TriggerConfig, **{"max_new_tokens": 8, "learning_rate": 1e-1, **kw})
 
 
-def test_decisions_are_replayed_from_the_trigger_logits(tmp_path):
-    model = chatty_model("qwen2", "lora", k_prompt=4, k_inference=2)  # reaches delimiters; both invokes and skips
+@pytest.mark.parametrize("mode", ["lora", "head"])
+def test_decisions_are_replayed_from_the_trigger_logits(tmp_path, mode):
+    model = chatty_model("qwen2", mode, k_prompt=4, k_inference=2)  # reaches delimiters; both invokes and skips
     trainer = TriggerTrainer(model, _config(tmp_path, temperature=1e-4, max_new_tokens=16), _prompts(4),
                              reward=lambda text, target: 0.0, allow_untrained_weaver=True)
     batch = trainer.rollouts(_prompts(4))
-    logits = model(batch.input_ids, batch.attention_mask, trigger_logits=True).trigger_logits
+    logits = model(batch.input_ids, batch.attention_mask, batch.labels, augmentation_points=batch.points,
+                   trigger_logits=True).trigger_logits
     assert logits.shape == (*batch.input_ids.shape, 2) and logits.dtype == torch.float32
     taken = torch.full_like(batch.decided, -100)
     taken[:, :-1] = batch.decided[:, 1:]
@@ -63,8 +65,9 @@ def test_an_untrained_weaver_is_refused_unless_loaded_trained_or_insisted(tmp_pa
     TriggerTrainer(fresh, _config(tmp_path / "e"), _prompts(2), reward=lambda t, y: 0.0)
 
 
-def test_the_invocation_rate_falls_when_invoking_costs_and_does_not_help(tmp_path):
-    model = make_model("qwen2", k_prompt=4, k_inference=2, trigger_mode="lora").train()
+@pytest.mark.parametrize("mode", ["lora", "head"])
+def test_the_invocation_rate_falls_when_invoking_costs_and_does_not_help(tmp_path, mode):
+    model = make_model("qwen2", k_prompt=4, k_inference=2, trigger_mode=mode).train()
     with torch.no_grad():  # start undecided: P(invoke) = 0.5 at every decision point
         model.trigger.output_layer.weight.zero_()
         model.trigger.output_layer.bias.zero_()
@@ -88,7 +91,9 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="invoke_penalty must be"):
         _config(tmp_path, invoke_penalty=-1.0)
     always = make_model("qwen2")
-    with pytest.raises(ValueError, match="trains a `lora` trigger"):
+    with pytest.raises(ValueError, match="trains a `lora` or `head` trigger"):
         TriggerTrainer(always, _config(tmp_path), _prompts(2), reward=lambda t, y: 0.0, allow_untrained_weaver=True)
     with pytest.raises(ValueError, match="trigger_logits=True needs"):
         always(torch.tensor([[1, 2]]), trigger_logits=True)
+    with pytest.raises(ValueError, match="need labels and the augmentation_points"):
+        make_model("qwen2", trigger_mode="head")(torch.tensor([[1, 2]]), trigger_logits=True)

@@ -1,4 +1,4 @@
-"""Trigger RL (DESIGN.md section 1, stage 2): the weaver frozen, the `lora` trigger learns when to recall.
+"""Trigger RL (DESIGN.md section 1, stage 2): the weaver frozen, the trigger (`lora` or `head`) learns when to recall.
 
 Rollouts sample the trigger's decisions (and the tokens) with memgen's engine. Each rollout's
 reward is shaped by the paper's reward-adaptive penalty, which the reference code leaves out. In
@@ -6,8 +6,9 @@ each group, H_high is the set of rollouts whose reward is at least the group's m
 their mean invocation rate (INVOKE decisions / decision points). Every rollout's shaped reward is
 `R - lambda * (its INVOKE decisions) * (1 - p_bar)`. Group-normalised advantages of the shaped
 rewards then weigh PPO's clipped objective on the log-probabilities of the decisions taken. Those
-come from the trigger's logits over the same token ids (`MemGenModel.forward(..., trigger_logits=True)`)
-at the sampling temperature.
+come from the trigger's logits as generation computed them (`MemGenModel.forward(..., trigger_logits=True)`:
+the `lora` trigger over the same token ids, the `head` trigger on the reasoner's hidden states in the stream
+the rollout wove) at the sampling temperature.
 """
 
 from __future__ import annotations
@@ -63,15 +64,16 @@ class TriggerTrainer(GRPOTrainer):
                  allow_untrained_weaver: bool = False, **kwargs: Any) -> None:
         if not isinstance(args, TriggerConfig):
             raise ValueError(f"args must be a TriggerConfig, got {type(args).__name__}")
-        if model.trigger is None or model.trigger.mode != "lora":
-            raise ValueError("trigger RL trains a `lora` trigger: build the model with MemGenConfig(trigger_mode='lora')")
+        if model.trigger is None:
+            raise ValueError("trigger RL trains a `lora` or `head` trigger: build the model with "
+                             "MemGenConfig(trigger_mode='lora') or trigger_mode='head'")
         if not model.weaver_trained and not allow_untrained_weaver:
             raise ValueError("the weaver was neither trained nor loaded from a checkpoint: train it first (SFT or "
                              "GRPO), load one with MemGenModel.from_pretrained, or pass allow_untrained_weaver=True")
         super().__init__(model, args, train_dataset, reward, **kwargs)
 
     def generation_kwargs(self) -> dict[str, Any]:
-        return {"trigger_mode": "lora"}
+        return {"trigger_mode": self.accelerator.unwrap_model(self.model).trigger.mode}
 
     def scores(self, rewards: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
         return adaptive_penalty(rewards, decisions, self.args.group_size, self.args.invoke_penalty)
@@ -82,7 +84,8 @@ class TriggerTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self.rollouts(inputs)
-        logits = model(batch.input_ids, batch.attention_mask, trigger_logits=True).trigger_logits
+        logits = model(batch.input_ids, batch.attention_mask, batch.labels, augmentation_points=batch.points,
+                       trigger_logits=True).trigger_logits
         taken = torch.full_like(batch.decided, -100)
         taken[:, :-1] = batch.decided[:, 1:]  # the decision before token j was read at position j - 1
         mask = taken >= 0
