@@ -140,7 +140,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(_DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--out", default="memgen-bench", metavar="DIR", help="where the three files go (default: %(default)s)")
-    p.add_argument("--rounds", type=int, help="timed rounds per case (default: ops 30, decode 5, train 5)")
+    p.add_argument("--rounds", type=int, help="timed rounds per case (default: ops 30, decode 9, train 5)")
     p.add_argument("--batch", type=int, nargs="+", metavar="B",
                    help="batch sizes (default: ops 1 64, decode 1 16, train 1 8)")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens per row in the decode suite")
