@@ -142,3 +142,20 @@ def test_resuming_grpo_continues_exactly(tmp_path):
     assert resumed_rewards == rewards  # steps 1-2 come back with the trainer state; 3-4 are sampled again, alike
     for (name, a), b in zip(full.stage_parameters("weaver").items(), resumed.stage_parameters("weaver").values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sharded_models_are_refused_rather_than_left_to_deadlock():
+    from types import SimpleNamespace
+
+    from memgen.training.grpo import refuse_sharded_rollouts
+
+    def trainer(fsdp=False, deepspeed_stage=None):
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=deepspeed_stage))
+        return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed_stage is not None,
+                               accelerator=SimpleNamespace(state=state))
+
+    refuse_sharded_rollouts(trainer())
+    refuse_sharded_rollouts(trainer(deepspeed_stage=2))
+    for sharded in (trainer(fsdp=True), trainer(deepspeed_stage=3)):
+        with pytest.raises(ValueError, match="FSDP or ZeRO-3"):
+            refuse_sharded_rollouts(sharded)

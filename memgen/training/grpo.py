@@ -58,6 +58,16 @@ class GRPOConfig(TrainingArguments):
             raise ValueError("remove_unused_columns must be False: GRPO reads the rows' prompt and target")
 
 
+def refuse_sharded_rollouts(trainer: Any) -> None:
+    """Raise under FSDP or DeepSpeed ZeRO-3. Every forward of a sharded model is a collective, so every rank
+    must make the same calls; the engine's rollouts do not keep ranks in step yet (a rank whose rows finish
+    early, or that weaves less often, would leave the others waiting forever)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
+    if trainer.is_fsdp_enabled or (plugin is not None and getattr(plugin, "zero_stage", 0) == 3):
+        raise ValueError("rollouts with a sharded model (FSDP or ZeRO-3) are not supported yet: ranks would fall out "
+                         "of step and deadlock. Use DDP (or ZeRO-1/2), which keeps a whole copy on each rank")
+
+
 def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """bool [B, T]: each completion's tokens up to and including its first EOS."""
     is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))
@@ -139,6 +149,7 @@ class GRPOTrainer(MemGenTrainer):
             raise ValueError("reward must be a callable (completion text, target) -> float")
         super().__init__(model, args, stage=self.stage_name, train_dataset=train_dataset,
                          data_collator=lambda rows: rows, **kwargs)
+        refuse_sharded_rollouts(self)
         self.reward = reward
         self.initial_state = {k: p.detach().clone() for k, p in model.stage_parameters(self.stage_name).items()} \
             if args.beta > 0 else None
