@@ -74,7 +74,6 @@ def cases(workload: Workload, batches: tuple[int, ...] = BATCHES, new_tokens: in
             "lora": lambda m=memgen: m(lora, trigger_mode="lora"),
             "reference": reference,
         }
-        assert tuple(impls) == IMPLS
         out.append(Case("decode", f"decode-B{batch}", dict(batch=batch, new_tokens=new_tokens), impls,
                         baselines=("memory_off", "hf_generate", "reference"), work=batch * new_tokens,
                         unit="tokens", describe=_facts,
