@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
+from memgen.config import TORCH_DTYPES
+
 MARKER = "⟦M⟧"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +48,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-memory", action="store_true", help="decode the bare reasoner (a baseline)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeatable)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="the reasoner's weights")
+    p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="the reasoner's weights")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -89,7 +90,7 @@ def _generate(args: argparse.Namespace) -> int:
         from memgen import MemGenConfig
 
         name = args.model or MemGenConfig.from_pretrained(args.memgen).reasoner_name_or_path
-        reasoner = AutoModelForCausalLM.from_pretrained(name, dtype=_DTYPES[args.dtype])
+        reasoner = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[args.dtype])
         tokenizer = AutoTokenizer.from_pretrained(name)
     model = MemGenModel.from_pretrained(args.memgen, reasoner=reasoner, tokenizer=tokenizer)
     model = model.to(device=args.device).eval()
@@ -138,7 +139,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                              "others have real architecture shapes and random weights (default: tiny)")
     source.add_argument("--model", metavar="PATH", help="a Hugging Face causal LM (directory or name) instead")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--out", default="memgen-bench", metavar="DIR", help="where the three files go (default: %(default)s)")
     p.add_argument("--rounds", type=int, help="timed rounds per case (default: ops 30, decode 9, train 5)")
     p.add_argument("--batch", type=int, nargs="+", metavar="B",
@@ -154,7 +155,7 @@ def _bench(args: argparse.Namespace) -> int:
     suites = bench.SUITES if args.suite == "all" else (args.suite,)
     try:
         results = bench.run(suites, preset=None if args.model else args.preset or "tiny", model_path=args.model,
-                            device=args.device, dtype=_DTYPES[args.dtype] if args.dtype else None,
+                            device=args.device, dtype=TORCH_DTYPES[args.dtype] if args.dtype else None,
                             rounds=args.rounds, batches=args.batch, new_tokens=args.new_tokens,
                             progress=not args.no_progress, command="memgen " + shlex.join(args.argv))
     except ValueError as error:
@@ -200,7 +201,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="the reasoner's weights")
+    p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="the reasoner's weights")
     p.add_argument("--out", metavar="JSON", help="also write the results here")
 
 
@@ -212,8 +213,7 @@ def _eval(args: argparse.Namespace) -> int:
     from memgen.training.run import build_model
 
     try:
-        data = args.data[0] if args.data and len(args.data) == 1 else args.data
-        rows = list(load_task(args.task, data, args.split, args.limit))
+        rows = list(load_task(args.task, args.data, args.split, args.limit))
     except ValueError as error:
         raise SystemExit(f"memgen eval: {error}") from error
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(args.device).eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
 from memgen.delimiters import DEFAULT_DELIMITERS
@@ -20,6 +21,9 @@ DEFAULT_LORA: dict[str, Any] = {
 _LORA_KEYS = {"r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora", "init_lora_weights",
               "layers_to_transform", "fan_in_fan_out"}
 
+
+# The torch dtypes the command line and run descriptions accept for a base model's weights, by name.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 def _check_lora(name: str, value: Any) -> dict[str, Any]:
     if value is None:

@@ -36,10 +36,11 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, memory=memory,
                              eos_token_id=eos, trigger_mode=trigger_mode, return_dict_in_generate=True)
         new = out.sequences[:, ids.shape[1]:].cpu()
+        woven = out.augmentation_mask.cpu() == 1
         keep = completion_mask(new, [eos])
         for b, row in enumerate(chunk):
             text = tok.decode(new[b][keep[b]], skip_special_tokens=True)
             scores.append(float(reward(text, row["target"])))
-            insertions.append(int((out.augmentation_mask[b].cpu()[keep[b]] == 1).sum()))
+            insertions.append(int(woven[b][keep[b]].sum()))
     return {"accuracy": sum(scores) / len(scores), "rows": len(scores),
             "insertions_per_response": sum(insertions) / len(insertions)}

@@ -26,6 +26,14 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         r["ratios"] = {b: r["median_s"] / case[b] for b in r["baselines"] if b in case and b != r["impl"]}
 
 
+def by_suite(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by suite, in the order the suites ran."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[r["suite"]].append(r)
+    return groups
+
+
 def format_time(seconds: float) -> str:
     if seconds >= 1:
         return f"{seconds:.2f} s"
@@ -69,10 +77,7 @@ def markdown(results: dict[str, Any]) -> str:
     """Every suite's table under a heading naming the machine, with how the numbers were taken."""
     meta = results["meta"]
     out = [f"# memgen bench: {machine_line(meta)}", ""]
-    by_suite: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in results["records"]:
-        by_suite[r["suite"]].append(r)
-    for suite, records in by_suite.items():
+    for suite, records in by_suite(results["records"]).items():
         rounds = sorted({r["rounds"] for r in records})
         out += [f"## {SUITE_TITLES.get(suite, suite)}", "", suite_table(records), "",
                 f"Medians of {'/'.join(map(str, rounds))} rounds, "
@@ -91,13 +96,11 @@ def chart(results: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_suite: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in results["records"]:
-        by_suite[r["suite"]].append(r)
-    heights = [max(2.0, 0.28 * len(rs) + 1.0) for rs in by_suite.values()]
-    fig, axes = plt.subplots(len(by_suite), 1, figsize=(9, sum(heights)), squeeze=False,
+    groups = by_suite(results["records"])
+    heights = [max(2.0, 0.28 * len(rs) + 1.0) for rs in groups.values()]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    for ax, (suite, records) in zip(axes[:, 0], by_suite.items()):
+    for ax, (suite, records) in zip(axes[:, 0], groups.items()):
         per_token = suite == "decode"
         values = [r["median_s"] / r["work"] * 1e3 if per_token else r["median_s"] * 1e3 for r in records]
         labels = [f"{r['case']} · {r['impl']}" for r in records]

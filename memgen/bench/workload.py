@@ -26,6 +26,7 @@ from memgen import presets
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
 from memgen.modeling import MemGenModel
+from memgen.training.data import MemGenCollator
 
 INVOKE_PROBABILITY = 0.1
 DELIMITER_SHARE = 1 / 8
@@ -117,7 +118,8 @@ def prompt_batch(workload: Workload, batch: int) -> tuple[torch.Tensor, torch.Te
     """`batch` left-padded prompts of synthetic prose with different lengths (8 to 39 tokens)."""
     text_ids = workload.tokenizer(presets.synthetic_text(40, seed=batch))["input_ids"]
     rows = [text_ids[7 * b % 50:][: 8 + (13 * b) % 32] for b in range(batch)]
-    return _pad_left(rows, workload.tokenizer.pad_token_id, workload.device)
+    padded = MemGenCollator(workload.tokenizer.pad_token_id)([{"input_ids": r, "labels": r} for r in rows])
+    return padded["input_ids"].to(workload.device), padded["attention_mask"].to(workload.device)
 
 
 def training_batch(workload: Workload, batch: int, points: int) -> tuple[torch.Tensor, ...]:
@@ -125,7 +127,7 @@ def training_batch(workload: Workload, batch: int, points: int) -> tuple[torch.T
     `points - 1` delimiters (the prompt point plus that many inference points)."""
     tok = workload.tokenizer
     table = build_delimiter_table(tok, vocab_size=workload.config.vocab_size)
-    rows, labels = [], []
+    rows = []
     for b in range(batch):
         ids = tok(presets.synthetic_text(12, seed=100 + b))["input_ids"]
         prompt_len = 10 + 3 * b % 7
@@ -134,18 +136,7 @@ def training_batch(workload: Workload, batch: int, points: int) -> tuple[torch.T
         if len(delimiters) < points - 1:
             raise ValueError(f"the training text has {len(delimiters)} delimiters, fewer than {points - 1}")
         answer = answer[: int(delimiters[points - 2]) + 1 + 8]  # 8 tokens past the last inference point
-        rows.append(ids[:prompt_len] + answer)
-        labels.append([-100] * prompt_len + answer)
-    input_ids, mask = _pad_left(rows, tok.pad_token_id, workload.device)
-    label_ids, _ = _pad_left(labels, -100, workload.device)
-    return input_ids, mask, label_ids
+        rows.append({"input_ids": ids[:prompt_len] + answer, "labels": [-100] * prompt_len + answer})
+    padded = MemGenCollator(tok.pad_token_id)(rows)
+    return tuple(padded[k].to(workload.device) for k in ("input_ids", "attention_mask", "labels"))
 
-
-def _pad_left(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row):] = torch.tensor(row)
-        mask[b, width - len(row):] = 1
-    return ids.to(device), mask.to(device)

@@ -112,17 +112,13 @@ def _qa(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "answer": row["answer"], "target": row["answer"]}
 
 
-def _code_reward(completion: str, tests: str) -> float:
-    return rewards.code_reward(completion, tests)
-
-
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("gsm8k", ("openai/gsm8k", "main"), _gsm8k, rewards.math_reward),
     Task("math", ("HuggingFaceH4/MATH-500", None), _math, rewards.math_reward),
     Task("gpqa", ("Idavidrein/gpqa", "gpqa_diamond"), _gpqa, rewards.option_reward),
     Task("triviaqa", ("mandarjoshi/trivia_qa", "rc.nocontext"), _triviaqa, rewards.qa_reward),
     Task("popqa", ("akariasai/PopQA", None), _popqa, rewards.qa_reward),
-    Task("kodcode", ("KodCode/KodCode-V1", None), _kodcode, _code_reward),
+    Task("kodcode", ("KodCode/KodCode-V1", None), _kodcode, rewards.code_reward),
     Task("qa", ("", None), _qa, rewards.qa_reward),
 )}
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from memgen.training.data import prompt_batch
+from memgen.training.data import MemGenCollator, prompt_batch
 from memgen.training.trainer import MemGenTrainer
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -195,19 +195,15 @@ class GRPOTrainer(MemGenTrainer):
 
     @staticmethod
     def _repack(prompts, new, keep, decisions, rewards, scores, advantages, texts, device, pad_id) -> Rollouts:
-        rows = [(p, new[b][keep[b]].tolist(), decisions[b][keep[b]].tolist()) for b, p in enumerate(prompts)]
-        width = max(len(p) + len(c) for p, c, _ in rows)
-        shape = (len(rows), width)
-        ids, labels = torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, -100, dtype=torch.long)
-        mask, decided = torch.zeros(shape, dtype=torch.long), torch.full(shape, -100, dtype=torch.long)
-        for b, (p, c, d) in enumerate(rows):
-            ids[b, width - len(p) - len(c):] = torch.tensor(p + c)
-            mask[b, width - len(p) - len(c):] = 1
-            labels[b, width - len(c):] = torch.tensor(c)
-            decided[b, width - len(c):] = torch.tensor(d)
-        return Rollouts(ids.to(device), mask.to(device), labels.to(device), decided.to(device),
-                        (decided == 1).long().to(device), (labels != -100).to(device), rewards.to(device),
-                        scores.to(device), advantages.to(device), texts)
+        completions = [new[b][keep[b]].tolist() for b in range(len(prompts))]
+        padded = MemGenCollator(pad_id)([{"input_ids": p + c, "labels": [-100] * len(p) + c}
+                                         for p, c in zip(prompts, completions)])
+        labels = padded["labels"]
+        decided = torch.full_like(labels, -100)
+        decided[labels != -100] = decisions[keep]  # each completion token's decision, in row order
+        return Rollouts(padded["input_ids"].to(device), padded["attention_mask"].to(device), labels.to(device),
+                        decided.to(device), (decided == 1).long().to(device), (labels != -100).to(device),
+                        rewards.to(device), scores.to(device), advantages.to(device), texts)
 
     # ------------------------------------------------------------------ loss
 

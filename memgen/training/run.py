@@ -24,13 +24,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
+
+from memgen.config import TORCH_DTYPES
 
 STAGES = ("sft", "grpo", "trigger")
 _KEYS = {"stage", "model", "memgen", "config", "task", "data", "split", "limit", "max_length", "dtype",
          "allow_untrained_weaver", "training"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -77,8 +77,8 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
         raise ValueError("the run description needs 'model' (the reasoner) or 'memgen' (a checkpoint)")
     if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
         raise ValueError("training must be a mapping with at least output_dir")
-    if run.get("dtype", "float32") not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {run.get('dtype')!r}")
+    if run.get("dtype", "float32") not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {run.get('dtype')!r}")
     return run
 
 
@@ -94,7 +94,7 @@ def build_model(model: str | None, memgen: str | None, config: dict[str, Any] | 
     if name is None:
         name = MemGenConfig.from_pretrained(memgen).reasoner_name_or_path
     if name is not None:
-        reasoner = AutoModelForCausalLM.from_pretrained(name, dtype=_DTYPES[dtype])
+        reasoner = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[dtype])
         tokenizer = AutoTokenizer.from_pretrained(name)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
