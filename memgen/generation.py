@@ -20,6 +20,11 @@
   the `lora` trigger needs a second one on steps where some row is at a decision point (its
   logits decide which rows the next calls contain). Host bookkeeping is vectorised over CPU
   tensors; the caches keep their per-row lengths there, so sizing a call never waits on the device.
+- With a sharded model (FSDP, ZeRO-3) every forward of a decoder is a collective, so the ranks of
+  the process group make the same calls in the same order (`_RankSync`): each step they agree on
+  whether any rank still decodes, calls its `lora` trigger and weaves; a rank that has nothing of
+  its own to run makes an idle call instead (one dummy item, written nowhere), and a rank whose
+  rows are all finished keeps making the others' calls until every rank is done.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from transformers.utils import ModelOutput
 
 from memgen.adapters import BareBase, active_adapter, tuner_layers
@@ -65,6 +71,7 @@ class _RaggedDecoder:
         self.cache = RaggedCache(model.config.num_hidden_layers, batch, capacity, device)
         self.lengths = self.cache.lengths  # host int32 [B]: items each row has read
         self.dtype = model.get_input_embeddings().weight.dtype
+        self.width, self.device = model.config.hidden_size, device
 
     def run(self, rows: torch.Tensor | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
             n_items: torch.Tensor) -> torch.Tensor:
@@ -87,6 +94,17 @@ class _RaggedDecoder:
     def lengths_of(self, rows: torch.Tensor | None) -> torch.Tensor:
         return self.lengths.clone() if rows is None else self.lengths[rows]
 
+    def idle(self) -> None:
+        """One call that changes nothing: a zero item in row 0's scratch slot, attending to its slot 0. It
+        runs the same modules (and so the same collectives of a sharded model) as a real call."""
+        device = self.device
+        items = torch.zeros(1, 1, self.width, dtype=self.dtype, device=device)
+        positions = torch.zeros(1, 1, dtype=torch.long, device=device)
+        slots = torch.full((1, 1), self.capacity, dtype=torch.long, device=device)
+        mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=device)
+        self.run(positions.new_zeros(1), (items, positions, slots, mask), positions.new_zeros(0).cpu(),
+                 torch.zeros(0, dtype=torch.int32))
+
 
 def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                    top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -108,6 +126,30 @@ def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, to
 def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Hugging Face's repetition penalty on logits [B, V] for the tokens each row has seen (bool [B, V])."""
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+class _RankSync:
+    """Agreement between the ranks of a process group on each step's calls (see the module docstring)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+        self.group = group
+        self.device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+    def any(self, *flags: bool) -> list[bool]:
+        """For each flag: whether it holds on any rank (one all-reduce)."""
+        votes = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self.device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in votes.tolist()]
+
+    def check_same(self, **settings: int) -> None:
+        """Raise (on every rank) unless every rank passed the same settings: they fix the calls' sequence."""
+        values = torch.tensor(list(settings.values()), dtype=torch.int64, device=self.device)
+        spread = torch.stack([values, -values])
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=self.group)
+        differ = [name for name, high, low in zip(settings, spread[0].tolist(), spread[1].tolist()) if high != -low]
+        if differ:
+            raise ValueError(f"with synced_ranks every rank must pass the same {', '.join(differ)}: they fix which "
+                             "calls each step makes, and ranks that disagree would wait on each other forever")
 
 
 class _Engine:
@@ -288,20 +330,26 @@ class _Engine:
     # -- a whole insertion ----------------------------------------------------------------------
 
     def insert(self, active: torch.Tensor, invoking: torch.Tensor, tokens: torch.Tensor | None, kind: str,
-               column: int) -> None:
+               column: int, company: bool = False) -> None:
         """Read this step's items: active rows' tokens (if not read yet) and latents for the invoking rows.
 
         active, invoking: host int64 row indices (invoking within active); tokens: [B] on the device, or None
-        when the reasoner already read them; column: the new token the latents precede (for latent_norms).
+        when the reasoner already read them; column: the new token the latents precede (for latent_norms);
+        company: another rank weaves at this step, so a rank with no invoking row makes the calls idle.
         """
         k = self.k[kind]
         if tokens is None:
             if invoking.numel():
                 self.read_step(invoking, None, self.weave(invoking, kind, column),
                                torch.full((invoking.numel(),), k, dtype=torch.int32))
+            elif company:
+                self.weaver.idle()
+                self.reasoner.idle()
             return
         active_tokens = tokens[self.to_device(active)[0]]
         if not invoking.numel():
+            if company:
+                self.weaver.idle()
             self.read_step(active, active_tokens, None, None)
             return
         invoking_tokens = tokens[self.to_device(invoking)[0]]
@@ -317,18 +365,52 @@ class _Engine:
         self.read_step(active, active_tokens, padded, invokes.to(torch.int32) * k)
 
 
+def _idle_rest_of_step(engine: _Engine, sync: _RankSync, mode: str, vote: bool) -> None:
+    """A step's calls after its agreement, idle. vote: the agreement's second vote (`lora`: some rank consults
+    its trigger; otherwise: some rank weaves)."""
+    weave = vote
+    if mode == "lora":
+        weave = False
+        if vote:
+            engine.trigger.idle()
+            weave, = sync.any(False)
+    if weave:
+        engine.weaver.idle()
+    if mode != "head" or weave:
+        engine.reasoner.idle()
+
+
+def _follow(engine: _Engine, sync: _RankSync, mode: str, step: int, max_new_tokens: int, vote: bool) -> None:
+    """After this rank's rows all finished at `step`: make the other ranks' calls, idle, until every rank is
+    done (the last step makes no call)."""
+    _idle_rest_of_step(engine, sync, mode, vote)
+    for _ in range(step + 1, max_new_tokens - 1):
+        if mode == "head":
+            engine.reasoner.idle()
+        running, vote = sync.any(False, False)
+        if not running:
+            return
+        _idle_rest_of_step(engine, sync, mode, vote)
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
              do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
              generator: torch.Generator | None, eos_ids: list[int], trigger_mode: str, prompt_budget: int,
              budget: int, repetition_penalty: float = 1.0, streamer=None,
-             stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MemGenGenerateOutput:
+             stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             synced_ranks: bool = False) -> MemGenGenerateOutput:
     """MemGen generation for validated inputs (see `MemGenModel.generate`).
 
     stop: maps the new tokens so far [B, t] to bool [B], rows whose text now ends with a stop string.
+    synced_ranks: keep the ranks of the default process group in step (a sharded model).
     """
     device = input_ids.device
     batch = input_ids.shape[0]
+    sync = _RankSync(None, device) if synced_ranks else None
+    if sync is not None:
+        sync.check_same(max_new_tokens=max_new_tokens, trigger_mode=("always", "lora", "head").index(trigger_mode),
+                        max_prompt_aug_num=prompt_budget, max_inference_aug_num=budget)
     real = attention_mask.bool()
     n_prompt = real.sum(1)
     order = torch.argsort((~real).long(), dim=1, stable=True)  # each row's prompt tokens first, in order
@@ -337,6 +419,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     engine = _Engine(model, prompts, prompt_lengths, max_new_tokens, trigger_mode, prompt_budget, budget, do_sample,
                      temperature, generator)
     lora = trigger_mode == "lora" and engine.memory
+    head = trigger_mode == "head" and engine.memory
+    mode = "lora" if lora else "head" if head else "plain"
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = model.tokenizer.pad_token_id
@@ -357,8 +441,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         decisions = engine.decide(prompts[:, 0], finished, counts, True, all_rows if lora else None)
         aug_mask[:, 0] = decisions
         invoking = (decisions.cpu() == 1).nonzero().flatten()  # the prompt step's synchronisation
-        engine.insert(all_rows, invoking, None, PROMPT, 0)
-    head = trigger_mode == "head" and engine.memory
+        company = sync.any(invoking.numel() > 0)[0] if sync is not None else False
+        engine.insert(all_rows, invoking, None, PROMPT, 0, company)
     active = all_rows  # host: rows unfinished at the last synchronisation
     steps = 0
     for step in range(max_new_tokens):
@@ -387,26 +471,41 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             engine.record_trigger_tokens(active, tokens[engine.to_device(active)[0]])
             candidates = host[0].nonzero().flatten()
             host[0] = -100
-            if candidates.numel():
-                decisions = engine.decide(tokens, finished, counts, False, candidates)
-                host[0] = decisions.cpu()  # a second one: the trigger's logits shape the next calls
+            vote = candidates.numel() > 0  # this rank consults its trigger
         else:
             if engine.memory:
                 decisions = engine.decide(tokens, finished, counts, False, None)
             host_decisions = decisions.long() if decisions is not None else torch.full_like(tokens, -100)
             host = torch.stack([host_decisions, finished.long(), tokens]).cpu()  # the step's synchronisation
+            vote = bool((host[0] == 1).any())  # this rank weaves
         if streamer is not None:
             streamer.put(host[2])
+        unfinished = (host[1] == 0).nonzero().flatten()
+        company = False
+        if sync is not None:
+            running, vote = sync.any(unfinished.numel() > 0, vote)
+            if not unfinished.numel():
+                if running:
+                    _follow(engine, sync, mode, step, max_new_tokens, vote)
+                break
+            company = vote
+        if lora:
+            if candidates.numel():
+                decisions = engine.decide(tokens, finished, counts, False, candidates)
+                host[0] = decisions.cpu()  # a second one: the trigger's logits shape the next calls
+            elif company:
+                engine.trigger.idle()
+            if company:
+                company, = sync.any(bool((host[0] == 1).any()))
         if decisions is not None:
             aug_mask[:, step + 1] = decisions
-        unfinished = (host[1] == 0).nonzero().flatten()
         if not unfinished.numel():
             break
         invoking = (host[0] == 1).nonzero().flatten()
         if head:
-            engine.insert(active, invoking, None, INFERENCE, step + 1)
+            engine.insert(active, invoking, None, INFERENCE, step + 1, company)
         else:
-            engine.insert(unfinished, invoking, tokens, INFERENCE, step + 1)
+            engine.insert(unfinished, invoking, tokens, INFERENCE, step + 1, company)
         active = unfinished
     if streamer is not None:
         streamer.end()

@@ -24,6 +24,7 @@ from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
                            default_points, explicit_points, prompt_turns)
+from memgen.sharding import distributed, root_gathered, sharding_of
 from memgen.trigger import MemGenTrigger
 from memgen.weaver import INFERENCE, PROMPT, MemGenWeaver
 
@@ -274,7 +275,7 @@ class MemGenModel(nn.Module):
                  eos_token_id: int | list[int] | None = None, return_dict_in_generate: bool = False,
                  memory: bool = True, trigger_mode: str | None = None, max_prompt_aug_num: int | None = None,
                  max_inference_aug_num: int | None = None, repetition_penalty: float = 1.0, streamer: Any = None,
-                 stop_strings: str | list[str] | None = None):
+                 stop_strings: str | list[str] | None = None, synced_ranks: bool | None = None):
         """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
 
         Args:
@@ -291,12 +292,28 @@ class MemGenModel(nn.Module):
                 receives the prompts, then each step's new tokens [B].
             stop_strings: a row also finishes once its generated text ends with one of these strings
                 (matched on token ids by `transformers.StopStringCriteria`; no text decoding in the loop).
+            synced_ranks: keep every rank of the default process group making the same model calls until all
+                ranks are done (each step they agree on whether any still decodes, consults its trigger and
+                weaves; one all-reduce each). Required for a model sharded by FSDP, whose every forward is a
+                collective; None (default) turns it on exactly then. Every rank must pass the same
+                max_new_tokens, trigger mode and budgets. A model that is itself an FSDP root
+                (`fully_shard`) gathers its own parameters for the call; under FSDP1 wrap the call in
+                `FullyShardedDataParallel.summon_full_params(wrapper, recurse=False)`.
 
         Returns sequences [B, L + T] (pad after each row's EOS), or the output with the
         augmentation mask [B, T]: -100 no decision point, 0 SKIP, 1 INVOKE before each new token.
         """
         from memgen.generation import generate as run_engine
 
+        sharding = sharding_of(self)
+        if sharding == "zero3":
+            raise ValueError("generate does not support a model partitioned by DeepSpeed ZeRO-3 (the engine reads "
+                             "the embedding table and heads outside their forward); use FSDP or ZeRO-1/2")
+        if synced_ranks is None:
+            synced_ranks = sharding is not None and distributed()
+        elif synced_ranks and not distributed():
+            raise ValueError("synced_ranks=True needs an initialised torch.distributed process group of more than "
+                             "one rank")
         real = self._check_generate_inputs(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
                                            top_k, top_p, generator)
         mode = self.config.trigger_mode if trigger_mode is None else trigger_mode
@@ -330,10 +347,12 @@ class MemGenModel(nn.Module):
 
             def stop(new_tokens: torch.Tensor) -> torch.Tensor:
                 return criteria(new_tokens, None)
-        out = run_engine(self, input_ids, real.long(), max_new_tokens=max_new_tokens, do_sample=do_sample,
-                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos_ids=eos_ids,
-                         trigger_mode=mode, prompt_budget=prompt_budget, budget=budget,
-                         repetition_penalty=float(repetition_penalty), streamer=streamer, stop=stop)
+        with root_gathered(self):
+            out = run_engine(self, input_ids, real.long(), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                             eos_ids=eos_ids, trigger_mode=mode, prompt_budget=prompt_budget, budget=budget,
+                             repetition_penalty=float(repetition_penalty), streamer=streamer, stop=stop,
+                             synced_ranks=bool(synced_ranks))
         return out if return_dict_in_generate else out.sequences
 
     def _check_generate_inputs(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,

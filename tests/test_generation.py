@@ -252,3 +252,10 @@ def test_bad_stop_strings():
     for bad in ("", [], [""], [3]):
         with pytest.raises(ValueError, match="stop_strings"):
             model.generate(input_ids, mask, max_new_tokens=4, stop_strings=bad)
+
+
+def test_synced_ranks_needs_a_process_group():
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0], "left")
+    with pytest.raises(ValueError, match="synced_ranks=True needs an initialised torch.distributed"):
+        model.generate(input_ids, mask, max_new_tokens=4, synced_ranks=True)

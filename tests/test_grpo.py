@@ -144,18 +144,19 @@ def test_resuming_grpo_continues_exactly(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_sharded_models_are_refused_rather_than_left_to_deadlock():
+def test_unsupported_sharding_is_refused_with_a_clear_error():
     from types import SimpleNamespace
 
-    from memgen.training.grpo import refuse_sharded_rollouts
+    from memgen.training.grpo import check_sharding
 
-    def trainer(fsdp=False, deepspeed_stage=None):
+    def trainer(fsdp=False, deepspeed_stage=None, beta=0.0):
         state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=deepspeed_stage))
         return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed_stage is not None,
-                               accelerator=SimpleNamespace(state=state))
+                               accelerator=SimpleNamespace(state=state), args=SimpleNamespace(beta=beta))
 
-    refuse_sharded_rollouts(trainer())
-    refuse_sharded_rollouts(trainer(deepspeed_stage=2))
-    for sharded in (trainer(fsdp=True), trainer(deepspeed_stage=3)):
-        with pytest.raises(ValueError, match="FSDP or ZeRO-3"):
-            refuse_sharded_rollouts(sharded)
+    for supported in (trainer(), trainer(deepspeed_stage=2), trainer(fsdp=True), trainer(beta=0.1)):
+        check_sharding(supported)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        check_sharding(trainer(deepspeed_stage=3))
+    with pytest.raises(ValueError, match="beta > 0"):
+        check_sharding(trainer(fsdp=True, beta=0.1))

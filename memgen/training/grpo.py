@@ -11,6 +11,9 @@ divided by the group's standard deviation).
 
 A completion ends at its first EOS: the mask that weighs its tokens includes that EOS and nothing
 after it (the reference code padded with EOS and masked nothing, which clipped everything).
+
+Under FSDP the rollouts gather the root's own parameters once and keep the ranks in step (the
+engine's `synced_ranks`), so ranks whose rollouts end or weave at different steps do not deadlock.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from memgen.sharding import root_gathered
 from memgen.training.data import MemGenCollator, prompt_batch
 from memgen.training.trainer import MemGenTrainer
 
@@ -58,14 +62,16 @@ class GRPOConfig(TrainingArguments):
             raise ValueError("remove_unused_columns must be False: GRPO reads the rows' prompt and target")
 
 
-def refuse_sharded_rollouts(trainer: Any) -> None:
-    """Raise under FSDP or DeepSpeed ZeRO-3. Every forward of a sharded model is a collective, so every rank
-    must make the same calls; the engine's rollouts do not keep ranks in step yet (a rank whose rows finish
-    early, or that weaves less often, would leave the others waiting forever)."""
+def check_sharding(trainer: Any) -> None:
+    """Raise for the sharded setups rollouts cannot run under: DeepSpeed ZeRO-3 (the engine reads the
+    embedding table and heads outside their forward, where ZeRO-3 has not gathered them), and a KL term
+    (`beta` > 0) under FSDP (it swaps the initial weaver's whole tensors into parameters FSDP has sharded)."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
-    if trainer.is_fsdp_enabled or (plugin is not None and getattr(plugin, "zero_stage", 0) == 3):
-        raise ValueError("rollouts with a sharded model (FSDP or ZeRO-3) are not supported yet: ranks would fall out "
-                         "of step and deadlock. Use DDP (or ZeRO-1/2), which keeps a whole copy on each rank")
+    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+        raise ValueError("rollouts with DeepSpeed ZeRO-3 are not supported: use FSDP, or ZeRO-1/2 (a whole copy of "
+                         "the frozen base on each rank)")
+    if trainer.is_fsdp_enabled and getattr(trainer.args, "beta", 0.0) > 0:
+        raise ValueError("beta > 0 (KL to the initial weaver) is not supported under FSDP; use beta=0 or DDP")
 
 
 def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -149,7 +155,7 @@ class GRPOTrainer(MemGenTrainer):
             raise ValueError("reward must be a callable (completion text, target) -> float")
         super().__init__(model, args, stage=self.stage_name, train_dataset=train_dataset,
                          data_collator=lambda rows: rows, **kwargs)
-        refuse_sharded_rollouts(self)
+        check_sharding(self)
         self.reward = reward
         self.initial_state = {k: p.detach().clone() for k, p in model.stage_parameters(self.stage_name).items()} \
             if args.beta > 0 else None
@@ -173,7 +179,7 @@ class GRPOTrainer(MemGenTrainer):
         generator = torch.Generator(device=device).manual_seed(seed)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), root_gathered(self.model_wrapped):  # FSDP1: the wrapper holds the root's shards
             out = model.generate(ids.to(device), mask.to(device), max_new_tokens=self.args.max_new_tokens,
                                  do_sample=True, temperature=self.args.temperature, generator=generator,
                                  eos_token_id=eos, return_dict_in_generate=True, **self.generation_kwargs())

@@ -1,0 +1,93 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: the engine on a model sharded with
+FSDP (`fully_shard`, CPU, gloo). Each rank decodes its own batch, whose rows weave at other steps and finish
+at other times than the other rank's; it writes to OUT/rank<r>.json whether its sharded outputs equal its
+unsharded ones, and how many decoder-layer calls each run made. Last, `GRPOTrainer.rollouts` on a sharded
+model (the trainer's own rollout path) against the same rollouts unsharded."""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from memgen.training.grpo import GRPOConfig, GRPOTrainer
+from test_grpo import _prompts
+from test_modeling import make_batch
+from test_reference_generation import chatty_model
+
+RUNS = [("always", {"max_prompt_aug_num": 0}), ("lora", {}), ("head", {}), ("lora", {"do_sample": True}), ("always", {"memory": False})]
+
+
+def build(trigger_mode: str):
+    model = chatty_model("qwen2", trigger_mode, boost=2.0)
+    with torch.no_grad():  # rows end at different steps
+        model.reasoner.get_output_embeddings().weight[model.tokenizer.eos_token_id] *= 3
+    return model
+
+
+def decode(model, input_ids, mask, kwargs):
+    """(sequences, augmentation mask, decoder-layer calls) of one generate call."""
+    calls = []
+    hook = model.reasoner.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    generator = torch.Generator().manual_seed(7)
+    out = model.generate(input_ids, mask, max_new_tokens=24, generator=generator, return_dict_in_generate=True,
+                         **kwargs)
+    hook.remove()
+    return out.sequences, out.augmentation_mask, len(calls)
+
+
+def grpo_rollouts(out_dir: str, rank: int) -> dict:
+    model = build("always")
+    args = GRPOConfig(output_dir=out_dir, use_cpu=True, report_to=[], group_size=3, max_new_tokens=20, seed=0,
+                      ddp_backend="gloo", disable_tqdm=True, log_level="error")
+    rows = _prompts(3 if rank == 0 else 2)
+    calls = []
+    model.reasoner.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    want = GRPOTrainer(model, args, rows, reward=lambda text, target: 0.0).rollouts(rows)
+    alone_calls = len(calls)
+    for layer in model.reasoner.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    got = GRPOTrainer(model, args, rows, reward=lambda text, target: 0.0).rollouts(rows)
+    return {"run": "GRPOTrainer.rollouts", "equal": torch.equal(got.input_ids, want.input_ids) and
+            torch.equal(got.points, want.points), "alone_calls": alone_calls, "synced_calls": len(calls) - alone_calls,
+            "weaves": int((want.points == 1).sum())}
+
+
+def mismatch_refused(rank: int) -> bool:
+    """Ranks asking for different max_new_tokens get a clear error (on both), not a hang."""
+    model = build("always")
+    input_ids, mask, _ = make_batch(model, [0], "left", seed=rank)
+    try:
+        model.generate(input_ids, mask, max_new_tokens=5 + rank, synced_ranks=True)
+    except ValueError as err:
+        return "max_new_tokens" in str(err)
+    return False
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    report = []
+    for trigger_mode, kwargs in RUNS:
+        model = build(trigger_mode)
+        input_ids, mask, _ = make_batch(model, [0] * (3 if rank == 0 else 2), "left", seed=11 + 5 * rank)
+        want_seq, want_mask, alone_calls = decode(model, input_ids, mask, kwargs)
+        for layer in model.reasoner.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        got_seq, got_mask, synced_calls = decode(model, input_ids, mask, kwargs)
+        report.append({"run": f"{trigger_mode} {kwargs}", "equal": torch.equal(got_seq, want_seq) and
+                       torch.equal(got_mask, want_mask), "alone_calls": alone_calls, "synced_calls": synced_calls,
+                       "weaves": int((want_mask == 1).sum())})
+    report.append(grpo_rollouts(out_dir, rank))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"runs": report, "mismatch_refused": mismatch_refused(rank)}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
