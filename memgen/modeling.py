@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, StopStringCriteria
 from transformers.utils import ModelOutput
 
@@ -40,12 +41,15 @@ class MemGenOutput(ModelOutput):
     augmentation_points: int64 [B, L]; 1 prompt point, 2 inference point (latents before token j), 0 none.
     trigger_logits: float32 [B, L, 2] (only with `forward(..., trigger_logits=True)`): the trigger's
         [SKIP, INVOKE] logits after reading the tokens through position j, as generation computes them.
+    token_logps: float32 [B, L] (only with `forward(..., token_logps=True)`): log p(token j | the stream
+        before it) for each labelled token (labels != -100), 0 elsewhere.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     augmentation_points: torch.Tensor | None = None
     trigger_logits: torch.Tensor | None = None
+    token_logps: torch.Tensor | None = None
 
 
 def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrainedModel:
@@ -54,6 +58,14 @@ def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrain
     if not isinstance(model_or_name, PreTrainedModel) or not hasattr(model_or_name, "get_decoder"):
         raise ValueError(f"{what} must be a Hugging Face causal LM or its name/path, got {type(model_or_name).__name__}")
     return model_or_name
+
+
+def _predicting_items(real: torch.Tensor, item_index: torch.Tensor, n_latents: torch.Tensor) -> torch.Tensor:
+    """[B, L] the stream index of the item whose hidden state predicts token j + 1: token j itself, or the
+    last latent woven between tokens j and j + 1 (0 at padding)."""
+    next_latents = torch.zeros_like(n_latents)
+    next_latents[:, :-1] = n_latents[:, 1:]
+    return torch.where(real, item_index + next_latents, 0)
 
 
 class MemGenModel(nn.Module):
@@ -228,7 +240,8 @@ class MemGenModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, augmentation_points: Any = None,
                 memory: bool = True, generator: torch.Generator | None = None,
-                trigger_logits: bool = False) -> MemGenOutput:
+                trigger_logits: bool = False, token_logps: bool = False,
+                logps_chunk_size: int = 1024) -> MemGenOutput:
         """Teacher-forced forward with latents woven at the augmentation points.
 
         Args:
@@ -246,12 +259,20 @@ class MemGenModel(nn.Module):
                 reasoner's hidden states, which needs labels and `augmentation_points`. Trigger RL takes its
                 decisions' log-probabilities from them (through forward, so that DDP synchronises the
                 trigger's gradients).
+            token_logps: return only the labelled tokens' log-probabilities (see MemGenOutput), for policy
+                gradients. The LM head runs on `logps_chunk_size` tokens at a time and backward recomputes
+                each chunk's logits, so neither the [B, L, V] logits nor their float32 log-softmax is
+                ever held whole (with a 150k vocabulary they are a step's largest tensors). Single-turn
+                rows or explicit `augmentation_points` only.
 
         Rows with several answer spans are conversations: each assistant turn is a single-turn
         forward over the prefix ending at that turn (earlier turns' latents are invisible to it);
         logits[:, j] come from the forward of the turn that contains token j + 1.
         """
         real = self._check_forward_inputs(input_ids, attention_mask, labels)
+        if token_logps and (labels is None or not isinstance(logps_chunk_size, int) or logps_chunk_size < 1):
+            raise ValueError(f"token_logps=True needs labels (the tokens to score) and logps_chunk_size an int >= 1, "
+                             f"got labels={'None' if labels is None else 'given'}, logps_chunk_size={logps_chunk_size!r}")
         if trigger_logits:
             return MemGenOutput(trigger_logits=self._trigger_logits(input_ids, real, labels, augmentation_points))
         if not memory:
@@ -263,10 +284,15 @@ class MemGenModel(nn.Module):
         else:
             check_labels(real, labels, single_turn=False)
             if (answer_boundaries(real, labels).sum(1) > 1).any():
+                if token_logps:
+                    raise ValueError("token_logps=True takes single-turn rows or explicit augmentation_points")
                 logits, points = self._conversation_logits(input_ids, real, labels, generator)
                 return self._output(logits, labels, points)
             points = default_points(input_ids, real, labels, self.delimiter_table, self.config.max_prompt_aug_num,
                                     self.config.max_inference_aug_num)
+        if token_logps:
+            return MemGenOutput(augmentation_points=points, token_logps=self._token_logps(
+                input_ids, real, points, labels, logps_chunk_size))
         return self._output(self._interleaved_logits(input_ids, real, points), labels, points)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
@@ -452,13 +478,34 @@ class MemGenModel(nn.Module):
 
     def _interleaved_logits(self, input_ids: torch.Tensor, real: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         hidden, item_index, n_latents = self._interleaved_hidden(input_ids, real, points)
-        # logits[:, j] come from the item just before token j + 1: the last latent woven there, if any
-        next_latents = torch.zeros_like(n_latents)
-        next_latents[:, :-1] = n_latents[:, 1:]
-        read_at = torch.where(real, item_index + next_latents, 0)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        logits = self.reasoner.get_output_embeddings()(hidden[rows[:, None], read_at])
+        logits = self.reasoner.get_output_embeddings()(hidden[rows[:, None], _predicting_items(real, item_index,
+                                                                                             n_latents)])
         return logits * real[..., None].to(logits.dtype)
+
+    def _token_logps(self, input_ids: torch.Tensor, real: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
+                     chunk_size: int) -> torch.Tensor:
+        """[B, L] float32 log-probabilities of the labelled tokens, the LM head run chunk by chunk."""
+        hidden, item_index, n_latents = self._interleaved_hidden(input_ids, real, points)
+        read_at = _predicting_items(real, item_index, n_latents)
+        scored = torch.zeros_like(real)
+        scored[:, 1:] = (labels[:, 1:] != -100) & real[:, 1:]
+        rows, cols = scored.nonzero(as_tuple=True)
+        states, targets = hidden[rows, read_at[rows, cols - 1]], input_ids[rows, cols]
+        head = self.reasoner.get_output_embeddings()
+
+        def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.log_softmax(head(h).float(), -1).gather(-1, t[:, None]).squeeze(-1)
+
+        pieces = []
+        for start in range(0, targets.shape[0], chunk_size):
+            h, t = states[start:start + chunk_size], targets[start:start + chunk_size]
+            if torch.is_grad_enabled():  # keep only h: backward recomputes this chunk's logits
+                pieces.append(recompute_in_backward(chunk_logps, h, t, use_reentrant=False))
+            else:
+                pieces.append(chunk_logps(h, t))
+        logps = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
+        return logps.index_put((rows, cols), torch.cat(pieces) if pieces else logps.new_zeros(0))
 
     def _interleaved_hidden(self, input_ids: torch.Tensor, real: torch.Tensor,
                             points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

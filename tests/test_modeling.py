@@ -168,6 +168,46 @@ def test_explicit_points_override_the_rule(form):
     assert torch.equal(out.augmentation_points != 0, chosen)
 
 
+def _plain_token_logps(logits, input_ids, labels):
+    """The reference: log-softmax of the whole [B, L, V] logits, read at each labelled token."""
+    logps = torch.zeros(input_ids.shape)
+    logps[:, 1:] = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.where(labels != -100, logps, 0.0)
+
+
+@pytest.mark.parametrize("padding,chunk_size,seed", [("left", 1, 0), ("right", 7, 1), ("left", 10_000, 2)])
+def test_chunked_token_logps_equal_the_full_log_softmax(padding, chunk_size, seed):
+    model = make_model("qwen2", k_prompt=3, k_inference=2, seed=seed).train()
+    input_ids, mask, labels = make_batch(model, [3, 0, 5, 1, 2], padding, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    points = ((labels != -100) & (torch.rand(labels.shape, generator=g) < 0.3)).long()
+    weaver = model.stage_parameters("weaver")
+
+    def run(**kwargs):
+        model.zero_grad()
+        out = model(input_ids, mask, labels, augmentation_points=points, **kwargs)
+        logps = out.token_logps if "token_logps" in kwargs else _plain_token_logps(out.logits, input_ids, labels)
+        (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum().backward()
+        return logps.detach(), {k: p.grad.clone() for k, p in weaver.items() if p.grad is not None}
+
+    want, want_grads = run()
+    got, got_grads = run(token_logps=True, logps_chunk_size=chunk_size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got[labels == -100] == 0).all() and (got[labels != -100][1:] != 0).all()
+    assert want_grads.keys() == got_grads.keys() and want_grads
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_token_logps_needs_labels_and_a_chunk_size():
+    model = make_model("qwen2")
+    input_ids, mask, labels = make_batch(model, [1], "left")
+    with pytest.raises(ValueError, match="token_logps=True needs labels"):
+        model(input_ids, mask, memory=False, token_logps=True)
+    with pytest.raises(ValueError, match="logps_chunk_size"):
+        model(input_ids, mask, labels, token_logps=True, logps_chunk_size=0)
+
+
 def test_memory_off_and_zero_budgets_are_the_bare_reasoner():
     model = make_model("qwen3", max_prompt=0, max_inference=0)
     input_ids, mask, labels = make_batch(model, [3, 1], "right", seed=7)

@@ -1,8 +1,11 @@
-"""The train suite: one weaver SFT step (forward + backward), memgen's batched training forward
-against the row-by-row reference (`memgen.reference.reference_forward`).
+"""The train suite, at batch 1 and 8 (LoRA dropout 0, so implementations compute the same thing):
+- `train-B*`: one weaver SFT step (forward + backward), memgen's batched training forward against
+  the row-by-row reference (`memgen.reference.reference_forward`);
+- `policy-B*`: the policy-gradient forward + backward of GRPO (a weighted sum of the answer tokens'
+  log-probabilities), memgen's chunked `forward(..., token_logps=True)` against the whole [B, L, V]
+  logits and their log-softmax. Its point is peak memory on a large vocabulary.
 
-Every row carries 6 points (its prompt point and 5 inference points), K = 8 latents each, at batch
-1 and 8 (LoRA dropout 0, so both implementations compute the same loss).
+Every row carries 6 points (its prompt point and 5 inference points), K = 8 latents each.
 """
 
 from __future__ import annotations
@@ -37,7 +40,26 @@ def cases(workload: Workload, batches: tuple[int, ...] = BATCHES) -> list[Case]:
             model.zero_grad(set_to_none=True)
             reference_forward(model, input_ids, mask, labels)[0].backward()
 
-        out.append(Case("train", f"train-B{batch}", dict(batch=batch, points_per_row=POINTS,
-                                                         tokens=int(mask.sum())),
-                        {"memgen": memgen, "reference": reference}, baselines=("reference",), work=1, unit="steps"))
+        params = dict(batch=batch, points_per_row=POINTS, tokens=int(mask.sum()))
+        out.append(Case("train", f"train-B{batch}", params, {"memgen": memgen, "reference": reference},
+                        baselines=("reference",), work=1, unit="steps"))
+        out.append(_policy_case(model, input_ids, mask, labels, (points != 0).long(), params))
     return out
+
+
+def _policy_case(model, input_ids, mask, labels, points, params) -> Case:
+    weights = torch.linspace(-1, 1, labels.numel(), device=labels.device).view_as(labels)  # advantage-like
+
+    def chunked():
+        model.zero_grad(set_to_none=True)
+        logps = model(input_ids, mask, labels, augmentation_points=points, token_logps=True).token_logps
+        (logps * weights).sum().backward()
+
+    def full_logits():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids, mask, labels, augmentation_points=points).logits
+        logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        (torch.where(labels[:, 1:] != -100, logps, 0.0) * weights[:, 1:]).sum().backward()
+
+    return Case("train", f"policy-B{params['batch']}", params, {"chunked_logps": chunked, "full_logits": full_logits},
+                baselines=("full_logits",), work=1, unit="steps")

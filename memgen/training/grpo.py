@@ -44,6 +44,8 @@ class GRPOConfig(TrainingArguments):
     epsilon: float = field(default=0.2, metadata={"help": "clipping range of the probability ratio"})
     loss_type: str = field(default="grpo", metadata={"help": "grpo | bnpo | dr_grpo"})
     eos_token_ids: list[int] | None = field(default=None, metadata={"help": "default: the tokenizer's EOS"})
+    logps_chunk_size: int = field(default=1024, metadata={
+        "help": "completion tokens whose vocabulary-wide logits exist at once (backward recomputes them)"})
     remove_unused_columns: bool = False  # rows carry prompt and target, which forward does not take
 
     def __post_init__(self) -> None:
@@ -56,6 +58,8 @@ class GRPOConfig(TrainingArguments):
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.beta < 0 or not 0 < self.epsilon < 1:
             raise ValueError(f"beta must be >= 0 and epsilon in (0, 1), got {self.beta!r}, {self.epsilon!r}")
+        if not isinstance(self.logps_chunk_size, int) or self.logps_chunk_size < 1:
+            raise ValueError(f"logps_chunk_size must be an int >= 1, got {self.logps_chunk_size!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.remove_unused_columns:
@@ -129,13 +133,6 @@ class Rollouts:
     scores: torch.Tensor
     advantages: torch.Tensor
     texts: list[str]
-
-
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, L] log-probability of each token under the logits of the item before it (0 at column 0)."""
-    logps = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    logps[:, 1:] = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return logps
 
 
 class GRPOTrainer(MemGenTrainer):
@@ -222,19 +219,21 @@ class GRPOTrainer(MemGenTrainer):
             for k, p in params.items():
                 p.copy_(self.initial_state[k])
             try:
-                logits = model(batch.input_ids, batch.attention_mask, batch.labels,
-                               augmentation_points=batch.points).logits
+                return self._policy_logps(model, batch)
             finally:
                 for k, p in params.items():
                     p.copy_(current[k])
-        return token_logps(logits, batch.input_ids)
+
+    def _policy_logps(self, model: Any, batch: Rollouts) -> torch.Tensor:
+        """[B, L] the completion tokens' log-probabilities, replayed at the rollouts' insertion points."""
+        return model(batch.input_ids, batch.attention_mask, batch.labels, augmentation_points=batch.points,
+                     token_logps=True, logps_chunk_size=self.args.logps_chunk_size).token_logps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self.rollouts(inputs)
         # before the policy's forward: swapping the initial tensors in afterwards would alter its saved graph
         reference = self._reference_logps(batch) if self.args.beta > 0 else None
-        logits = model(batch.input_ids, batch.attention_mask, batch.labels, augmentation_points=batch.points).logits
-        logps = token_logps(logits, batch.input_ids)
+        logps = self._policy_logps(model, batch)
         kl = None
         if reference is not None:
             delta = reference - logps
@@ -242,7 +241,7 @@ class GRPOTrainer(MemGenTrainer):
         loss, clipped = clipped_loss(logps, logps.detach(), batch.advantages, batch.completion, self.args.epsilon,
                                      self.args.loss_type, self.args.max_new_tokens, kl, self.args.beta)
         self._record(batch, clipped, kl)
-        return (loss, logits) if return_outputs else loss
+        return (loss, logps) if return_outputs else loss
 
     def _record(self, batch: Rollouts, clipped: torch.Tensor, kl: torch.Tensor | None) -> None:
         decided = (batch.decided >= 0).sum()
