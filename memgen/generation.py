@@ -20,8 +20,8 @@
   the `lora` trigger needs a second one on steps where some row is at a decision point (its
   logits decide which rows the next calls contain). Host bookkeeping is vectorised over CPU
   tensors; the caches keep their per-row lengths there, so sizing a call never waits on the device.
-- With a sharded model (FSDP, ZeRO-3) every forward of a decoder is a collective, so the ranks of
-  the process group make the same calls in the same order (`_RankSync`): each step they agree on
+- With a model sharded by FSDP every forward of a decoder is a collective, so the ranks of the
+  default process group make the same calls in the same order (`_RankSync`): each step they agree on
   whether any rank still decodes, calls its `lora` trigger and weaves; a rank that has nothing of
   its own to run makes an idle call instead (one dummy item, written nowhere), and a rank whose
   rows are all finished keeps making the others' calls until every rank is done.
@@ -102,7 +102,7 @@ class _RaggedDecoder:
         positions = torch.zeros(1, 1, dtype=torch.long, device=device)
         slots = torch.full((1, 1), self.capacity, dtype=torch.long, device=device)
         mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=device)
-        self.run(positions.new_zeros(1), (items, positions, slots, mask), positions.new_zeros(0).cpu(),
+        self.run(positions[0], (items, positions, slots, mask), torch.zeros(0, dtype=torch.long),
                  torch.zeros(0, dtype=torch.int32))
 
 
@@ -129,23 +129,23 @@ def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch
 
 
 class _RankSync:
-    """Agreement between the ranks of a process group on each step's calls (see the module docstring)."""
+    """Agreement between the ranks of the default process group on each step's calls (see the module
+    docstring). Votes travel on the engine's device under NCCL, on the CPU otherwise."""
 
-    def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
-        self.group = group
-        self.device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    def __init__(self, device: torch.device) -> None:
+        self.device = device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def any(self, *flags: bool) -> list[bool]:
         """For each flag: whether it holds on any rank (one all-reduce)."""
         votes = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self.device)
-        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
         return [bool(v) for v in votes.tolist()]
 
     def check_same(self, **settings: int) -> None:
         """Raise (on every rank) unless every rank passed the same settings: they fix the calls' sequence."""
         values = torch.tensor(list(settings.values()), dtype=torch.int64, device=self.device)
         spread = torch.stack([values, -values])
-        dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
         differ = [name for name, high, low in zip(settings, spread[0].tolist(), spread[1].tolist()) if high != -low]
         if differ:
             raise ValueError(f"with synced_ranks every rank must pass the same {', '.join(differ)}: they fix which "
@@ -407,7 +407,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     """
     device = input_ids.device
     batch = input_ids.shape[0]
-    sync = _RankSync(None, device) if synced_ranks else None
+    sync = _RankSync(device) if synced_ranks else None
     if sync is not None:
         sync.check_same(max_new_tokens=max_new_tokens, trigger_mode=("always", "lora", "head").index(trigger_mode),
                         max_prompt_aug_num=prompt_budget, max_inference_aug_num=budget)
