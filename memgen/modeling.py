@@ -273,6 +273,8 @@ class MemGenModel(nn.Module):
         if token_logps and (labels is None or not isinstance(logps_chunk_size, int) or logps_chunk_size < 1):
             raise ValueError(f"token_logps=True needs labels (the tokens to score) and logps_chunk_size an int >= 1, "
                              f"got labels={'None' if labels is None else 'given'}, logps_chunk_size={logps_chunk_size!r}")
+        if token_logps and trigger_logits:
+            raise ValueError("pass token_logps=True or trigger_logits=True, not both: they are different outputs")
         if trigger_logits:
             return MemGenOutput(trigger_logits=self._trigger_logits(input_ids, real, labels, augmentation_points))
         if not memory:

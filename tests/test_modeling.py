@@ -206,6 +206,8 @@ def test_token_logps_needs_labels_and_a_chunk_size():
         model(input_ids, mask, memory=False, token_logps=True)
     with pytest.raises(ValueError, match="logps_chunk_size"):
         model(input_ids, mask, labels, token_logps=True, logps_chunk_size=0)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids, mask, labels, token_logps=True, trigger_logits=True)
 
 
 def test_memory_off_and_zero_budgets_are_the_bare_reasoner():
