@@ -86,6 +86,7 @@ def main(out_dir: str) -> None:
     report.append(grpo_rollouts(out_dir, rank))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"runs": report, "mismatch_refused": mismatch_refused(rank)}, f)
+    dist.barrier()  # a rank tearing gloo down while the other still talks to it aborts
     dist.destroy_process_group()
 
 
