@@ -471,18 +471,18 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             engine.record_trigger_tokens(active, tokens[engine.to_device(active)[0]])
             candidates = host[0].nonzero().flatten()
             host[0] = -100
-            vote = candidates.numel() > 0  # this rank consults its trigger
         else:
             if engine.memory:
                 decisions = engine.decide(tokens, finished, counts, False, None)
             host_decisions = decisions.long() if decisions is not None else torch.full_like(tokens, -100)
             host = torch.stack([host_decisions, finished.long(), tokens]).cpu()  # the step's synchronisation
-            vote = bool((host[0] == 1).any())  # this rank weaves
         if streamer is not None:
             streamer.put(host[2])
         unfinished = (host[1] == 0).nonzero().flatten()
         company = False
         if sync is not None:
+            # this rank consults its trigger (`lora`), or weaves (the other modes)
+            vote = candidates.numel() > 0 if lora else bool((host[0] == 1).any())
             running, vote = sync.any(unfinished.numel() > 0, vote)
             if not unfinished.numel():
                 if running:
