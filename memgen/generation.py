@@ -38,6 +38,7 @@ from transformers.utils import ModelOutput
 
 from memgen.adapters import BareBase, active_adapter, tuner_layers
 from memgen.cache import RaggedCache
+from memgen.layer_stack import direct_call, forward_call
 from memgen.ops import pack_ragged, pack_step, trigger_scoring
 from memgen.weaver import INFERENCE, PROMPT
 
@@ -65,7 +66,8 @@ class _RaggedDecoder:
 
     def __init__(self, model, adapter: str | None, batch: int, capacity: int, device: torch.device) -> None:
         self.model, self.adapter, self.capacity = model, adapter, capacity
-        self.decoder = model.get_decoder()
+        decoder = model.get_decoder()
+        self.call = direct_call(decoder) or forward_call(decoder)
         self.layers = tuner_layers(model) if adapter is not None else None
         self.bare = BareBase(model) if adapter is None else None
         self.cache = RaggedCache(model.config.num_hidden_layers, batch, capacity, device)
@@ -83,8 +85,7 @@ class _RaggedDecoder:
         items, positions, slots, mask = packed
         self.cache.prepare(rows, slots, mask.shape[-1])
         with self.bare() if self.bare is not None else active_adapter(self.model, self.adapter, self.layers):
-            hidden = self.decoder(inputs_embeds=items, attention_mask=mask, position_ids=positions,
-                                  past_key_values=self.cache, use_cache=True).last_hidden_state
+            hidden = self.call(items, mask, positions, self.cache)
         if advance is None:
             self.lengths += n_items
         else:

@@ -1,0 +1,62 @@
+"""Driving a Hugging Face decoder's layers directly, for the decoding engine's many small calls.
+
+A decoder's `forward` (e.g. `Qwen2Model.forward`) wraps its layer loop in decorators that merge
+config defaults and set up output capturing, and builds the attention mask. The engine passes a
+ready 4D mask and explicit positions and wants only the last hidden state, so for the decoders whose
+`forward` is exactly "rotary embedding, each layer, final norm" it calls those modules itself. The
+layers are the model's own modules (LoRA wrappers, attention implementation and cache included),
+so the result is the same tensor, without the wrappers' fixed cost on every call (see the decode
+benchmark). Any other decoder, or one with hooks or sharded units, goes through its `forward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from memgen.sharding import sharding_of
+
+# Decoders whose forward, given inputs_embeds, a 4D mask and position ids, is rotary embedding ->
+# layers -> norm, with only full-attention layers when their config says so.
+DIRECT_DECODERS = ("LlamaModel", "Qwen2Model", "Qwen3Model")
+
+Call = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None))
+
+
+def direct_call(decoder: nn.Module) -> Call | None:
+    """(items, mask, positions, cache) -> last hidden state, through `decoder`'s layers directly; None
+    when `decoder` must run through its own forward (unknown class, sliding-window layers, hooks on
+    the decoder, sharded units)."""
+    config = decoder.config
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    if (type(decoder).__name__ not in DIRECT_DECODERS or not type(decoder).__module__.startswith("transformers.")
+            or any(kind != "full_attention" for kind in layer_types) or _hooked(decoder)
+            or sharding_of(decoder) is not None):
+        return None
+    layers = list(decoder.layers[: config.num_hidden_layers])
+    rotary, norm = decoder.rotary_emb, decoder.norm
+
+    def call(items: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        hidden = items
+        position_embeddings = rotary(hidden, positions)
+        for layer in layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                           position_ids=positions, past_key_values=cache, use_cache=True)
+        return norm(hidden)
+
+    return call
+
+
+def forward_call(decoder: nn.Module) -> Call:
+    """The same signature through `decoder`'s own forward (any decoder)."""
+    def call(items: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        return decoder(inputs_embeds=items, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).last_hidden_state
+
+    return call

@@ -1,0 +1,60 @@
+"""Driving a decoder's layers directly gives the same tensors as its forward, and is declined where it would not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from memgen.adapters import active_adapter
+from memgen.cache import RaggedCache
+from memgen.layer_stack import direct_call, forward_call
+from memgen.ops import pack_ragged
+from test_modeling import make_model
+
+
+def _ragged_calls(decoder, call, stream, seed):
+    """A ragged prefill, then a step where rows read different numbers of items; both calls' hidden states."""
+    batch, length, _ = stream.shape
+    cache = RaggedCache(decoder.config.num_hidden_layers, batch, length + 4, stream.device)
+    rows = torch.arange(batch)
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(1, length // 2, (batch,), generator=g, dtype=torch.int32)
+    second = torch.randint(1, length // 2, (batch,), generator=g, dtype=torch.int32)
+    outputs = []
+    for seen, pending in ((torch.zeros_like(first), first), (first, second)):
+        items, positions, slots, mask = pack_ragged(stream, rows, seen, pending, int(pending.max()), None,
+                                                    length + 4, int((seen + pending).max()))
+        cache.prepare(None, slots, mask.shape[-1])
+        outputs.append(call(items, mask, positions, cache))
+    return outputs
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("adapter", [None, "weaver"])
+def test_direct_call_equals_forward(arch, adapter):
+    model = make_model(arch)
+    base = model.weaver.model
+    decoder = base.get_decoder()
+    direct = direct_call(decoder)
+    assert direct is not None, f"{type(decoder).__name__} should be driven directly"
+    stream = torch.randn(5, 13, decoder.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    name = model.weaver.adapter_name if adapter else None
+    with torch.no_grad(), active_adapter(base, name):
+        want = _ragged_calls(decoder, forward_call(decoder), stream, seed=11)
+        got = _ragged_calls(decoder, direct, stream, seed=11)
+    for w, o in zip(want, got):
+        assert torch.equal(w, o)
+
+
+def test_direct_call_is_declined_where_the_forward_does_more():
+    sliding = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                           sliding_window=8, max_window_layers=0))
+    assert direct_call(sliding.get_decoder()) is None, "sliding-window layers need the forward's second mask"
+    other = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    assert direct_call(other.get_decoder()) is None, "a class not known to be a plain layer stack"
+    hooked = make_model("qwen2").reasoner.get_decoder()
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    assert direct_call(hooked) is None, "a hook on the decoder must still run"
