@@ -19,10 +19,21 @@ from torch import nn
 from memgen.sharding import sharding_of
 
 # Decoders whose forward, given inputs_embeds, a 4D mask and position ids, is rotary embedding ->
-# layers -> norm, with only full-attention layers when their config says so.
+# layers -> norm when no layer has a sliding window.
 DIRECT_DECODERS = ("LlamaModel", "Qwen2Model", "Qwen3Model")
 
 Call = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of `config`'s sliding-window layers, None when every layer attends to all
+    positions. The engine's explicit 4D masks do not apply a window (Hugging Face builds the sliding mask
+    only from a 2D one), so generation refuses sequences longer than it."""
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -34,9 +45,8 @@ def direct_call(decoder: nn.Module) -> Call | None:
     when `decoder` must run through its own forward (unknown class, sliding-window layers, hooks on
     the decoder, sharded units)."""
     config = decoder.config
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     if (type(decoder).__name__ not in DIRECT_DECODERS or not type(decoder).__module__.startswith("transformers.")
-            or any(kind != "full_attention" for kind in layer_types) or _hooked(decoder)
+            or sliding_window(config) is not None or _hooked(decoder)
             or sharding_of(decoder) is not None):
         return None
     layers = list(decoder.layers[: config.num_hidden_layers])

@@ -23,6 +23,7 @@ from memgen import checkpoints
 from memgen.adapters import adapter_parameters, adapter_state_context, add_lora_adapter, tuner_layers
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
+from memgen.layer_stack import sliding_window
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
                            default_points, explicit_points, prompt_turns)
 from memgen.sharding import distributed, root_gathered, sharding_of
@@ -407,6 +408,13 @@ class MemGenModel(nn.Module):
         if limit is not None and int(counts.max()) + max_new_tokens + k > limit:
             raise ValueError(f"prompt ({int(counts.max())} tokens) + max_new_tokens ({max_new_tokens}) + latents "
                              f"({k}) exceed the reasoner's context of {limit} positions")
+        for part, lm in (("reasoner", self.reasoner), ("weaver", self.weaver.model),
+                         ("trigger", getattr(self.trigger, "model", None))):
+            window = sliding_window(lm.config) if lm is not None else None
+            if window is not None and int(counts.max()) + max_new_tokens + k > window:
+                raise ValueError(f"prompt ({int(counts.max())} tokens) + max_new_tokens ({max_new_tokens}) + latents "
+                                 f"({k}) exceed the {part}'s sliding attention window of {window} positions, which "
+                                 "the decoding engine does not apply; generate fewer tokens")
         return real
 
     @staticmethod

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from memgen import generation
+from memgen import MemGenConfig, MemGenModel, generation
 from memgen.reference import reference_generate
+from offline import chat_tokenizer
 from test_modeling import make_batch
 from test_reference_generation import chatty_model
 
@@ -175,6 +177,21 @@ def test_bad_generate_inputs():
     holes[0, -2] = 0
     with pytest.raises(ValueError, match="contiguous"):
         model.generate(input_ids, holes)
+
+
+def test_sequences_longer_than_a_sliding_window_are_refused():
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    reasoner = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            use_sliding_window=True, sliding_window=64, max_window_layers=1)).eval()
+    assert reasoner.config.layer_types == ["full_attention", "sliding_attention"]
+    model = MemGenModel.from_reasoner(reasoner, tok, MemGenConfig(prompt_latents_len=2, inference_latents_len=2))
+    input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
+    room = 64 - int(mask.sum(1).max()) - 2 - 2 * model.config.max_inference_aug_num
+    with pytest.raises(ValueError, match="the reasoner's sliding attention window of 64"):
+        model.generate(input_ids, mask, max_new_tokens=room + 1)
+    assert_same_as_reference(model, input_ids, mask, max_new_tokens=room)
 
 
 @pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
