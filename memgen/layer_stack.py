@@ -15,8 +15,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-
-from memgen.sharding import sharding_of
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 # Decoders whose forward, given inputs_embeds, a 4D mask and position ids, is rotary embedding ->
 # layers -> norm when no layer has a sliding window.
@@ -46,10 +45,11 @@ def direct_call(decoder: nn.Module) -> Call | None:
     the decoder, sharded units)."""
     config = decoder.config
     if (type(decoder).__name__ not in DIRECT_DECODERS or not type(decoder).__module__.startswith("transformers.")
-            or sliding_window(config) is not None or _hooked(decoder)
-            or sharding_of(decoder) is not None):
+            or sliding_window(config) is not None or _hooked(decoder)):
         return None
     layers = list(decoder.layers[: config.num_hidden_layers])
+    if any(isinstance(layer, (FSDPModule, FullyShardedDataParallel)) for layer in layers):
+        return None  # the sharded layers' collectives stay under the decoder's forward, as FSDP arranged them
     rotary, norm = decoder.rotary_emb, decoder.norm
 
     def call(items: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
