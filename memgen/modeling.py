@@ -403,18 +403,17 @@ class MemGenModel(nn.Module):
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        limit = getattr(self.reasoner.config, "max_position_embeddings", None)
         k = self.config.prompt_latents_len + self.config.inference_latents_len * self.config.max_inference_aug_num
-        if limit is not None and int(counts.max()) + max_new_tokens + k > limit:
-            raise ValueError(f"prompt ({int(counts.max())} tokens) + max_new_tokens ({max_new_tokens}) + latents "
-                             f"({k}) exceed the reasoner's context of {limit} positions")
+        limits = [("the reasoner's context", getattr(self.reasoner.config, "max_position_embeddings", None), "")]
         for part, lm in (("reasoner", self.reasoner), ("weaver", self.weaver.model),
                          ("trigger", getattr(self.trigger, "model", None))):
-            window = sliding_window(lm.config) if lm is not None else None
-            if window is not None and int(counts.max()) + max_new_tokens + k > window:
+            if lm is not None:
+                limits.append((f"the {part}'s sliding attention window", sliding_window(lm.config),
+                               ", which the decoding engine does not apply"))
+        for what, limit, why in limits:
+            if limit is not None and int(counts.max()) + max_new_tokens + k > limit:
                 raise ValueError(f"prompt ({int(counts.max())} tokens) + max_new_tokens ({max_new_tokens}) + latents "
-                                 f"({k}) exceed the {part}'s sliding attention window of {window} positions, which "
-                                 "the decoding engine does not apply; generate fewer tokens")
+                                 f"({k}) exceed {what} of {limit} positions{why}")
         return real
 
     @staticmethod
