@@ -4,6 +4,13 @@ The training forward is batched: all rows at once, ragged points per row. The we
 rounds (round r weaves every row's r-th point; each round reads each row's stream prefix once,
 the queries are transient), and the reasoner reads the padded, interleaved batch once.
 `memgen.reference` holds the row-by-row version it must equal.
+
+On a sharded model (FSDP, DeepSpeed ZeRO-3) under several processes every module call gathers its
+parameters, a collective, so every rank must make the same calls: the ranks agree on the weaving
+rounds and on the LM-head chunks, and a rank with nothing to weave or score in one runs it on a dummy
+input whose output is added to its result times zero (so backward makes the same calls too). Training
+under several processes, the weaver also runs for each kind of point at least once per forward, so
+that every trainable tensor gets a gradient on every rank (zero where unused), as DeepSpeed needs.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from memgen.delimiters import build_delimiter_table
 from memgen.layer_stack import sliding_window
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
                            default_points, explicit_points, prompt_turns)
-from memgen.sharding import distributed, root_gathered, sharding_of
+from memgen.sharding import distributed, ranks_max, root_gathered, sharding_of, zero3_decodable
 from memgen.trigger import MemGenTrigger
 from memgen.weaver import INFERENCE, PROMPT, MemGenWeaver
 
@@ -142,9 +149,11 @@ class MemGenModel(nn.Module):
         """
         return checkpoints.load(cls, str(path), reasoner, tokenizer, **kwargs)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the config and what is trained (adapters, queries, norms, scales, projections, trigger) as safetensors."""
-        checkpoints.save(self, str(path))
+    def save_pretrained(self, path: str | os.PathLike, is_main_process: bool = True) -> None:
+        """Write the config and what is trained (adapters, queries, norms, scales, projections, trigger) as
+        safetensors. Under several processes call it on every rank (a model partitioned by DeepSpeed ZeRO-3
+        gathers those tensors, a collective) with `is_main_process` True on the one that writes."""
+        checkpoints.save(self, str(path), is_main_process=is_main_process)
 
     # ------------------------------------------------------------------ memory
 
@@ -327,7 +336,9 @@ class MemGenModel(nn.Module):
                 collective; None (default) turns it on exactly then. Every rank must pass the same
                 max_new_tokens, trigger mode and budgets. A model that is itself an FSDP root
                 (`fully_shard`) gathers its own parameters for the call; under FSDP1 wrap the call in
-                `FullyShardedDataParallel.summon_full_params(wrapper, recurse=False)`.
+                `FullyShardedDataParallel.summon_full_params(wrapper, recurse=False)`. A model partitioned
+                by DeepSpeed ZeRO-3 decodes inside `memgen.sharding.gathered_for_decoding(engine)`, whole
+                on each rank, with no collective calls.
 
         Returns sequences [B, L + T] (pad after each row's EOS), or the output with the
         augmentation mask [B, T]: -100 no decision point, 0 SKIP, 1 INVOKE before each new token.
@@ -335,11 +346,12 @@ class MemGenModel(nn.Module):
         from memgen.generation import generate as run_engine
 
         sharding = sharding_of(self)
-        if sharding == "zero3":
-            raise ValueError("generate does not support a model partitioned by DeepSpeed ZeRO-3 (the engine reads "
-                             "the embedding table and heads outside their forward); use FSDP or ZeRO-1/2")
+        if sharding == "zero3" and not zero3_decodable(self):
+            raise ValueError("this model's parameters are partitioned by DeepSpeed ZeRO-3: decode inside "
+                             "`with memgen.sharding.gathered_for_decoding(engine):` (engine: the DeepSpeed engine, "
+                             "Trainer.model_wrapped), which gathers them whole for the call")
         if synced_ranks is None:
-            synced_ranks = sharding is not None and distributed()
+            synced_ranks = sharding == "fsdp" and distributed()
         elif synced_ranks and not distributed():
             raise ValueError("synced_ranks=True needs an initialised torch.distributed process group of more than "
                              "one rank")
@@ -506,15 +518,19 @@ class MemGenModel(nn.Module):
         def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return torch.log_softmax(head(h).float(), -1).gather(-1, t[:, None]).squeeze(-1)
 
-        pieces = []
-        for start in range(0, targets.shape[0], chunk_size):
-            h, t = states[start:start + chunk_size], targets[start:start + chunk_size]
+        def run(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled():  # keep only h: backward recomputes this chunk's logits
-                pieces.append(recompute_in_backward(chunk_logps, h, t, use_reentrant=False))
-            else:
-                pieces.append(chunk_logps(h, t))
+                return recompute_in_backward(chunk_logps, h, t, use_reentrant=False)
+            return chunk_logps(h, t)
+
+        starts = range(0, targets.shape[0], chunk_size)
+        pieces = [run(states[i:i + chunk_size], targets[i:i + chunk_size]) for i in starts]
         logps = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
-        return logps.index_put((rows, cols), torch.cat(pieces) if pieces else logps.new_zeros(0))
+        logps = logps.index_put((rows, cols), torch.cat(pieces) if pieces else logps.new_zeros(0))
+        if self._ranks_in_step():  # as many LM-head calls as the rank with the most chunks
+            for _ in range(ranks_max([len(pieces)], real.device)[0] - len(pieces)):
+                logps = logps + 0 * run(hidden[:1, 0], targets.new_zeros(1)).sum()
+        return logps
 
     def _interleaved_hidden(self, input_ids: torch.Tensor, real: torch.Tensor,
                             points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -534,11 +550,16 @@ class MemGenModel(nn.Module):
 
         has_point = points != 0
         point_rank = has_point.long().cumsum(1) - 1
-        for round_ in range(int(has_point.sum(1).max())):
+        kinds = ((PROMPT, PROMPT_POINT), (INFERENCE, INFERENCE_POINT))
+        called = self._weaver_calls(points, point_rank)
+        for round_ in range(called.shape[0]):
             at_round = has_point & (point_rank == round_)
-            for kind, code in ((PROMPT, PROMPT_POINT), (INFERENCE, INFERENCE_POINT)):
+            for kind_index, (kind, code) in enumerate(kinds):
                 pb, pj = (at_round & (points == code)).nonzero(as_tuple=True)
                 if pb.numel() == 0:
+                    if called[round_, kind_index]:  # another rank weaves here: the same calls, on a dummy
+                        dummy = self._weave(stream, rows[:1], torch.ones_like(stream_len[:1]), kind)
+                        stream = stream + 0 * dummy.sum().to(stream.dtype)
                     continue
                 k = self.weaver.num_latents(kind)
                 prefix_len = item_index[pb, pj] - k  # items before this weave's latents
@@ -551,6 +572,31 @@ class MemGenModel(nn.Module):
         hidden = self.reasoner.get_decoder()(inputs_embeds=stream, attention_mask=stream_mask.long(),
                                              position_ids=positions, use_cache=False).last_hidden_state
         return hidden, item_index, n_latents
+
+    def _ranks_in_step(self) -> bool:
+        """Whether every rank must make the same module calls: a sharded model under several processes."""
+        return sharding_of(self) is not None and distributed()
+
+    def _weaver_calls(self, points: torch.Tensor, point_rank: torch.Tensor) -> torch.Tensor:
+        """bool [rounds, 2]: whether weaving round r calls the weaver for prompt (0) / inference (1) points;
+        over all ranks when they must keep in step. Training under several processes, round 0 calls it for
+        both kinds: every trainable tensor then gets a gradient on every rank, zero where it was not used,
+        as DeepSpeed needs (ZeRO-1/2 reduce gradients in buckets that must match across ranks, ZeRO-3
+        would apply the previous step's gradient to a tensor that got none)."""
+        has_point = points != 0
+        rounds = int(has_point.sum(1).max()) if points.numel() else 0
+        in_step, every_kind = self._ranks_in_step(), torch.is_grad_enabled() and distributed()
+        if in_step:
+            rounds = ranks_max([rounds], points.device)[0]
+        rounds = max(rounds, int(every_kind))
+        called = torch.zeros(rounds, 2, dtype=torch.bool)
+        kind = (points[has_point] == INFERENCE_POINT).long().cpu()
+        called[point_rank[has_point].cpu(), kind] = True
+        if in_step and rounds:
+            called = torch.tensor(ranks_max(called.long().flatten().tolist(), points.device)).view(rounds, 2).bool()
+        if every_kind:
+            called[0] = True
+        return called
 
     def _weave(self, stream: torch.Tensor, rows: torch.Tensor, prefix_len: torch.Tensor, kind: str) -> torch.Tensor:
         """Latents [G, K, d_R] for stream rows `rows`, each reading its first `prefix_len` items.

@@ -1,9 +1,11 @@
 """Several processes: weaver SFT and GRPO under `torchrun --nproc_per_node 2` (CPU, gloo) end with the same
-trained tensors on both ranks (DDP averaged their gradients; GRPO's rollouts differ per rank), and the engine
-keeps the ranks of a sharded (FSDP) model in step."""
+trained tensors on both ranks (DDP averaged their gradients; GRPO's rollouts differ per rank), the engine
+keeps the ranks of a sharded (FSDP) model in step, and the three training stages under DeepSpeed ZeRO-2 and
+ZeRO-3 train as they do under DDP."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -28,7 +30,7 @@ def _torchrun(worker: str, *args) -> None:
     """Run tests/<worker> on two CPU processes; a hang (ranks out of step) fails by the timeout."""
     here = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                            str(here / worker), *map(str, args)],
@@ -61,3 +63,31 @@ def test_sharded_model_keeps_ranks_in_step(tmp_path):
         assert run0["alone_calls"] != run1["alone_calls"], (run0, run1)  # the ranks did diverge
         if "memory': False" not in run0["run"]:
             assert run0["weaves"] > 0 and run1["weaves"] > 0, (run0, run1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_zero_stages_train_as_ddp_does(tmp_path):
+    """Weaver SFT, weaver GRPO and trigger RL through Trainer under ZeRO-2 and ZeRO-3 (rollouts with the whole
+    model gathered; the ranks weave different numbers of times, so ZeRO-3's gathers must stay in step): the same
+    rollouts and, after three steps, the same trained tensors as DDP on both ranks, and a checkpoint holding
+    them whole; decoding the trained model gives DDP's tokens."""
+    from deepspeed_worker import STAGES, model_for
+
+    for mode in ("ddp", "zero2", "zero3"):
+        _torchrun("deepspeed_worker.py", mode, tmp_path / mode)
+    for stage in STAGES:
+        want = load_file(tmp_path / "ddp" / f"{stage}.rank0.safetensors")
+        initial = model_for(stage).stage_parameters("trigger" if stage == "trigger" else "weaver")
+        assert want.keys() - {"rewards", "sequences"} == initial.keys()
+        assert any(not torch.equal(want[k], initial[k].detach()) for k in initial), stage  # they did train
+        if stage != "sft":
+            assert want["rewards"].numel() == 3 * 2 * 4 and want["rewards"].unique().numel() == 2, stage
+        for mode in ("zero2", "zero3"):
+            ranks = [load_file(tmp_path / mode / f"{stage}.rank{r}.safetensors") for r in (0, 1)]
+            saved = load_file(tmp_path / mode / f"{stage}.saved" / "memgen.safetensors")
+            assert torch.equal(ranks[0]["rewards"], want["rewards"]), (mode, stage)  # the same rollouts
+            assert torch.equal(ranks[0]["sequences"], want["sequences"]), (mode, stage)  # decoded after training
+            for key in initial:
+                assert torch.equal(ranks[0][key], ranks[1][key]), (mode, stage, key)
+                assert torch.equal(saved[key], ranks[0][key]), (mode, stage, key)
+                torch.testing.assert_close(ranks[0][key], want[key], rtol=1e-5, atol=1e-6, msg=f"{mode} {stage} {key}")

@@ -14,6 +14,8 @@ after it (the reference code padded with EOS and masked nothing, which clipped e
 
 Under FSDP the rollouts gather the root's own parameters once and keep the ranks in step (the
 engine's `synced_ranks`), so ranks whose rollouts end or weave at different steps do not deadlock.
+Under DeepSpeed ZeRO-3 they gather the whole model on each rank for their duration
+(`memgen.sharding.gathered_for_decoding`) and make no collective calls.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from memgen.sharding import root_gathered
+from memgen.sharding import gathered_for_decoding
 from memgen.training.data import MemGenCollator, prompt_batch
 from memgen.training.trainer import MemGenTrainer
 
@@ -67,15 +69,13 @@ class GRPOConfig(TrainingArguments):
 
 
 def check_sharding(trainer: Any) -> None:
-    """Raise for the sharded setups rollouts cannot run under: DeepSpeed ZeRO-3 (the engine reads the
-    embedding table and heads outside their forward, where ZeRO-3 has not gathered them), and a KL term
-    (`beta` > 0) under FSDP (it swaps the initial weaver's whole tensors into parameters FSDP has sharded)."""
+    """Raise for a KL term (`beta` > 0) on a sharded model (FSDP, DeepSpeed ZeRO-3): it swaps the initial
+    weaver's whole tensors into parameters that are sharded."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
-    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-        raise ValueError("rollouts with DeepSpeed ZeRO-3 are not supported: use FSDP, or ZeRO-1/2 (a whole copy of "
-                         "the frozen base on each rank)")
-    if trainer.is_fsdp_enabled and getattr(trainer.args, "beta", 0.0) > 0:
-        raise ValueError("beta > 0 (KL to the initial weaver) is not supported under FSDP; use beta=0 or DDP")
+    zero3 = plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+    if (trainer.is_fsdp_enabled or zero3) and getattr(trainer.args, "beta", 0.0) > 0:
+        raise ValueError("beta > 0 (KL to the initial weaver) is not supported under FSDP or DeepSpeed ZeRO-3; use "
+                         "beta=0, or DDP / ZeRO-1/2")
 
 
 def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -176,7 +176,7 @@ class GRPOTrainer(MemGenTrainer):
         generator = torch.Generator(device=device).manual_seed(seed)
         was_training = model.training
         model.eval()
-        with torch.no_grad(), root_gathered(self.model_wrapped):  # FSDP1: the wrapper holds the root's shards
+        with torch.no_grad(), gathered_for_decoding(self.model_wrapped):
             out = model.generate(ids.to(device), mask.to(device), max_new_tokens=self.args.max_new_tokens,
                                  do_sample=True, temperature=self.args.temperature, generator=generator,
                                  eos_token_id=eos, return_dict_in_generate=True, **self.generation_kwargs())

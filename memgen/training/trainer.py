@@ -116,9 +116,10 @@ class MemGenTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
-        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+        # every rank: under ZeRO-3 gathering the trained tensors is a collective; one rank writes
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, is_main_process=self.args.should_save)
+        if self.args.should_save:
+            Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
