@@ -1,8 +1,9 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: the engine on a model sharded with
 FSDP (`fully_shard`, CPU, gloo). Each rank decodes its own batch, whose rows weave at other steps and finish
 at other times than the other rank's; it writes to OUT/rank<r>.json whether its sharded outputs equal its
-unsharded ones, and how many decoder-layer calls each run made. Last, `GRPOTrainer.rollouts` on a sharded
-model (the trainer's own rollout path) against the same rollouts unsharded."""
+unsharded ones, and how many decoder-layer calls each run made. Then `GRPOTrainer.rollouts` on a sharded
+model (the trainer's own rollout path) against the same rollouts unsharded, and a training forward and
+backward whose ranks weave and score different numbers of times against the same step unsharded."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from memgen.layer_stack import direct_call
 from memgen.training.grpo import GRPOConfig, GRPOTrainer
 from test_grpo import _prompts
-from test_modeling import make_batch
+from test_modeling import make_batch, make_model
 from test_reference_generation import chatty_model
 
 RUNS = [("always", {"max_prompt_aug_num": 0}), ("lora", {}), ("head", {}), ("lora", {"do_sample": True}), ("always", {"memory": False})]
@@ -57,6 +58,37 @@ def grpo_rollouts(out_dir: str, rank: int) -> dict:
             "weaves": int((want.points == 1).sum())}
 
 
+def training_step(rank: int) -> dict:
+    """Rank 0 weaves once (its prompt) and scores 2 LM-head chunks, rank 1 weaves up to 5 times per row and
+    scores more chunks; sharded, every layer call is a collective, so the ranks must agree on the calls. The
+    sharded step's token log-probabilities must equal the unsharded ones, and its gradients (FSDP averages
+    them over the ranks) the ranks' mean of the unsharded gradients."""
+    model = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    model.set_trainable("weaver")
+    input_ids, mask, labels = make_batch(model, [0] if rank == 0 else [4, 2, 3], "left", seed=5 + rank)
+
+    def step():
+        logps = model(input_ids, mask, labels, token_logps=True, logps_chunk_size=4).token_logps
+        logps.sum().backward()
+        grads = {k: p.grad for k, p in model.stage_parameters("weaver").items()}  # sharding replaces them
+        model.zero_grad(set_to_none=True)
+        return logps.detach(), grads
+
+    want_logps, want = step()
+    assert all(g is not None for g in want.values())  # every trained tensor gets a gradient, zero if unused
+    for g in want.values():
+        dist.all_reduce(g)
+        g /= 2
+    for layer in model.reasoner.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    got_logps, got = step()
+    gathered = {k: g.full_tensor() if hasattr(g, "full_tensor") else g for k, g in got.items()}
+    worst = max(((gathered[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-12)).item() for k in want)
+    return {"run": "training step", "equal": bool(torch.allclose(got_logps, want_logps, rtol=1e-5, atol=1e-6))
+            and worst < 1e-4, "worst_grad_rel_err": worst}
+
+
 def mismatch_refused(rank: int) -> bool:
     """Ranks asking for different max_new_tokens get a clear error (on both), not a hang."""
     model = build("always")
@@ -86,6 +118,7 @@ def main(out_dir: str) -> None:
                        torch.equal(got_mask, want_mask) and direct_call(model.reasoner.get_decoder()) is None, "alone_calls": alone_calls, "synced_calls": synced_calls,
                        "weaves": int((want_mask == 1).sum())})
     report.append(grpo_rollouts(out_dir, rank))
+    report.append(training_step(rank))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"runs": report, "mismatch_refused": mismatch_refused(rank)}, f)
     dist.barrier()  # a rank tearing gloo down while the other still talks to it aborts
