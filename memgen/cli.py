@@ -145,6 +145,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, nargs="+", metavar="B",
                    help="batch sizes (default: ops 1 64, decode 1 16, train 1 8)")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens per row in the decode suite")
+    p.add_argument("--skip", nargs="+", default=[], metavar="IMPL",
+                   help="implementations not to run, e.g. 'reference' (slow on a large model); ratios over a "
+                        "skipped one are left out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -157,7 +160,8 @@ def _bench(args: argparse.Namespace) -> int:
         results = bench.run(suites, preset=None if args.model else args.preset or "tiny", model_path=args.model,
                             device=args.device, dtype=TORCH_DTYPES[args.dtype] if args.dtype else None,
                             rounds=args.rounds, batches=args.batch, new_tokens=args.new_tokens,
-                            progress=not args.no_progress, command="memgen " + shlex.join(args.argv))
+                            progress=not args.no_progress, command="memgen " + shlex.join(args.argv),
+                            skip=args.skip)
     except ValueError as error:
         raise SystemExit(f"memgen bench: {error}") from error
     paths = write(results, args.out)

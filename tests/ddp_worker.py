@@ -5,6 +5,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainingArguments
 
@@ -30,6 +31,8 @@ def main(stage: str, out: str) -> None:
     assert trainer.args.world_size == 2, trainer.args.world_size
     state = {k: v.detach().contiguous() for k, v in model.stage_parameters("weaver").items()}
     save_file(state, os.path.join(out, f"rank{trainer.args.process_index}.safetensors"))
+    dist.barrier()  # a rank tearing gloo down while the other still talks to it aborts
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainingArguments
 
@@ -94,6 +95,8 @@ def main(mode: str, out: str) -> None:
         with parameters_gathered(list(params.values())):
             state.update({k: v.detach().clone().contiguous() for k, v in params.items()})
         save_file(state, os.path.join(out, f"{stage}.rank{trainer.args.process_index}.safetensors"))
+    dist.barrier()  # a rank tearing gloo down while the other still talks to it aborts
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

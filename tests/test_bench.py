@@ -149,11 +149,14 @@ def test_bench_runs_on_a_model_directory(tmp_path):
     tiny_causal_lm("qwen2", len(tok)).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     results = bench.run(("decode",), preset=None, model_path=str(tmp_path / "m"), rounds=1, batches=(2,),
-                        new_tokens=6, progress=False)
+                        new_tokens=6, progress=False, skip=("reference", "head"))
     records = {r["impl"]: r for r in results["records"]}
     assert results["meta"]["workload"] == str(tmp_path / "m")
     assert records["always"]["facts"]["insertions_per_row"] >= 1  # the prompt weave at least
     assert records["memory_off"]["facts"]["insertions_per_row"] == 0
+    assert records.keys() == set(bench.decode_suite.IMPLS) - {"reference", "head"}  # skipped: not run
+    assert records["always"]["ratios"].keys() == {"memory_off", "hf_generate"}
+    assert "reference" not in markdown(results)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -162,6 +165,7 @@ def test_bench_runs_on_a_model_directory(tmp_path):
     (dict(batches=(0,)), "batches must be ints >= 1"),
     (dict(new_tokens=0), "new_tokens must be an int >= 1"),
     (dict(preset="huge"), "preset must be one of"),
+    (dict(suites=("train",), skip=("lora",)), "skip: 'lora' not among the implementations"),
 ])
 def test_bad_arguments_raise_before_any_work(kwargs, match):
     with pytest.raises(ValueError, match=match):

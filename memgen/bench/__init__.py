@@ -10,6 +10,7 @@ returns results that `report.write` turns into results.json, results.md and resu
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from memgen.bench.report import add_ratios
 from memgen.bench.workload import Workload, load_workload
 
 SUITES = ("ops", "decode", "train")
+IMPLS = {"ops": ops_suite.IMPLS, "decode": decode_suite.IMPLS, "train": train_suite.IMPLS}
 ROUNDS = {"ops": 30, "decode": 9, "train": 5}  # ops calls take microseconds; decode medians need 9 rounds on a noisy VM
 
 
@@ -41,11 +43,13 @@ def suite_cases(suite: str, workload: Workload, batches: Sequence[int] | None = 
 def run(suites: Sequence[str] = SUITES, preset: str | None = "tiny", model_path: str | None = None,
         device: str | torch.device = "cpu", dtype: torch.dtype | None = None, rounds: int | None = None,
         batches: Sequence[int] | None = None, new_tokens: int = decode_suite.NEW_TOKENS,
-        progress: bool = True, command: str = "") -> dict[str, Any]:
+        progress: bool = True, command: str = "", skip: Sequence[str] = ()) -> dict[str, Any]:
     """Measure `suites` on a preset (or `model_path`); returns {"meta": ..., "records": [...]}.
 
     dtype defaults to float32 on the CPU and bfloat16 on CUDA. `rounds` overrides each suite's
-    default; `batches` each suite's batch sizes. A progress bar (stderr) follows every suite.
+    default; `batches` each suite's batch sizes. `skip` names implementations not to run (e.g. the
+    slow `reference` on a large model); ratios over a skipped baseline are then absent. A progress
+    bar (stderr) follows every suite.
     """
     from tqdm.auto import tqdm
 
@@ -58,13 +62,19 @@ def run(suites: Sequence[str] = SUITES, preset: str | None = "tiny", model_path:
         raise ValueError(f"batches must be ints >= 1, got {batches!r}")
     if not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
+    known = {impl for suite in suites for impl in IMPLS[suite]}
+    unknown = [impl for impl in skip if impl not in known]
+    if unknown:
+        raise ValueError(f"skip: {', '.join(map(repr, unknown))} not among the implementations of the suites run "
+                         f"({', '.join(sorted(known))})")
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     workload = load_workload(preset, model_path, device, dtype)
     records: list[dict[str, Any]] = []
     for suite in suites:
         with tqdm(desc=f"{suite}: building", total=None, disable=not progress, file=sys.stderr, leave=False):
-            cases = suite_cases(suite, workload, batches, new_tokens)
+            cases = [kept for case in suite_cases(suite, workload, batches, new_tokens)
+                     if (kept := without(case, skip)).impls]
         n = rounds or ROUNDS[suite]
         with tqdm(desc=suite, total=n * len(cases), unit="round", disable=not progress, file=sys.stderr) as bar:
             for case in cases:
@@ -77,4 +87,10 @@ def run(suites: Sequence[str] = SUITES, preset: str | None = "tiny", model_path:
     return {"meta": meta, "records": records}
 
 
-__all__ = ["SUITES", "Case", "measure", "run", "suite_cases"]
+def without(case: Case, skip: Sequence[str]) -> Case:
+    """`case` without the implementations named in `skip` (nor them as baselines)."""
+    return dataclasses.replace(case, impls={k: v for k, v in case.impls.items() if k not in skip},
+                               baselines=tuple(b for b in case.baselines if b not in skip))
+
+
+__all__ = ["IMPLS", "SUITES", "Case", "measure", "run", "suite_cases"]

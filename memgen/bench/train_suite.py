@@ -18,6 +18,7 @@ from memgen.reference import reference_forward
 
 BATCHES = (1, 8)
 POINTS = 6
+IMPLS = ("memgen", "reference", "chunked_logps", "full_logits")
 
 
 def cases(workload: Workload, batches: tuple[int, ...] = BATCHES) -> list[Case]:
