@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: weaver SFT, weaver GRPO and trigger
 RL, three SGD steps each, through Hugging Face `Trainer` on the CPU (gloo), under plain DDP (`ddp`) or DeepSpeed
-ZeRO-2 / ZeRO-3 (`zero2`, `zero3`). Each rank writes OUT/<stage>.rank<r>.safetensors: the stage's trained
+ZeRO-2 / ZeRO-3 (`zero2`, `zero3`); or (`resume`) a ZeRO-3 GRPO run resumed from its checkpoint. Each rank writes OUT/<stage>.rank<r>.safetensors: the stage's trained
 tensors (gathered whole under ZeRO-3), its rollouts' rewards and greedy completions decoded after training
 (under ZeRO-3 through `gathered_for_decoding`, and refused without it); the trainer saves its checkpoint to
 OUT/<stage>.saved/ (under ZeRO-3 every rank gathers the trained tensors, rank 0 writes)."""
@@ -64,17 +64,25 @@ def greedy(model, wrapped, refused: bool) -> torch.Tensor:
         return model.generate(input_ids, mask, max_new_tokens=12)
 
 
-def main(mode: str, out: str) -> None:
-    torch.set_num_threads(1)
+def arguments(output_dir: str, mode: str, **overrides) -> dict:
+    """The TrainingArguments every run shares. SGD: updates proportional to the gradients, so the backends'
+    different reduction orders stay at rounding size (Adam's first steps are +-lr for any gradient)."""
+    return dict(output_dir=output_dir, use_cpu=True, report_to=[], per_device_train_batch_size=2, max_steps=3,
+                optim="sgd", learning_rate=3.0, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                log_level="error", seed=0, dataloader_num_workers=0, ddp_backend="gloo",
+                deepspeed=None if mode == "ddp" else deepspeed_config(int(mode[-1])), **overrides)
+
+
+def trained_state(model, stage: str) -> dict[str, torch.Tensor]:
+    params = model.stage_parameters("trigger" if stage == "trigger" else "weaver")
+    with parameters_gathered(list(params.values())):
+        return {k: v.detach().clone().contiguous() for k, v in params.items()}
+
+
+def stages(mode: str, out: str) -> None:
     for stage in STAGES:
-        # SGD: updates proportional to the gradients, so the backends' different reduction orders stay at
-        # rounding size (Adam's first steps are +-lr for any gradient, however small)
-        common = dict(output_dir=os.path.join(out, stage), use_cpu=True, report_to=[], per_device_train_batch_size=2,
-                      max_steps=3, optim="sgd", learning_rate=3.0, logging_steps=1, save_strategy="no",
-                      disable_tqdm=True, log_level="error", seed=0, dataloader_num_workers=0, ddp_backend="gloo",
-                      deepspeed=None if mode == "ddp" else deepspeed_config(int(mode[-1])))
         model = model_for(stage).train()
-        trainer = trainer_for(stage, model, common)
+        trainer = trainer_for(stage, model, arguments(os.path.join(out, stage), mode))
         rewards = []
         if stage != "sft":
             sample = trainer.rollouts
@@ -90,11 +98,31 @@ def main(mode: str, out: str) -> None:
         assert (sharding_of(trainer.model_wrapped) == "zero3") == (mode == "zero3")
         trainer.save_model(os.path.join(out, f"{stage}.saved"))
         state = {"rewards": torch.cat(rewards) if rewards else torch.zeros(0),
-                 "sequences": greedy(model, trainer.model_wrapped, refused=mode == "zero3")}
-        params = model.stage_parameters("weaver" if stage != "trigger" else "trigger")
-        with parameters_gathered(list(params.values())):
-            state.update({k: v.detach().clone().contiguous() for k, v in params.items()})
+                 "sequences": greedy(model, trainer.model_wrapped, refused=mode == "zero3"),
+                 **trained_state(model, stage)}
         save_file(state, os.path.join(out, f"{stage}.rank{trainer.args.process_index}.safetensors"))
+
+
+def resume(out: str) -> None:
+    """GRPO under ZeRO-3 for 4 steps saving at step 2, then a fresh run resumed from that checkpoint (DeepSpeed
+    reads back its own model and optimizer state); each writes OUT/<full|resumed>.rank<r>.safetensors: its
+    trained tensors and the rewards it logged."""
+    for run, checkpoint in (("full", None), ("resumed", os.path.join(out, "full", "checkpoint-2"))):
+        model = model_for("grpo").train()
+        trainer = trainer_for("grpo", model, arguments(os.path.join(out, run), "zero3", max_steps=4,
+                                                        save_strategy="steps", save_steps=2))
+        trainer.train(resume_from_checkpoint=checkpoint)
+        rewards = torch.tensor([h["reward"] for h in trainer.state.log_history if "reward" in h])
+        save_file({"rewards": rewards, **trained_state(model, "grpo")},
+                  os.path.join(out, f"{run}.rank{trainer.args.process_index}.safetensors"))
+
+
+def main(mode: str, out: str) -> None:
+    torch.set_num_threads(1)
+    if mode == "resume":
+        resume(out)
+    else:
+        stages(mode, out)
     dist.barrier()  # a rank tearing gloo down while the other still talks to it aborts
     dist.destroy_process_group()
 

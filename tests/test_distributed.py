@@ -95,3 +95,16 @@ def test_deepspeed_zero_stages_train_as_ddp_does(tmp_path):
                 assert torch.equal(ranks[0][key], ranks[1][key]), (mode, stage, key)
                 assert torch.equal(saved[key], ranks[0][key]), (mode, stage, key)
                 torch.testing.assert_close(ranks[0][key], want[key], rtol=1e-5, atol=1e-6, msg=f"{mode} {stage} {key}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_resuming_grpo_under_zero3_continues_exactly(tmp_path):
+    """A ZeRO-3 GRPO run resumed at step 2 samples the same rollouts for steps 3-4 and ends with the tensors of
+    the uninterrupted run."""
+    _torchrun("deepspeed_worker.py", "resume", tmp_path)
+    for rank in (0, 1):
+        full, resumed = (load_file(tmp_path / f"{run}.rank{rank}.safetensors") for run in ("full", "resumed"))
+        # steps 3-4 sampled again (1-2 come back from rank 0's trainer state, which holds rank 0's rewards)
+        assert full["rewards"].numel() == 4 and torch.equal(resumed["rewards"][2:], full["rewards"][2:])
+        for key in full:
+            torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6, msg=key)
