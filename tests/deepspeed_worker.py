@@ -67,10 +67,10 @@ def greedy(model, wrapped, refused: bool) -> torch.Tensor:
 def arguments(output_dir: str, mode: str, **overrides) -> dict:
     """The TrainingArguments every run shares. SGD: updates proportional to the gradients, so the backends'
     different reduction orders stay at rounding size (Adam's first steps are +-lr for any gradient)."""
-    return dict(output_dir=output_dir, use_cpu=True, report_to=[], per_device_train_batch_size=2, max_steps=3,
-                optim="sgd", learning_rate=3.0, logging_steps=1, save_strategy="no", disable_tqdm=True,
-                log_level="error", seed=0, dataloader_num_workers=0, ddp_backend="gloo",
-                deepspeed=None if mode == "ddp" else deepspeed_config(int(mode[-1])), **overrides)
+    return {**dict(output_dir=output_dir, use_cpu=True, report_to=[], per_device_train_batch_size=2, max_steps=3,
+                   optim="sgd", learning_rate=3.0, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                   log_level="error", seed=0, dataloader_num_workers=0, ddp_backend="gloo",
+                   deepspeed=None if mode == "ddp" else deepspeed_config(int(mode[-1]))), **overrides}
 
 
 def trained_state(model, stage: str) -> dict[str, torch.Tensor]:

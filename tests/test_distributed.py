@@ -106,5 +106,5 @@ def test_resuming_grpo_under_zero3_continues_exactly(tmp_path):
         full, resumed = (load_file(tmp_path / f"{run}.rank{rank}.safetensors") for run in ("full", "resumed"))
         # steps 3-4 sampled again (1-2 come back from rank 0's trainer state, which holds rank 0's rewards)
         assert full["rewards"].numel() == 4 and torch.equal(resumed["rewards"][2:], full["rewards"][2:])
-        for key in full:
+        for key in full.keys() - {"rewards"}:
             torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6, msg=key)
