@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memgen.config import MemGenConfig
-from memgen.sharding import parameters_gathered
+from memgen.sharding import parameters_gathered, whole
 
 logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "memgen.safetensors"
@@ -37,12 +37,12 @@ _STAGE_PREFIXES = ("weaver.", "reasoner_to_weaver.", "weaver_to_reasoner.", "tri
 def save(model, path: str, is_main_process: bool = True) -> None:
     params = {k: v for stage in ("weaver", "trigger") for k, v in model.stage_parameters(stage).items()}
     with parameters_gathered(list(params.values())):
-        if not is_main_process:
-            return
-        os.makedirs(path, exist_ok=True)
-        model.config.save_pretrained(path)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in params.items()}
-        save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt", "producer": "memgen"})
+        state = {k: whole(v.detach()).to("cpu").contiguous() for k, v in params.items()}  # every rank: collectives
+    if not is_main_process:
+        return
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt", "producer": "memgen"})
 
 
 def load(cls, path: str, reasoner: Any, tokenizer: Any, config: MemGenConfig | None = None,

@@ -151,8 +151,8 @@ class MemGenModel(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, is_main_process: bool = True) -> None:
         """Write the config and what is trained (adapters, queries, norms, scales, projections, trigger) as
-        safetensors. Under several processes call it on every rank (a model partitioned by DeepSpeed ZeRO-3
-        gathers those tensors, a collective) with `is_main_process` True on the one that writes."""
+        safetensors. Under several processes call it on every rank (a model sharded by FSDP or partitioned by
+        DeepSpeed ZeRO-3 gathers those tensors, a collective) with `is_main_process` True on the one that writes."""
         checkpoints.save(self, str(path), is_main_process=is_main_process)
 
     # ------------------------------------------------------------------ memory

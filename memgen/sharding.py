@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 
 
 def sharding_of(model: nn.Module) -> str | None:
@@ -115,3 +116,8 @@ def parameters_gathered(params: list[nn.Parameter]) -> Iterator[None]:
 
     with GatheredParameters(partitioned, modifier_rank=None):
         yield
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole: an FSDP2 shard (DTensor) gathered, a collective every rank must make; others as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

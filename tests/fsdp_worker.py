@@ -10,6 +10,7 @@ import os
 import sys
 
 import torch
+from safetensors.torch import load_file
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
@@ -58,11 +59,11 @@ def grpo_rollouts(out_dir: str, rank: int) -> dict:
             "weaves": int((want.points == 1).sum())}
 
 
-def training_step(rank: int) -> dict:
+def training_step(out_dir: str, rank: int) -> dict:
     """Rank 0 weaves once (its prompt) and scores 2 LM-head chunks, rank 1 weaves up to 5 times per row and
     scores more chunks; sharded, every layer call is a collective, so the ranks must agree on the calls. The
     sharded step's token log-probabilities must equal the unsharded ones, and its gradients (FSDP averages
-    them over the ranks) the ranks' mean of the unsharded gradients."""
+    them over the ranks) the ranks' mean of the unsharded gradients; `save_pretrained` then writes whole tensors."""
     model = make_model("qwen2", k_prompt=4, k_inference=2).train()
     model.set_trainable("weaver")
     input_ids, mask, labels = make_batch(model, [0] if rank == 0 else [4, 2, 3], "left", seed=5 + rank)
@@ -85,8 +86,15 @@ def training_step(rank: int) -> dict:
     got_logps, got = step()
     gathered = {k: g.full_tensor() if hasattr(g, "full_tensor") else g for k, g in got.items()}
     worst = max(((gathered[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-12)).item() for k in want)
+    # saving from the sharded model (every rank gathers, rank 0 writes) gives the whole, untouched tensors
+    saved = os.path.join(out_dir, "sharded-checkpoint")
+    model.save_pretrained(saved, is_main_process=rank == 0)
+    dist.barrier()
+    initial = make_model("qwen2", k_prompt=4, k_inference=2).stage_parameters("weaver")
+    written = load_file(os.path.join(saved, "memgen.safetensors"))
     return {"run": "training step", "equal": bool(torch.allclose(got_logps, want_logps, rtol=1e-5, atol=1e-6))
-            and worst < 1e-4, "worst_grad_rel_err": worst}
+            and worst < 1e-4 and written.keys() == initial.keys()
+            and all(torch.equal(written[k], initial[k].detach()) for k in initial), "worst_grad_rel_err": worst}
 
 
 def mismatch_refused(rank: int) -> bool:
@@ -118,7 +126,7 @@ def main(out_dir: str) -> None:
                        torch.equal(got_mask, want_mask) and direct_call(model.reasoner.get_decoder()) is None, "alone_calls": alone_calls, "synced_calls": synced_calls,
                        "weaves": int((want_mask == 1).sum())})
     report.append(grpo_rollouts(out_dir, rank))
-    report.append(training_step(rank))
+    report.append(training_step(out_dir, rank))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"runs": report, "mismatch_refused": mismatch_refused(rank)}, f)
     dist.barrier()  # a rank tearing gloo down while the other still talks to it aborts

@@ -75,10 +75,10 @@ def test_deepspeed_zero_stages_train_as_ddp_does(tmp_path):
     model gathered; the ranks weave different numbers of times, so ZeRO-3's gathers must stay in step): the same
     rollouts and, after three steps, the same trained tensors as DDP on both ranks, and a checkpoint holding
     them whole; decoding the trained model gives DDP's tokens."""
-    from deepspeed_worker import STAGES, model_for
+    from trainer_worker import STAGES, model_for
 
     for mode in ("ddp", "zero2", "zero3"):
-        _torchrun("deepspeed_worker.py", mode, tmp_path / mode)
+        _torchrun("trainer_worker.py", mode, tmp_path / mode)
     for stage in STAGES:
         want = load_file(tmp_path / "ddp" / f"{stage}.rank0.safetensors")
         initial = model_for(stage).stage_parameters("trigger" if stage == "trigger" else "weaver")
@@ -101,7 +101,7 @@ def test_deepspeed_zero_stages_train_as_ddp_does(tmp_path):
 def test_resuming_grpo_under_zero3_continues_exactly(tmp_path):
     """A ZeRO-3 GRPO run resumed at step 2 samples the same rollouts for steps 3-4 and ends with the tensors of
     the uninterrupted run."""
-    _torchrun("deepspeed_worker.py", "resume", tmp_path)
+    _torchrun("trainer_worker.py", "resume", tmp_path)
     for rank in (0, 1):
         full, resumed = (load_file(tmp_path / f"{run}.rank{rank}.safetensors") for run in ("full", "resumed"))
         # steps 3-4 sampled again (1-2 come back from rank 0's trainer state, which holds rank 0's rewards)
