@@ -1,9 +1,13 @@
-"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: weaver SFT, weaver GRPO and trigger
-RL, three SGD steps each, through Hugging Face `Trainer` on the CPU (gloo), under plain DDP (`ddp`) or DeepSpeed
-ZeRO-2 / ZeRO-3 (`zero2`, `zero3`); or (`resume`) a ZeRO-3 GRPO run resumed from its checkpoint. Each rank writes OUT/<stage>.rank<r>.safetensors: the stage's trained
-tensors (gathered whole under ZeRO-3), its rollouts' rewards and greedy completions decoded after training
-(under ZeRO-3 through `gathered_for_decoding`, and refused without it); the trainer saves its checkpoint to
-OUT/<stage>.saved/ (under ZeRO-3 every rank gathers the trained tensors, rank 0 writes)."""
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`, on the CPU (gloo).
+
+`ddp`, `zero2`, `zero3`: weaver SFT, weaver GRPO and trigger RL, three SGD steps each, through Hugging Face
+`Trainer` under plain DDP or DeepSpeed ZeRO-2 / ZeRO-3. Each rank writes OUT/<stage>.rank<r>.safetensors: the
+stage's trained tensors (gathered whole under ZeRO-3), its rollouts' rewards and greedy completions decoded
+after training (under ZeRO-3 through `gathered_for_decoding`, and refused without it); the trainer saves its
+checkpoint to OUT/<stage>.saved/ (under ZeRO-3 every rank gathers the trained tensors, rank 0 writes).
+
+`resume`: a ZeRO-3 GRPO run, and the same run resumed from its step-2 checkpoint.
+"""
 
 import os
 import sys
