@@ -355,8 +355,6 @@ class MemGenModel(nn.Module):
         elif synced_ranks and not distributed():
             raise ValueError("synced_ranks=True needs an initialised torch.distributed process group of more than "
                              "one rank")
-        real = self._check_generate_inputs(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                                           top_k, top_p, generator)
         mode = self.config.trigger_mode if trigger_mode is None else trigger_mode
         if mode not in ("always", "lora", "head"):
             raise ValueError(f"trigger_mode must be 'always', 'lora' or 'head', got {mode!r}")
@@ -370,6 +368,9 @@ class MemGenModel(nn.Module):
         budget = self.config.max_inference_aug_num if max_inference_aug_num is None else max_inference_aug_num
         if not memory:
             prompt_budget = budget = 0
+        latents = (self.config.prompt_latents_len if prompt_budget else 0) + self.config.inference_latents_len * budget
+        real = self._check_generate_inputs(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                                           top_k, top_p, generator, latents)
         eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         vocab = self.delimiter_table.shape[0]
@@ -397,7 +398,8 @@ class MemGenModel(nn.Module):
         return out if return_dict_in_generate else out.sequences
 
     def _check_generate_inputs(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                               top_p, generator) -> torch.Tensor:
+                               top_p, generator, latents: int) -> torch.Tensor:
+        """The real-token mask [B, L], after checking every argument; `latents`: the most a row can weave."""
         real = self._check_token_batch(input_ids, attention_mask)
         device = self.delimiter_table.device
         if generator is not None and generator.device != device:
@@ -415,7 +417,6 @@ class MemGenModel(nn.Module):
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        k = self.config.prompt_latents_len + self.config.inference_latents_len * self.config.max_inference_aug_num
         limits = [("the reasoner's context", getattr(self.reasoner.config, "max_position_embeddings", None), "")]
         for part, lm in (("reasoner", self.reasoner), ("weaver", self.weaver.model),
                          ("trigger", getattr(self.trigger, "model", None))):
@@ -423,9 +424,9 @@ class MemGenModel(nn.Module):
                 limits.append((f"the {part}'s sliding attention window", sliding_window(lm.config),
                                ", which the decoding engine does not apply"))
         for what, limit, why in limits:
-            if limit is not None and int(counts.max()) + max_new_tokens + k > limit:
+            if limit is not None and int(counts.max()) + max_new_tokens + latents > limit:
                 raise ValueError(f"prompt ({int(counts.max())} tokens) + max_new_tokens ({max_new_tokens}) + latents "
-                                 f"({k}) exceed {what} of {limit} positions{why}")
+                                 f"({latents}) exceed {what} of {limit} positions{why}")
         return real
 
     @staticmethod

@@ -192,6 +192,13 @@ def test_sequences_longer_than_a_sliding_window_are_refused():
     with pytest.raises(ValueError, match="the reasoner's sliding attention window of 64"):
         model.generate(input_ids, mask, max_new_tokens=room + 1)
     assert_same_as_reference(model, input_ids, mask, max_new_tokens=room)
+    # the room counts the latents this call can weave: its budgets, none with memory off
+    for kwargs, latents in ((dict(max_inference_aug_num=1), 2 + 2), (dict(max_prompt_aug_num=0), 2 * 5),
+                            (dict(memory=False), 0)):
+        room = 64 - int(mask.sum(1).max()) - latents
+        with pytest.raises(ValueError, match=rf"latents \({latents}\) exceed"):
+            model.generate(input_ids, mask, max_new_tokens=room + 1, **kwargs)
+        model.generate(input_ids, mask, max_new_tokens=room, **kwargs)
 
 
 @pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
