@@ -8,6 +8,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from memgen import MemGenConfig, MemGenModel, generation
 from memgen.reference import reference_generate
+from memgen.sharding import gathered_for_decoding
 from offline import chat_tokenizer
 from test_modeling import make_batch
 from test_reference_generation import chatty_model
@@ -283,3 +284,14 @@ def test_synced_ranks_needs_a_process_group():
     input_ids, mask, _ = make_batch(model, [0], "left")
     with pytest.raises(ValueError, match="synced_ranks=True needs an initialised torch.distributed"):
         model.generate(input_ids, mask, max_new_tokens=4, synced_ranks=True)
+
+
+def test_a_zero3_partitioned_model_is_decoded_only_through_its_engine():
+    """A parameter carrying ZeRO-3's mark (`ds_id`) makes the model partitioned, DeepSpeed installed or not."""
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0], "left", seed=1)
+    next(model.parameters()).ds_id = 0
+    with pytest.raises(ValueError, match="gathered_for_decoding"):
+        model.generate(input_ids, mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="through its DeepSpeed engine"), gathered_for_decoding(model):
+        pass
