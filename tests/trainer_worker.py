@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`, on the CPU (gloo).
 
-`ddp`, `zero2`, `zero3`: weaver SFT, weaver GRPO and trigger RL, three SGD steps each, through Hugging Face
+`ddp`, `zero2`, `zero3`: weaver SFT, weaver GRPO and trigger RL (both triggers), three SGD steps each, through Hugging Face
 `Trainer` under plain DDP or DeepSpeed ZeRO-2 / ZeRO-3. Each rank writes OUT/<stage>.rank<r>.safetensors: the
 stage's trained tensors (gathered whole under ZeRO-3), its rollouts' rewards and greedy completions decoded
 after training (under ZeRO-3 through `gathered_for_decoding`, and refused without it); the trainer saves its
@@ -26,7 +26,7 @@ from test_modeling import make_batch, make_model
 from test_reference_generation import chatty_model
 from test_sft import _rows
 
-STAGES = ("sft", "grpo", "trigger")
+STAGES = ("sft", "grpo", "trigger", "trigger_head")  # trigger RL with the `lora` and the `head` trigger
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -39,9 +39,9 @@ def reward(text: str, target) -> float:
 
 
 def model_for(stage: str):
-    """The untrained model of a stage (the trigger stage's reaches delimiters, so its trigger decides)."""
-    if stage == "trigger":
-        return chatty_model("qwen2", "lora", k_prompt=4, k_inference=2)
+    """The untrained model of a stage (the trigger stages' reach delimiters, so their trigger decides)."""
+    if stage.startswith("trigger"):
+        return chatty_model("qwen2", "head" if stage == "trigger_head" else "lora", k_prompt=4, k_inference=2)
     return make_model("qwen2", k_prompt=4, k_inference=2)
 
 
@@ -78,7 +78,7 @@ def arguments(output_dir: str, mode: str, **overrides) -> dict:
 
 
 def trained_state(model, stage: str) -> dict[str, torch.Tensor]:
-    params = model.stage_parameters("trigger" if stage == "trigger" else "weaver")
+    params = model.stage_parameters("trigger" if stage.startswith("trigger") else "weaver")
     with parameters_gathered(list(params.values())):
         return {k: v.detach().clone().contiguous() for k, v in params.items()}
 
