@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from transformers.utils import ModelOutput
 
 from memgen.adapters import BareBase, active_adapter, tuner_layers
 from memgen.cache import RaggedCache
 from memgen.layer_stack import direct_call, forward_call
 from memgen.ops import pack_ragged, pack_step, trigger_scoring
+from memgen.sharding import ranks_max
 from memgen.weaver import INFERENCE, PROMPT
 
 # Padding items (rows that do not invoke x K) that a packed [token, latents] step may add before the
@@ -131,23 +131,20 @@ def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch
 
 class _RankSync:
     """Agreement between the ranks of the default process group on each step's calls (see the module
-    docstring). Votes travel on the engine's device under NCCL, on the CPU otherwise."""
+    docstring), one `ranks_max` all-reduce per vote."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.device = device
 
     def any(self, *flags: bool) -> list[bool]:
         """For each flag: whether it holds on any rank (one all-reduce)."""
-        votes = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self.device)
-        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in votes.tolist()]
+        return [bool(v) for v in ranks_max([int(f) for f in flags], self.device)]
 
     def check_same(self, **settings: int) -> None:
         """Raise (on every rank) unless every rank passed the same settings: they fix the calls' sequence."""
-        values = torch.tensor(list(settings.values()), dtype=torch.int64, device=self.device)
-        spread = torch.stack([values, -values])
-        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-        differ = [name for name, high, low in zip(settings, spread[0].tolist(), spread[1].tolist()) if high != -low]
+        values = list(settings.values())
+        spread = ranks_max(values + [-v for v in values], self.device)
+        differ = [name for name, high, low in zip(settings, spread[:len(values)], spread[len(values):]) if high != -low]
         if differ:
             raise ValueError(f"with synced_ranks every rank must pass the same {', '.join(differ)}: they fix which "
                              "calls each step makes, and ranks that disagree would wait on each other forever")
