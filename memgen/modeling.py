@@ -575,8 +575,9 @@ class MemGenModel(nn.Module):
         return hidden, item_index, n_latents
 
     def _ranks_in_step(self) -> bool:
-        """Whether every rank must make the same module calls: a sharded model under several processes."""
-        return sharding_of(self) is not None and distributed()
+        """Whether every rank must make the same module calls: a sharded model under several processes
+        (the cheap check first: a single process never walks the model's parameters)."""
+        return distributed() and sharding_of(self) is not None
 
     def _weaver_calls(self, points: torch.Tensor, point_rank: torch.Tensor) -> torch.Tensor:
         """bool [rounds, 2]: whether weaving round r calls the weaver for prompt (0) / inference (1) points;

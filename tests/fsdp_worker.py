@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from memgen.layer_stack import direct_call
+from memgen.sharding import whole
 from memgen.training.grpo import GRPOConfig, GRPOTrainer
 from test_grpo import _prompts
 from test_modeling import make_batch, make_model
@@ -84,7 +85,7 @@ def training_step(out_dir: str, rank: int) -> dict:
         fully_shard(layer)
     fully_shard(model)
     got_logps, got = step()
-    gathered = {k: g.full_tensor() if hasattr(g, "full_tensor") else g for k, g in got.items()}
+    gathered = {k: whole(g) for k, g in got.items()}
     worst = max(((gathered[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-12)).item() for k in want)
     # saving from the sharded model (every rank gathers, rank 0 writes) gives the whole, untouched tensors
     saved = os.path.join(out_dir, "sharded-checkpoint")
