@@ -60,6 +60,13 @@ class MemGenOutput(ModelOutput):
     token_logps: torch.Tensor | None = None
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index: a bare 'cuda' (as in `torch.Generator(device="cuda")`) is the current device."""
+    if device.index is None and device.type not in ("cpu", "meta"):
+        return torch.device(device.type, getattr(torch, device.type).current_device())
+    return device
+
+
 def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrainedModel:
     if isinstance(model_or_name, str):
         return AutoModelForCausalLM.from_pretrained(model_or_name)
@@ -402,7 +409,7 @@ class MemGenModel(nn.Module):
         """The real-token mask [B, L], after checking every argument; `latents`: the most a row can weave."""
         real = self._check_token_batch(input_ids, attention_mask)
         device = self.delimiter_table.device
-        if generator is not None and generator.device != device:
+        if generator is not None and _indexed(generator.device) != device:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}")
         counts = real.sum(1)
         positions = torch.arange(real.shape[1], device=device)

@@ -128,6 +128,16 @@ def test_cuda_engine_equals_the_reference_on_cuda(trigger_mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sampling_takes_a_generator_made_for_device_cuda():
+    """`torch.Generator(device="cuda")` carries no index; it names the model's device all the same."""
+    model = chatty_model("qwen2", "lora").to("cuda")
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=3)
+    runs = [model.generate(input_ids.cuda(), mask.cuda(), max_new_tokens=16, do_sample=True,
+                           generator=torch.Generator(device="cuda").manual_seed(5)) for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("trigger_mode", ["always", "head"])
 def test_cuda_engine_synchronises_once_per_step(trigger_mode):
     """CUDA's sync debug mode flags every synchronising call: twelve more steps cost at most twelve more."""
