@@ -3,16 +3,20 @@
 - every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (when nvcc is on the PATH; no GPU
   or CUDA torch needed: the .cu files include CUDA headers only);
 - the CMake project builds with AddressSanitizer and UndefinedBehaviorSanitizer and its ctest
-  suite passes (when cmake is on the PATH).
+  suite passes (when cmake is on the PATH);
+- an error raised in the built library reaches Python as an exception.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+import memgen.ops
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -78,3 +82,30 @@ def test_cuda_side_of_the_binding_compiles(binding, tmp_path):
     includes = [str(tmp_path), *cpp.include_paths(), str(_cuda_include()), sysconfig.get_paths()["include"]]
     _run(["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", "-DMEMGEN_WITH_CUDA",
           *[f"-I{path}" for path in includes], str(binding)])
+
+
+_RAISE_FROM_NATIVE = """
+import torch, memgen.ops
+assert memgen.ops.backend().native_loaded
+try:
+    torch.ops.memgen.trigger_scoring(torch.zeros(2, dtype=torch.int32), torch.zeros(5, dtype=torch.bool),
+                                     torch.zeros(2, dtype=torch.int32), 1, torch.zeros(2, dtype=torch.bool),
+                                     False, "always")
+except ValueError as err:
+    print("raised:", err)
+"""
+
+
+@pytest.mark.skipif(not memgen.ops.backend().native_loaded, reason="the native library is not built")
+def test_an_error_raised_in_native_code_reaches_python():
+    """Bad input to a native op raises ValueError; it must not take the interpreter down.
+
+    Seen on a GPU image: an extension built with a g++ whose C++ runtime differed from torch's
+    crashed (a segmentation fault while formatting the message) on its first error. Run in a
+    child process so that such a build fails this one test with the fix, not the whole session.
+    """
+    result = subprocess.run([sys.executable, "-c", _RAISE_FROM_NATIVE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "raised:" in result.stdout and "'last_tokens'" in result.stdout, (
+        f"an error in memgen's native code did not reach Python (exit {result.returncode}): "
+        f"{result.stderr[-2000:]}\nRebuild with the C++ compiler torch was built with, e.g. "
+        "`CC=/usr/bin/gcc CXX=/usr/bin/g++ pip install --no-build-isolation --force-reinstall --no-deps .`")
