@@ -80,20 +80,10 @@ def marked_text(tokenizer, tokens: list[int], woven_before: list[int]) -> str:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from memgen import MemGenModel
+    from memgen.training.run import build_model
 
     prompts = _prompts(args)
-    reasoner, tokenizer = args.model, None
-    if args.dtype != "float32":  # load the base in that dtype; the trained tensors stay float32
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from memgen import MemGenConfig
-
-        name = args.model or MemGenConfig.from_pretrained(args.memgen).reasoner_name_or_path
-        reasoner = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[args.dtype])
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    model = MemGenModel.from_pretrained(args.memgen, reasoner=reasoner, tokenizer=tokenizer)
-    model = model.to(device=args.device).eval()
+    model = build_model(args.model, args.memgen, dtype=args.dtype).to(device=args.device).eval()
     tok = model.tokenizer
     batch = _encode(tok, prompts, args.chat)
     generator = torch.Generator(device=args.device).manual_seed(args.seed) if args.sample else None
