@@ -320,7 +320,9 @@ class _Engine:
             kwargs["hidden"] = self.last_hidden
             kwargs["head_weight"] = self.model.trigger.output_layer.weight
             kwargs["head_bias"] = self.model.trigger.output_layer.bias
-        uniforms = torch.rand(self.batch, generator=self.generator, device=self.device) if self.do_sample else None
+        learned = self.trigger_mode != "always"  # `always` samples nothing: no uniforms to draw (a launch per step)
+        uniforms = (torch.rand(self.batch, generator=self.generator, device=self.device)
+                    if self.do_sample and learned else None)
         return trigger_scoring(tokens, self.model.delimiter_table, counts, self.budget, finished,
                                prompt_step=prompt_step, trigger_mode=self.trigger_mode, do_sample=self.do_sample,
                                temperature=self.temperature, uniforms=uniforms, **kwargs)
