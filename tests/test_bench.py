@@ -135,6 +135,10 @@ def test_bench_command_writes_three_files_and_every_memory_configuration_weaves(
             assert decode[batch, impl]["facts"]["insertions_per_row"] >= 1
         assert decode[batch, "always"]["facts"]["insertions_per_row"] > 1  # inference weaves too
         assert decode[batch, "prompt_only"]["facts"]["insertions_per_row"] == 1
+        assert decode[batch, "prompt_only"]["facts"]["weaving_steps"] == 1  # every row weaves at the prompt
+        always = decode[batch, "always"]["facts"]
+        assert always["insertions_per_row"] <= always["weaving_steps"] <= batch * always["insertions_per_row"]
+        assert decode[batch, "memory_off"]["facts"]["weaving_steps"] == 0
         for impl in ("head", "lora"):
             assert decode[batch, impl]["facts"]["decision_points_per_row"] > 1
         assert decode[batch, "always"]["ratios"].keys() == {"memory_off", "hf_generate", "reference"}

@@ -31,12 +31,15 @@ IMPLS = ("hf_generate", "memory_off", "always", "prompt_only", "head", "lora", "
 
 
 def _facts(impl: str, result: Any) -> dict[str, float]:
-    """Insertions and decision points per row, from the run's augmentation mask (none for HF)."""
+    """Insertions and decision points per row, and the steps at which some row wove (each is one weaver
+    call of memgen's engine: in a batch, what memory costs scales with these), from the run's
+    augmentation mask (none for HF)."""
     mask = result[1] if isinstance(result, tuple) else getattr(result, "augmentation_mask", None)
     if mask is None:
-        return {"insertions_per_row": 0.0, "decision_points_per_row": 0.0}
+        return {"insertions_per_row": 0.0, "decision_points_per_row": 0.0, "weaving_steps": 0.0}
     return {"insertions_per_row": float((mask == 1).sum(1).float().mean()),
-            "decision_points_per_row": float((mask >= 0).sum(1).float().mean())}
+            "decision_points_per_row": float((mask >= 0).sum(1).float().mean()),
+            "weaving_steps": float((mask == 1).any(0).sum())}
 
 
 def cases(workload: Workload, batches: tuple[int, ...] = BATCHES, new_tokens: int = NEW_TOKENS) -> list[Case]:
