@@ -61,9 +61,11 @@ class MemGenOutput(ModelOutput):
 
 
 def _indexed(device: torch.device) -> torch.device:
-    """`device` with its index: a bare 'cuda' (as in `torch.Generator(device="cuda")`) is the current device."""
+    """`device` with its index: a bare 'cuda' (as in `torch.Generator(device="cuda")`) is the current
+    device (index 0 for a backend that has no notion of a current one)."""
     if device.index is None and device.type not in ("cpu", "meta"):
-        return torch.device(device.type, getattr(torch, device.type).current_device())
+        current = getattr(getattr(torch, device.type, None), "current_device", lambda: 0)
+        return torch.device(device.type, current())
     return device
 
 
