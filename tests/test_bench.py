@@ -118,6 +118,16 @@ def test_prompts_are_ragged_and_training_rows_carry_the_points(cache):
     assert workload.memgen_model("head").reasoner is not model.reasoner  # its own base: one set of adapters each
 
 
+def test_workload_models_are_the_same_in_every_run_and_leave_the_global_generator_alone(cache):
+    """Fresh MemGen weights come from a fixed seed, so two runs of a benchmark do the same work."""
+    first = load_workload("tiny").memgen_model("lora").state_dict()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    second = load_workload("tiny").memgen_model("lora").state_dict()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_bench_command_writes_three_files_and_every_memory_configuration_weaves(cache, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--rounds", "1", "--batch", "1", "3", "--new-tokens", "48", "--out", str(out),

@@ -71,11 +71,17 @@ class Workload:
 
     def memgen_model(self, trigger_mode: str) -> MemGenModel:
         """The workload's MemGen model with this trigger (built once, on its own reasoner: a base takes
-        one set of adapters). LoRA dropout is 0; the trigger invokes with probability 0.1."""
+        one set of adapters). LoRA dropout is 0; the trigger invokes with probability 0.1. Its fresh
+        weights are drawn from a fixed seed (the global generator is left as it was), so every run of a
+        benchmark decodes the same tokens and weaves at the same steps."""
         if trigger_mode not in self._models:
             config = MemGenConfig(trigger_mode=trigger_mode, weaver_lora={"lora_dropout": 0.0},
                                   trigger_lora={"lora_dropout": 0.0})
-            model = MemGenModel.from_reasoner(self.load_reasoner(), self.tokenizer, config).to(self.device).eval()
+            reasoner = self.load_reasoner()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = MemGenModel.from_reasoner(reasoner, self.tokenizer, config)
+            model = model.to(self.device).eval()
             if model.trigger is not None:
                 with torch.no_grad():
                     model.trigger.output_layer.weight.zero_()
