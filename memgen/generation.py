@@ -170,6 +170,7 @@ class _Engine:
         self.lm_head = model.reasoner.get_output_embeddings()
         self.last_hidden = torch.zeros(batch, self.embed.weight.shape[1], dtype=self.reasoner.dtype, device=device)
         self.memory = prompt_budget > 0 or budget > 0
+        self.recording = self.memory  # whether reads append their items to the weaver's stream
         self.packed_padding = PACKED_PADDING_ITEMS.get(device.type, 0)
         self.latent_norms = torch.full((batch, max_new_tokens), float("nan"), device=device)
         if self.memory:
@@ -210,7 +211,7 @@ class _Engine:
         advance = self.all_rows if advance is None else advance
         advance_device, last_device = self.to_device(advance, last)
         self.last_hidden[advance_device] = hidden.flatten(0, 1)[last_device]
-        if self.memory:
+        if self.recording:
             cache_rows = self.all_rows_device if rows is None else rows
             self.stream[cache_rows[:, None], packed[2]] = packed[0].to(self.stream.dtype)  # padding: scratch slot
             self.stream_lengths[advance] += n_items
@@ -444,8 +445,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         company = sync.any(invoking.numel() > 0)[0] if sync is not None else False
         engine.insert(all_rows, invoking, None, PROMPT, 0, company)
     active = all_rows  # host: rows unfinished at the last synchronisation
+    weaves_left = torch.full((batch,), budget, dtype=torch.int32)  # host: inference weaves each row may still make
+    weaving = engine.memory
     steps = 0
     for step in range(max_new_tokens):
+        # Once no unfinished row can weave again, the rest are plain steps: no trigger, no decisions (each row
+        # would get none), and the stream only the weaver reads is no longer written. Synced ranks keep
+        # every call (their agreement counts on the same calls each step).
+        weaving = weaving and (sync is not None or bool((weaves_left[active] > 0).any()))
+        engine.recording = weaving
+        lora_step, head_step = lora and weaving, head and weaving
         logits = engine.lm_head(engine.last_hidden).float()
         if penalize:
             logits = _penalize(logits, seen_tokens, repetition_penalty)
@@ -463,16 +472,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                 streamer.put(tokens.cpu())
             break
         decisions = None
-        if head:  # the head reads the reasoner's hidden state of the token: read it first
+        if head_step:  # the head reads the reasoner's hidden state of the token: read it first
             engine.read_step(active, tokens[engine.to_device(active)[0]], None, None)
-        if lora:
+        if lora_step:
             at_point = ~finished & model.delimiter_table[tokens] & (counts < budget)
             host = torch.stack([at_point.long(), finished.long(), tokens]).cpu()  # the step's synchronisation
             engine.record_trigger_tokens(active, tokens[engine.to_device(active)[0]])
             candidates = host[0].nonzero().flatten()
             host[0] = -100
         else:
-            if engine.memory:
+            if weaving:
                 decisions = engine.decide(tokens, finished, counts, False, None)
             host_decisions = decisions.long() if decisions is not None else torch.full_like(tokens, -100)
             host = torch.stack([host_decisions, finished.long(), tokens]).cpu()  # the step's synchronisation
@@ -482,14 +491,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         company = False
         if sync is not None:
             # this rank consults its trigger (`lora`), or weaves (the other modes)
-            vote = candidates.numel() > 0 if lora else bool((host[0] == 1).any())
+            vote = candidates.numel() > 0 if lora_step else bool((host[0] == 1).any())
             running, vote = sync.any(unfinished.numel() > 0, vote)
             if not unfinished.numel():
                 if running:
                     _follow(engine, sync, mode, step, max_new_tokens, vote)
                 break
             company = vote
-        if lora:
+        if lora_step:
             if candidates.numel():
                 decisions = engine.decide(tokens, finished, counts, False, candidates)
                 host[0] = decisions.cpu()  # a second one: the trigger's logits shape the next calls
@@ -502,7 +511,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         if not unfinished.numel():
             break
         invoking = (host[0] == 1).nonzero().flatten()
-        if head:
+        if invoking.numel():
+            weaves_left[invoking] -= 1
+        if head_step:
             engine.insert(active, invoking, None, INFERENCE, step + 1, company)
         else:
             engine.insert(unfinished, invoking, tokens, INFERENCE, step + 1, company)

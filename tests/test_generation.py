@@ -50,6 +50,24 @@ def test_batches_budgets_and_latent_counts(batch, k, budget, padding, packing):
     assert ((out.augmentation_mask[:, 1:] == 1).sum(1) <= budget).all()
 
 
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+def test_spent_budgets_end_the_triggers_work(trigger_mode, monkeypatch):
+    """Once every row has spent its inference budget, steps are plain: no trigger scoring, no trigger calls,
+    and the weaver's stream is no longer written; the output still equals the reference's."""
+    model = chatty_model("qwen2", trigger_mode, boost=1.6 if trigger_mode == "always" else 2.5, max_inference=1)
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
+    calls = []
+    scoring = generation.trigger_scoring
+    monkeypatch.setattr(generation, "trigger_scoring", lambda *a, **k: calls.append(len(calls)) or scoring(*a, **k))
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=60)
+    spent = (out.augmentation_mask[:, 1:] == 1).any(1)
+    assert spent.all(), "every row should spend its budget of 1"
+    last_point = int(torch.where(out.augmentation_mask[:, 1:] >= 0, torch.arange(59), -1).max())
+    assert last_point < 50  # the rest of the generation had no decision point left
+    # prompt step + one scoring per step up to the last decision point (lora: only at steps with candidates)
+    assert len(calls) <= last_point + 2
+
+
 def test_per_call_overrides_and_a_long_generation():
     model = chatty_model("llama", "lora", boost=1.6)
     input_ids, mask, _ = make_batch(model, [0], "left", seed=5)
