@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn import functional as F
 
 
 def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
@@ -122,3 +123,64 @@ class BareBase:
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """The parameters of adapter `name`, keyed by their names in `model` (PEFT's layout)."""
     return {n: p for n, p in model.named_parameters() if f".{name}." in n and (".lora_A." in n or ".lora_B." in n)}
+
+
+class _SplitLoRA(nn.Module):
+    """A plain LoRA layer computing its base for every batch row and adding one adapter's update to the rows
+    from `start` on: the arithmetic of PEFT's `Linear.forward` with only that adapter active, per row."""
+
+    def __init__(self, layer: BaseTunerLayer, name: str) -> None:
+        super().__init__()
+        # plain attributes, not submodules: the swapped-in module must not re-register the layer's parameters
+        self.__dict__.update(base=layer.get_base_layer(), lora_A=layer.lora_A[name], lora_B=layer.lora_B[name],
+                             dropout=layer.lora_dropout[name], scaling=layer.scaling[name])
+        self.start = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        part = x[self.start:]
+        if part.shape[0]:
+            lora_A, lora_B = self.lora_A, self.lora_B
+            part = part.to(lora_A.weight.dtype)
+            if self.dropout.training:  # nn.Dropout or nn.Identity: the identity in eval mode
+                part = self.dropout(part)
+            update = F.linear(F.linear(part, lora_A.weight, lora_A.bias), lora_B.weight, lora_B.bias) * self.scaling
+            result[self.start:] = result[self.start:] + update  # the sum's rounding to result's dtype, as PEFT's
+        return result
+
+
+class SplitBatch:
+    """Runs a model's calls with adapter `name` on the batch rows from `start` on and the bare base on the rows
+    before it: two adapters' calls in one pass over the shared base (the decoding engine reads the reasoner's
+    and the `lora` trigger's tokens together). Like `BareBase`, it swaps each LoRA layer for the duration of
+    `with split(start):`.
+    """
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        self.sites = [(parent, child_name, child) for parent in model.modules()
+                      for child_name, child in parent.named_children() if isinstance(child, BaseTunerLayer)]
+        self.swaps = [_SplitLoRA(layer, name) if name in getattr(layer, "lora_A", {}) else layer.get_base_layer()
+                      for _, _, layer in self.sites]
+
+    @staticmethod
+    def supported(model: nn.Module, name: str) -> bool:
+        """Whether every layer carrying adapter `name` is a plain, unmerged LoRA `Linear` (no DoRA or other
+        variant), the arithmetic `_SplitLoRA` reproduces."""
+        from peft.tuners.lora import Linear
+
+        carrying = [layer for layer in tuner_layers(model) if name in getattr(layer, "lora_A", {})]
+        return bool(carrying) and all(type(layer) is Linear and not layer.merged
+                                      and name not in getattr(layer, "lora_variant", {}) for layer in carrying)
+
+    @contextlib.contextmanager
+    def __call__(self, start: int) -> Iterator[None]:
+        for swap in self.swaps:
+            if isinstance(swap, _SplitLoRA):
+                swap.start = start
+        for (parent, child_name, _), swap in zip(self.sites, self.swaps):
+            setattr(parent, child_name, swap)
+        try:
+            yield
+        finally:
+            for parent, child_name, layer in self.sites:
+                setattr(parent, child_name, layer)

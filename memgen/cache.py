@@ -18,9 +18,10 @@ from memgen.ops import write_kv
 
 
 class _Call:
-    """The current call: its rows (None: every row, in order), write slots [G, T] and mask width."""
+    """The current call: its rows (device int64 [G], or an int n: the first n rows in order), write slots
+    [G, T] and mask width."""
 
-    rows: torch.Tensor | None = None
+    rows: torch.Tensor | int = 0
     slots: torch.Tensor
     visible: int
 
@@ -42,11 +43,11 @@ class RaggedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         call = self.call
-        rows = self.all_rows if call.rows is None else call.rows
-        write_kv(self.keys, self.values, rows, call.slots, key_states, value_states)
+        if isinstance(call.rows, int):  # a leading range of rows: views, no copy
+            write_kv(self.keys, self.values, self.all_rows[: call.rows], call.slots, key_states, value_states)
+            return self.keys[: call.rows, :, : call.visible], self.values[: call.rows, :, : call.visible]
+        write_kv(self.keys, self.values, call.rows, call.slots, key_states, value_states)
         keys, values = self.keys[:, :, : call.visible], self.values[:, :, : call.visible]
-        if call.rows is None:
-            return keys, values
         return keys.index_select(0, call.rows), values.index_select(0, call.rows)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -72,6 +73,7 @@ class RaggedCache(Cache):
         super().__init__(layers=[RaggedLayer(batch, capacity + 1, self._call, all_rows) for _ in range(num_layers)])
         self.lengths = torch.zeros(batch, dtype=torch.int32)
 
-    def prepare(self, rows: torch.Tensor | None, slots: torch.Tensor, visible: int) -> None:
-        """Set up the next forward: rows [G] on the device (None: all), write slots [G, T], mask width."""
+    def prepare(self, rows: torch.Tensor | int, slots: torch.Tensor, visible: int) -> None:
+        """Set up the next forward: rows [G] on the device (or an int n: the first n rows, in order), write
+        slots [G, T], mask width."""
         self._call.rows, self._call.slots, self._call.visible = rows, slots, visible

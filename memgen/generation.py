@@ -7,22 +7,24 @@
   batched, read only the stream items they have not seen (projected into its space as they are
   read), then the K queries, whose entries are rolled back (`memgen.ops.pack_ragged`). The
   queries' LayerNorm and scale are applied once per call.
-- The `lora` trigger keeps its own cache over the token embeddings and catches up only at
-  decision points; `head` reads the reasoner's hidden state of the delimiter (no extra forward).
-  Decisions come from the fused trigger-scoring op.
-- In `always` and `lora` modes the decision comes before the reasoner reads the token, so every
-  step is one reasoner call: [token, K latents] per row when the padding this adds to rows that
-  do not invoke stays under a per-device bound (`PACKED_PADDING_ITEMS`), else one batch row per
-  item (a latent's batch row reads its row's cache, which the same layer call has just written),
-  so no row pads. `head` mode reads the token first (its decision needs the reasoner's hidden
-  state of it) and the invoking rows' latents in a second call.
-- One host synchronisation per step fetches the decisions, the finished flags and the tokens;
-  the `lora` trigger needs a second one on steps where some row is at a decision point (its
-  logits decide which rows the next calls contain). Host bookkeeping is vectorised over CPU
-  tensors; the caches keep their per-row lengths there, so sizing a call never waits on the device.
+- The `lora` trigger reads each token of the rows that may still weave as the reasoner reads it,
+  through its own incremental cache. When it is an adapter on the reasoner's own base (the
+  default) its cache rows sit beside the reasoner's and one call serves both: the shared base
+  weights run once over both sets of rows and only the trigger's rows get its LoRA update
+  (`memgen.adapters.SplitBatch`). `head` reads the reasoner's hidden state of the delimiter (no
+  extra forward). Decisions come from the fused trigger-scoring op.
+- In `always` mode the decision comes before the reasoner reads the token, so every step is one
+  reasoner call: [token, K latents] per row when the padding this adds to rows that do not invoke
+  stays under a per-device bound (`PACKED_PADDING_ITEMS`), else one batch row per item (a
+  latent's batch row reads its row's cache, which the same layer call has just written), so no
+  row pads. `head` and `lora` read the token first (their decision needs a hidden state of it)
+  and the invoking rows' latents in a second call.
+- One host synchronisation per step fetches the decisions, the finished flags and the tokens.
+  Host bookkeeping is vectorised over CPU tensors; the caches keep their per-row lengths there,
+  so sizing a call never waits on the device.
 - With a model sharded by FSDP every forward of a decoder is a collective, so the ranks of the
   default process group make the same calls in the same order (`_RankSync`): each step they agree on
-  whether any rank still decodes, calls its `lora` trigger and weaves; a rank that has nothing of
+  whether any rank still decodes and whether any weaves; a rank that has nothing of
   its own to run makes an idle call instead (one dummy item, written nowhere), and a rank whose
   rows are all finished keeps making the others' calls until every rank is done.
 """
@@ -35,7 +37,7 @@ from typing import Callable
 import torch
 from transformers.utils import ModelOutput
 
-from memgen.adapters import BareBase, active_adapter, tuner_layers
+from memgen.adapters import BareBase, SplitBatch, active_adapter, tuner_layers
 from memgen.cache import RaggedCache
 from memgen.layer_stack import direct_call, forward_call
 from memgen.ops import pack_ragged, pack_step, trigger_scoring
@@ -62,38 +64,52 @@ class MemGenGenerateOutput(ModelOutput):
 
 
 class _RaggedDecoder:
-    """A base model (with one adapter active, or none) reading ragged rows through its own cache."""
+    """A base model (with one adapter active, or none) reading ragged rows through its own cache.
 
-    def __init__(self, model, adapter: str | None, batch: int, capacity: int, device: torch.device) -> None:
-        self.model, self.adapter, self.capacity = model, adapter, capacity
+    With `split` (an adapter name) the cache holds 2 x batch rows: cache row batch + r is row r read through
+    that adapter (the `lora` trigger on the reasoner's own base), so one call can serve both (`run`'s
+    split_from).
+    """
+
+    def __init__(self, model, adapter: str | None, batch: int, capacity: int, device: torch.device,
+                 split: str | None = None) -> None:
+        self.model, self.adapter, self.capacity, self.batch = model, adapter, capacity, batch
         decoder = model.get_decoder()
         self.call = direct_call(decoder) or forward_call(decoder)
         self.layers = tuner_layers(model) if adapter is not None else None
         self.bare = BareBase(model) if adapter is None else None
-        self.cache = RaggedCache(model.config.num_hidden_layers, batch, capacity, device)
-        self.lengths = self.cache.lengths  # host int32 [B]: items each row has read
+        self.split = SplitBatch(model, split) if split is not None else None
+        self.cache = RaggedCache(model.config.num_hidden_layers, batch * (2 if split else 1), capacity, device)
+        self.lengths = self.cache.lengths  # host int32 [cache rows]: items each cache row has read
         self.dtype = model.get_input_embeddings().weight.dtype
         self.width, self.device = model.config.hidden_size, device
 
-    def run(self, rows: torch.Tensor | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
-            n_items: torch.Tensor) -> torch.Tensor:
+    def run(self, rows: torch.Tensor | int | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
+            n_items: torch.Tensor, split_from: int | None = None) -> torch.Tensor:
         """Feed a packed call (items, positions, slots, mask) to cache rows `rows` (device [G], repeats
-        allowed; None: all rows in order); returns hidden [G, W, d].
+        allowed; an int n: the first n cache rows in order; None: the batch's rows in order); returns hidden
+        [G, W, d].
 
-        advance: host int64 row indices (no repeats; None: all) whose lengths grow by n_items (host int32).
+        advance: host int64 cache rows (no repeats; None: the batch's rows) whose lengths grow by n_items (host
+        int32). split_from: the call's batch rows from this one on run through the `split` adapter, the
+        others through the bare base.
         """
         items, positions, slots, mask = packed
-        self.cache.prepare(rows, slots, mask.shape[-1])
-        with self.bare() if self.bare is not None else active_adapter(self.model, self.adapter, self.layers):
+        self.cache.prepare(self.batch if rows is None else rows, slots, mask.shape[-1])
+        if split_from is not None:
+            context = self.split(split_from)
+        else:
+            context = self.bare() if self.bare is not None else active_adapter(self.model, self.adapter, self.layers)
+        with context:
             hidden = self.call(items, mask, positions, self.cache)
         if advance is None:
-            self.lengths += n_items
+            self.lengths[: self.batch] += n_items
         else:
             self.lengths[advance] += n_items
         return hidden
 
     def lengths_of(self, rows: torch.Tensor | None) -> torch.Tensor:
-        return self.lengths.clone() if rows is None else self.lengths[rows]
+        return self.lengths[: self.batch].clone() if rows is None else self.lengths[rows]
 
     def idle(self) -> None:
         """One call that changes nothing: a zero item in row 0's scratch slot, attending to its slot 0. It
@@ -155,22 +171,30 @@ class _Engine:
 
     def __init__(self, model, prompts: torch.Tensor, prompt_lengths: torch.Tensor, max_new_tokens: int,
                  trigger_mode: str, prompt_budget: int, budget: int, do_sample: bool, temperature: float,
-                 generator: torch.Generator | None) -> None:
+                 generator: torch.Generator | None, synced: bool = False) -> None:
         config, device = model.config, prompts.device
         batch, width = prompts.shape
-        self.model, self.device, self.batch = model, device, batch
+        self.model, self.device, self.batch, self.synced = model, device, batch, synced
         self.all_rows = torch.arange(batch)  # host
         self.all_rows_device = torch.arange(batch, device=device)
         self.trigger_mode, self.budget = trigger_mode, budget
         self.do_sample, self.temperature, self.generator = do_sample, temperature, generator
         self.k = {PROMPT: config.prompt_latents_len, INFERENCE: config.inference_latents_len}
+        self.memory = prompt_budget > 0 or budget > 0
+        self.recording = self.memory  # whether reads append their items to the weaver's stream
+        # The `lora` trigger reads every token of the rows that may still weave, as the reasoner reads it: in the
+        # same call (its rows are the reasoner cache's second half) when it is an adapter on the reasoner's own
+        # base, else through its own cache and calls.
+        self.lora = trigger_mode == "lora" and self.memory
+        trigger_model = model.trigger.model if self.lora else None
+        self.joint = self.lora and trigger_model is model.reasoner and SplitBatch.supported(
+            trigger_model, model.trigger.adapter_name)
         capacity = width + max_new_tokens + (self.k[PROMPT] if prompt_budget else 0) + self.k[INFERENCE] * budget
-        self.reasoner = _RaggedDecoder(model.reasoner, None, batch, capacity, device)
+        self.reasoner = _RaggedDecoder(model.reasoner, None, batch, capacity, device,
+                                       split=model.trigger.adapter_name if self.joint else None)
         self.embed = model.reasoner.get_input_embeddings()
         self.lm_head = model.reasoner.get_output_embeddings()
         self.last_hidden = torch.zeros(batch, self.embed.weight.shape[1], dtype=self.reasoner.dtype, device=device)
-        self.memory = prompt_budget > 0 or budget > 0
-        self.recording = self.memory  # whether reads append their items to the weaver's stream
         self.packed_padding = PACKED_PADDING_ITEMS.get(device.type, 0)
         self.latent_norms = torch.full((batch, max_new_tokens), float("nan"), device=device)
         if self.memory:
@@ -183,15 +207,13 @@ class _Engine:
             self.stream_lengths = torch.zeros(batch, dtype=torch.int32)  # host: items in each row's stream
             # Zero items that reserve the queries' columns in the weaver's packed call.
             self.query_slots = {kind: self.stream.new_zeros(k, d_reasoner) for kind, k in self.k.items()}
-        if trigger_mode == "lora" and self.memory:
-            trigger_model = model.trigger.model
-            self.trigger = _RaggedDecoder(trigger_model, model.trigger.adapter_name, batch, width + max_new_tokens,
-                                          device)
-            self.trigger_embed = trigger_model.get_input_embeddings()
-            self.trigger_stream = torch.zeros(batch, width + max_new_tokens + 1, self.trigger_embed.weight.shape[1],
-                                              dtype=self.trigger.dtype, device=device)
-            self.trigger_stream[:, :width] = self.trigger_embed(prompts)
-            self.history = prompt_lengths.clone()  # host: token ids in each row's trigger stream
+        if self.lora:
+            if not self.joint:
+                self.trigger = _RaggedDecoder(trigger_model, model.trigger.adapter_name, batch,
+                                              width + max_new_tokens, device)
+                self.trigger_embed = trigger_model.get_input_embeddings()
+            self.trigger_hidden = torch.zeros(batch, trigger_model.config.hidden_size,
+                                              dtype=trigger_model.get_input_embeddings().weight.dtype, device=device)
 
     def to_device(self, *host: torch.Tensor) -> list[torch.Tensor]:
         """Host tensors on the engine's device without a synchronisation: a copy from pageable memory
@@ -203,27 +225,90 @@ class _Engine:
 
     # -- the reasoner ---------------------------------------------------------------------------
 
-    def _read(self, rows: torch.Tensor | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
-              n_items: torch.Tensor, last: torch.Tensor) -> None:
+    def _read(self, rows: torch.Tensor | int | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
+              n_items: torch.Tensor, last: torch.Tensor,
+              trigger: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """One reasoner call (see `_RaggedDecoder.run`); then last_hidden of the advanced rows is the hidden
-        state at flat index last[a] of [G * W], and the call's items join the stream."""
-        hidden = self.reasoner.run(rows, packed, advance, n_items)
+        state at flat index last[a] of [G * W], and their items join the stream.
+
+        trigger: (rows, n_items, last), host tensors [T]: the call's last T batch rows are these rows' `lora`
+        trigger, reading the same tokens (a joint call, cache rows batch + r); trigger_hidden[rows[t]] becomes
+        the hidden state at flat index last[t].
+        """
         advance = self.all_rows if advance is None else advance
+        split_from = None
+        if trigger is None:
+            hidden = self.reasoner.run(rows, packed, advance, n_items)
+        else:
+            split_from = packed[0].shape[0] - trigger[0].shape[0]
+            hidden = self.reasoner.run(rows, packed, torch.cat([advance, trigger[0] + self.batch]),
+                                       torch.cat([n_items, trigger[1]]), split_from)
         advance_device, last_device = self.to_device(advance, last)
-        self.last_hidden[advance_device] = hidden.flatten(0, 1)[last_device]
+        flat = hidden.flatten(0, 1)
+        self.last_hidden[advance_device] = flat[last_device]
+        if trigger is not None:
+            trigger_rows_device, trigger_last_device = self.to_device(trigger[0], trigger[2])
+            self.trigger_hidden[trigger_rows_device] = flat[trigger_last_device]
         if self.recording:
-            cache_rows = self.all_rows_device if rows is None else rows
-            self.stream[cache_rows[:, None], packed[2]] = packed[0].to(self.stream.dtype)  # padding: scratch slot
+            cache_rows = self.all_rows_device if rows is None or isinstance(rows, int) else rows[:split_from]
+            items, slots = packed[0][:split_from], packed[2][:split_from]
+            self.stream[cache_rows[:, None], slots] = items.to(self.stream.dtype)  # padding: scratch slot
             self.stream_lengths[advance] += n_items
 
     def read_prompts(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor) -> None:
+        """The reasoner reads the prompts, and so does the `lora` trigger (in the same call when joint)."""
         embeds = self.embed(prompts)
-        zeros = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
-        lengths_device, = self.to_device(prompt_lengths)
-        packed = pack_ragged(embeds, self.all_rows_device, zeros, lengths_device, prompts.shape[1], None, self.reasoner.capacity,
-                             max(int(prompt_lengths.max()), 1))
-        last = self.all_rows * prompts.shape[1] + (prompt_lengths.long() - 1).clamp(min=0)
-        self._read(None, packed, None, prompt_lengths, last)
+        width = prompts.shape[1]
+        n = 2 * self.batch if self.joint else self.batch
+        lengths = prompt_lengths.repeat(n // self.batch)
+        rows_device, zeros, lengths_device = self.to_device(torch.arange(n), torch.zeros(n, dtype=torch.int32), lengths)
+        packed = pack_ragged(embeds.repeat(n // self.batch, 1, 1), rows_device, zeros, lengths_device, width, None,
+                             self.reasoner.capacity, max(int(prompt_lengths.max()), 1))
+        last = self.all_rows * width + (prompt_lengths.long() - 1).clamp(min=0)
+        trigger = (self.all_rows, prompt_lengths, last + self.batch * width) if self.joint else None
+        self._read(n if self.joint else None, packed, None, prompt_lengths, last, trigger)
+        if self.lora and not self.joint:
+            packed = pack_ragged(self.trigger_embed(prompts), rows_device, zeros, lengths_device, width, None,
+                                 self.trigger.capacity, max(int(prompt_lengths.max()), 1))
+            hidden = self.trigger.run(None, packed, None, prompt_lengths)
+            self.trigger_hidden[:] = hidden.flatten(0, 1)[self.to_device(last)[0]]
+
+    def read_tokens(self, rows: torch.Tensor, tokens: torch.Tensor, trigger_rows: torch.Tensor | None) -> None:
+        """The reasoner reads rows' (host int64 [G]) tokens (ids [B] on the device); the `lora` trigger reads
+        the same tokens of trigger_rows (host int64 [T], None: no trigger): in the same call when joint, else
+        in its own (an idle one when T = 0 under synced ranks, so that every rank makes it)."""
+        if trigger_rows is None or not self.joint:
+            self.read_step(rows, tokens[self.to_device(rows)[0]], None, None)
+            if trigger_rows is not None and trigger_rows.numel():
+                lengths = self.trigger.lengths_of(trigger_rows)
+                trigger_rows_device, lengths_device = self.to_device(trigger_rows, lengths)
+                packed = pack_step(tokens[trigger_rows_device], self.trigger_embed.weight, None, None, lengths_device,
+                                   self.trigger.capacity, int(lengths.max()) + 1)
+                every_row = trigger_rows.shape[0] == self.batch
+                hidden = self.trigger.run(None if every_row else trigger_rows_device, packed,
+                                          None if every_row else trigger_rows,
+                                          torch.ones(trigger_rows.shape[0], dtype=torch.int32))
+                self.trigger_hidden[trigger_rows_device] = hidden[:, 0]
+            elif trigger_rows is not None and self.synced:
+                self.trigger.idle()
+            return
+        g, t = rows.shape[0], trigger_rows.shape[0]
+        cache_rows = torch.cat([rows, trigger_rows + self.batch])
+        lengths = self.reasoner.lengths[cache_rows]
+        cache_rows_device, token_rows_device, lengths_device = self.to_device(
+            cache_rows, torch.cat([rows, trigger_rows]), lengths)
+        packed = pack_step(tokens[token_rows_device], self.embed.weight, None, None, lengths_device,
+                           self.reasoner.capacity, int(lengths.max()) + 1)
+        ones = torch.ones(g + t, dtype=torch.int32)
+        in_order = g == t == self.batch  # every row, twice: the cache's rows in order (views, no copies)
+        self._read(2 * self.batch if in_order else cache_rows_device, packed, rows, ones[:g], torch.arange(g),
+                   (trigger_rows, ones[g:], torch.arange(g, g + t)))
+
+    def idle_read(self) -> None:
+        """The idle twin of `read_tokens` (synced ranks): the same calls, changing nothing."""
+        self.reasoner.idle()
+        if self.lora and not self.joint:
+            self.trigger.idle()
 
     def read_step(self, rows: torch.Tensor, tokens: torch.Tensor | None, latents: torch.Tensor | None,
                   n_latents: torch.Tensor | None) -> None:
@@ -292,31 +377,13 @@ class _Engine:
 
     # -- the trigger ----------------------------------------------------------------------------
 
-    def record_trigger_tokens(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Append rows' new tokens (host [G]; ids on the device) to the `lora` trigger's stream."""
-        rows_device, slots = self.to_device(rows, self.history[rows].long())
-        self.trigger_stream[rows_device, slots] = self.trigger_embed(tokens).to(self.trigger_stream.dtype)
-        self.history[rows] += 1
-
-    def trigger_logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """[B, 2] float logits of the `lora` trigger for rows (host [G]), catching up on their new tokens."""
-        seen = self.trigger.lengths_of(rows)
-        pending = self.history[rows] - seen
-        rows_device, seen_device, pending_device = self.to_device(rows, seen, pending)
-        packed = pack_ragged(self.trigger_stream, rows_device, seen_device, pending_device, int(pending.max()), None,
-                             self.trigger.capacity, int((seen + pending).max()))
-        hidden = self.trigger.run(rows_device, packed, rows, pending)
-        last = hidden[torch.arange(rows.shape[0], device=self.device), pending_device.long() - 1]
-        logits = torch.zeros(self.batch, 2, device=self.device)
-        logits[rows_device] = self.model.trigger.output_layer(last.float())
-        return logits
-
-    def decide(self, tokens: torch.Tensor, finished: torch.Tensor, counts: torch.Tensor, prompt_step: bool,
-               candidates: torch.Tensor | None) -> torch.Tensor:
-        """Decisions int8 [B] of this step (counts updated in place); `lora` reads candidates' trigger logits."""
+    def decide(self, tokens: torch.Tensor, finished: torch.Tensor, counts: torch.Tensor,
+               prompt_step: bool) -> torch.Tensor:
+        """Decisions int8 [B] of this step (counts updated in place), from the trigger's view of the last item
+        read: the `lora` trigger's hidden state of it, or (`head`) the reasoner's."""
         kwargs = {}
-        if self.trigger_mode == "lora":
-            kwargs["logits"] = self.trigger_logits(candidates)
+        if self.trigger_mode == "lora":  # rows it did not read are at no decision point: their logits go unused
+            kwargs["logits"] = self.model.trigger.output_layer(self.trigger_hidden.float())
         elif self.trigger_mode == "head":
             kwargs["hidden"] = self.last_hidden
             kwargs["head_weight"] = self.model.trigger.output_layer.weight
@@ -366,32 +433,27 @@ class _Engine:
         self.read_step(active, active_tokens, padded, invokes.to(torch.int32) * k)
 
 
-def _idle_rest_of_step(engine: _Engine, sync: _RankSync, mode: str, vote: bool) -> None:
-    """A step's calls after its agreement, idle. vote: the agreement's second vote (`lora`: some rank consults
-    its trigger; otherwise: some rank weaves)."""
-    weave = vote
-    if mode == "lora":
-        weave = False
-        if vote:
-            engine.trigger.idle()
-            weave, = sync.any(False)
+def _idle_rest_of_step(engine: _Engine, reads_first: bool, weave: bool) -> None:
+    """A step's calls after its agreement, idle. reads_first: the step's tokens were read before the decisions
+    (`head`, `lora`); weave: the agreement's vote that some rank weaves."""
     if weave:
         engine.weaver.idle()
-    if mode != "head" or weave:
+    if not reads_first or weave:
         engine.reasoner.idle()
 
 
-def _follow(engine: _Engine, sync: _RankSync, mode: str, step: int, max_new_tokens: int, vote: bool) -> None:
+def _follow(engine: _Engine, sync: _RankSync, reads_first: bool, step: int, max_new_tokens: int,
+            weave: bool) -> None:
     """After this rank's rows all finished at `step`: make the other ranks' calls, idle, until every rank is
     done (the last step makes no call)."""
-    _idle_rest_of_step(engine, sync, mode, vote)
+    _idle_rest_of_step(engine, reads_first, weave)
     for _ in range(step + 1, max_new_tokens - 1):
-        if mode == "head":
-            engine.reasoner.idle()
-        running, vote = sync.any(False, False)
+        if reads_first:
+            engine.idle_read()
+        running, weave = sync.any(False, False)
         if not running:
             return
-        _idle_rest_of_step(engine, sync, mode, vote)
+        _idle_rest_of_step(engine, reads_first, weave)
 
 
 @torch.no_grad()
@@ -418,10 +480,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     prompts = input_ids.gather(1, order)[:, : int(n_prompt.max())]
     prompt_lengths = n_prompt.to(device="cpu", dtype=torch.int32)
     engine = _Engine(model, prompts, prompt_lengths, max_new_tokens, trigger_mode, prompt_budget, budget, do_sample,
-                     temperature, generator)
-    lora = trigger_mode == "lora" and engine.memory
-    head = trigger_mode == "head" and engine.memory
-    mode = "lora" if lora else "head" if head else "plain"
+                     temperature, generator, synced=sync is not None)
+    # `head` and `lora` decide from the token's hidden state (the reasoner's, the trigger's): they read it first
+    reads_first = trigger_mode in ("head", "lora") and engine.memory
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = model.tokenizer.pad_token_id
@@ -439,7 +500,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     engine.read_prompts(prompts, prompt_lengths)
     all_rows = engine.all_rows
     if prompt_budget > 0:
-        decisions = engine.decide(prompts[:, 0], finished, counts, True, all_rows if lora else None)
+        decisions = engine.decide(prompts[:, 0], finished, counts, True)
         aug_mask[:, 0] = decisions
         invoking = (decisions.cpu() == 1).nonzero().flatten()  # the prompt step's synchronisation
         company = sync.any(invoking.numel() > 0)[0] if sync is not None else False
@@ -450,11 +511,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     steps = 0
     for step in range(max_new_tokens):
         # Once no unfinished row can weave again, the rest are plain steps: no trigger, no decisions (each row
-        # would get none), and the stream only the weaver reads is no longer written. Synced ranks keep
-        # every call (their agreement counts on the same calls each step).
-        weaving = weaving and (sync is not None or bool((weaves_left[active] > 0).any()))
+        # would get none, and sampled decisions would draw from the generator), and the stream only the weaver
+        # reads is no longer written. Synced ranks keep every call (their agreement counts on the same calls
+        # each step), idle where this rank has nothing to run.
+        weaving = weaving and bool((weaves_left[active] > 0).any())
         engine.recording = weaving
-        lora_step, head_step = lora and weaving, head and weaving
+        first = reads_first and (weaving or (sync is not None and engine.memory))
         logits = engine.lm_head(engine.last_hidden).float()
         if penalize:
             logits = _penalize(logits, seen_tokens, repetition_penalty)
@@ -472,40 +534,22 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                 streamer.put(tokens.cpu())
             break
         decisions = None
-        if head_step:  # the head reads the reasoner's hidden state of the token: read it first
-            engine.read_step(active, tokens[engine.to_device(active)[0]], None, None)
-        if lora_step:
-            at_point = ~finished & model.delimiter_table[tokens] & (counts < budget)
-            host = torch.stack([at_point.long(), finished.long(), tokens]).cpu()  # the step's synchronisation
-            engine.record_trigger_tokens(active, tokens[engine.to_device(active)[0]])
-            candidates = host[0].nonzero().flatten()
-            host[0] = -100
-        else:
-            if weaving:
-                decisions = engine.decide(tokens, finished, counts, False, None)
-            host_decisions = decisions.long() if decisions is not None else torch.full_like(tokens, -100)
-            host = torch.stack([host_decisions, finished.long(), tokens]).cpu()  # the step's synchronisation
+        if first:  # the rows still decoding read the token (the `lora` trigger's rows: those that may weave)
+            engine.read_tokens(active, tokens, active[weaves_left[active] > 0] if engine.lora else None)
+        if weaving:
+            decisions = engine.decide(tokens, finished, counts, False)
+        host_decisions = decisions.long() if decisions is not None else torch.full_like(tokens, -100)
+        host = torch.stack([host_decisions, finished.long(), tokens]).cpu()  # the step's synchronisation
         if streamer is not None:
             streamer.put(host[2])
         unfinished = (host[1] == 0).nonzero().flatten()
         company = False
         if sync is not None:
-            # this rank consults its trigger (`lora`), or weaves (the other modes)
-            vote = candidates.numel() > 0 if lora_step else bool((host[0] == 1).any())
-            running, vote = sync.any(unfinished.numel() > 0, vote)
+            running, company = sync.any(unfinished.numel() > 0, bool((host[0] == 1).any()))  # some rank weaves
             if not unfinished.numel():
                 if running:
-                    _follow(engine, sync, mode, step, max_new_tokens, vote)
+                    _follow(engine, sync, reads_first, step, max_new_tokens, company)
                 break
-            company = vote
-        if lora_step:
-            if candidates.numel():
-                decisions = engine.decide(tokens, finished, counts, False, candidates)
-                host[0] = decisions.cpu()  # a second one: the trigger's logits shape the next calls
-            elif company:
-                engine.trigger.idle()
-            if company:
-                company, = sync.any(bool((host[0] == 1).any()))
         if decisions is not None:
             aug_mask[:, step + 1] = decisions
         if not unfinished.numel():
@@ -513,7 +557,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         invoking = (host[0] == 1).nonzero().flatten()
         if invoking.numel():
             weaves_left[invoking] -= 1
-        if head_step:
+        if first:
             engine.insert(active, invoking, None, INFERENCE, step + 1, company)
         else:
             engine.insert(unfinished, invoking, tokens, INFERENCE, step + 1, company)

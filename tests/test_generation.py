@@ -9,7 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from memgen import MemGenConfig, MemGenModel, generation
 from memgen.reference import reference_generate
 from memgen.sharding import gathered_for_decoding
-from offline import chat_tokenizer
+from offline import chat_tokenizer, tiny_causal_lm
 from test_modeling import make_batch
 from test_reference_generation import chatty_model
 
@@ -55,6 +55,10 @@ def test_spent_budgets_end_the_triggers_work(trigger_mode, monkeypatch):
     """Once every row has spent its inference budget, steps are plain: no trigger scoring, no trigger calls,
     and the weaver's stream is no longer written; the output still equals the reference's."""
     model = chatty_model("qwen2", trigger_mode, boost=1.6 if trigger_mode == "always" else 2.5, max_inference=1)
+    if trigger_mode == "lora":
+        with torch.no_grad():  # a trigger that mostly invokes: every row spends its budget early
+            model.trigger.output_layer.weight.mul_(0.1)
+            model.trigger.output_layer.bias.copy_(torch.tensor([0.0, 3.0]))
     input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
     calls = []
     scoring = generation.trigger_scoring
@@ -64,8 +68,48 @@ def test_spent_budgets_end_the_triggers_work(trigger_mode, monkeypatch):
     assert spent.all(), "every row should spend its budget of 1"
     last_point = int(torch.where(out.augmentation_mask[:, 1:] >= 0, torch.arange(59), -1).max())
     assert last_point < 50  # the rest of the generation had no decision point left
-    # prompt step + one scoring per step up to the last decision point (lora: only at steps with candidates)
+    # prompt step + one scoring per step up to the last decision point
     assert len(calls) <= last_point + 2
+
+
+def test_the_lora_trigger_reads_its_tokens_in_the_reasoners_calls():
+    """The `lora` trigger, an adapter on the reasoner's base, adds no decoder call: a step is one call (the
+    reasoner's token and the trigger's), plus the weaver's and the latents' calls where some row weaves."""
+    model = chatty_model("qwen2", "lora")
+    input_ids, mask, _ = make_batch(model, [0] * 4, "left", seed=3)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=32)
+    calls = []
+    hook = model.reasoner.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    model.generate(input_ids, mask, max_new_tokens=32)
+    hook.remove()
+    weaving_steps = int((out.augmentation_mask == 1).any(0).sum())
+    assert weaving_steps >= 3 and (out.augmentation_mask == 0).any()
+    # the prompts, then a call per later token, then (weaver, latents) per weaving step
+    assert len(calls) == 32 + 2 * weaving_steps
+
+
+@pytest.mark.parametrize("trigger", ["own base", "unsupported layers"])
+def test_a_lora_trigger_that_cannot_share_the_reasoners_calls_makes_its_own(trigger, monkeypatch):
+    """A trigger on its own base model, or on layers `SplitBatch` does not reproduce, reads through its own
+    cache and calls; the output is the same as the reference's."""
+    if trigger == "own base":
+        tok = chat_tokenizer()
+        reasoner, trigger_base = tiny_causal_lm("qwen2", len(tok), seed=0), tiny_causal_lm("llama", len(tok), seed=4)
+        config = MemGenConfig(prompt_latents_len=3, inference_latents_len=2, max_inference_aug_num=4,
+                              trigger_mode="lora", trigger_lora={"lora_dropout": 0.0})
+        model = MemGenModel.from_reasoner(reasoner, tok, config, trigger_base=trigger_base).eval()
+        with torch.no_grad():
+            model.reasoner.get_output_embeddings().weight[model.delimiter_table.nonzero().flatten()] *= 2.5
+            model.trigger.output_layer.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(5))
+            for name, p in model.stage_parameters("trigger").items():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(6))
+    else:
+        model = chatty_model("qwen2", "lora")
+        monkeypatch.setattr(generation.SplitBatch, "supported", staticmethod(lambda *_: False))
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=3)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
+    assert (out.augmentation_mask == 1).any() and (out.augmentation_mask == 0).any()
 
 
 def test_per_call_overrides_and_a_long_generation():

@@ -22,10 +22,10 @@ def _ragged_calls(decoder, call, stream, seed):
     first = torch.randint(1, length // 2, (batch,), generator=g, dtype=torch.int32)
     second = torch.randint(1, length // 2, (batch,), generator=g, dtype=torch.int32)
     outputs = []
-    for seen, pending in ((torch.zeros_like(first), first), (first, second)):
+    for seen, pending, cache_rows in ((torch.zeros_like(first), first, batch), (first, second, rows)):
         items, positions, slots, mask = pack_ragged(stream, rows, seen, pending, int(pending.max()), None,
                                                     length + 4, int((seen + pending).max()))
-        cache.prepare(None, slots, mask.shape[-1])
+        cache.prepare(cache_rows, slots, mask.shape[-1])  # the leading rows (views), then rows by index (copies)
         outputs.append(call(items, mask, positions, cache))
     return outputs
 

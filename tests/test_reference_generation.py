@@ -18,6 +18,10 @@ def chatty_model(arch="qwen2", trigger_mode="always", boost=2.5, **kwargs):
         weight[model.delimiter_table.nonzero().flatten()] *= boost
         if model.trigger is not None:  # a trigger that both invokes and skips
             model.trigger.output_layer.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(6)
+        for name, p in model.stage_parameters("trigger").items():  # LoRA B starts at zero: make the adapter matter
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
 
 
