@@ -156,7 +156,13 @@ def load_preset(name: str, device: str | torch.device = "cpu",
     if name == "tiny":
         model = Qwen2ForCausalLM.from_pretrained(_tiny_files(), dtype=dtype)
         return model.to(device).eval(), preset_tokenizer()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(dtype)
+    device = torch.device(device)
+    # the same weights on every call, drawn from generators forked off the caller's, which stay untouched
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.random.default_generator.manual_seed(0)
+        if device.type == "cuda":
+            index = torch.cuda.current_device() if device.index is None else device.index
+            torch.cuda.default_generators[index].manual_seed(0)
+        with device:
+            model = Qwen2ForCausalLM(config).to(dtype)
     return model.eval(), (preset_tokenizer() if name == "small" else None)

@@ -49,3 +49,12 @@ def test_shape_presets_match_the_published_configs():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset must be one of"):
         presets.load_preset("huge")
+
+
+def test_a_random_weight_preset_is_the_same_every_time_and_leaves_the_callers_generator_alone():
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first, _ = presets.load_preset("small")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second, _ = presets.load_preset("small")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))

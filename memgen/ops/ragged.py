@@ -7,7 +7,7 @@ row's own cache slots. Three ops build and store such calls (DESIGN.md section 2
   table), then `latents[g, :n_latents[g]]`: the reasoner's whole decode step in one tensor;
 - `pack_ragged` (batched weaver forward): the stream items row g's cache has not seen,
   `stream[rows[g], lengths[g] : lengths[g] + pending[g]]`, then the K queries (if given) for
-  every row; also the lora trigger's catch-up and the prompt prefill (without queries);
+  every row; also the prompt prefill (without queries);
 - `write_kv`: `keys[rows[g], :, slots[g, t]] = new_keys[g, :, t]` (and values), the cache
   update of a ragged call.
 
