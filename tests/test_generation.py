@@ -200,7 +200,7 @@ def test_cuda_sampling_takes_a_generator_made_for_device_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("trigger_mode", ["always", "head"])
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
 def test_cuda_engine_synchronises_once_per_step(trigger_mode):
     """CUDA's sync debug mode flags every synchronising call: twelve more steps cost at most twelve more."""
     import warnings
