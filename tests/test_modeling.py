@@ -13,14 +13,15 @@ from offline import ARCHITECTURES, chat_tokenizer, tiny_causal_lm
 
 
 def make_model(arch="qwen2", *, k_prompt=3, k_inference=2, max_prompt=1, max_inference=4, trigger_mode="always",
-               weaver_base=None, seed=0, dtype=torch.float32):
+               weaver_base=None, trigger_base=None, seed=0, dtype=torch.float32):
     tok = chat_tokenizer()
     reasoner = tiny_causal_lm(arch, len(tok), seed=seed).to(dtype)
     config = MemGenConfig(prompt_latents_len=k_prompt, inference_latents_len=k_inference,
                           max_prompt_aug_num=max_prompt, max_inference_aug_num=max_inference,
                           trigger_mode=trigger_mode, weaver_lora={"lora_dropout": 0.0},
                           trigger_lora={"lora_dropout": 0.0})
-    model = MemGenModel.from_reasoner(reasoner, tok, config, weaver_base=weaver_base).eval()
+    model = MemGenModel.from_reasoner(reasoner, tok, config, weaver_base=weaver_base,
+                                      trigger_base=trigger_base).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
         for name, p in model.stage_parameters("weaver").items():
