@@ -106,18 +106,29 @@ class BareBase:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.sites = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-                      if isinstance(child, BaseTunerLayer)]
+        self.sites = _tuner_sites(model)
+        self.swaps = [layer.get_base_layer() for _, _, layer in self.sites]
 
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        for parent, name, layer in self.sites:
-            setattr(parent, name, layer.get_base_layer())
-        try:
-            yield
-        finally:
-            for parent, name, layer in self.sites:
-                setattr(parent, name, layer)
+    def __call__(self) -> contextlib.AbstractContextManager[None]:
+        return _swapped(self.sites, self.swaps)
+
+
+def _tuner_sites(model: nn.Module) -> list[tuple[nn.Module, str, BaseTunerLayer]]:
+    """(parent, attribute name, LoRA layer) for every LoRA layer of `model`."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def _swapped(sites: list[tuple[nn.Module, str, BaseTunerLayer]], swaps: list[nn.Module]) -> Iterator[None]:
+    """Each site's LoRA layer replaced by its swap for the enclosed calls, then put back (also on an error)."""
+    for (parent, name, _), swap in zip(sites, swaps):
+        setattr(parent, name, swap)
+    try:
+        yield
+    finally:
+        for parent, name, layer in sites:
+            setattr(parent, name, layer)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -157,8 +168,7 @@ class SplitBatch:
     """
 
     def __init__(self, model: nn.Module, name: str) -> None:
-        self.sites = [(parent, child_name, child) for parent in model.modules()
-                      for child_name, child in parent.named_children() if isinstance(child, BaseTunerLayer)]
+        self.sites = _tuner_sites(model)
         self.swaps = [_SplitLoRA(layer, name) if name in getattr(layer, "lora_A", {}) else layer.get_base_layer()
                       for _, _, layer in self.sites]
 
@@ -172,15 +182,8 @@ class SplitBatch:
         return bool(carrying) and all(type(layer) is Linear and not layer.merged
                                       and name not in getattr(layer, "lora_variant", {}) for layer in carrying)
 
-    @contextlib.contextmanager
-    def __call__(self, start: int) -> Iterator[None]:
+    def __call__(self, start: int) -> contextlib.AbstractContextManager[None]:
         for swap in self.swaps:
             if isinstance(swap, _SplitLoRA):
                 swap.start = start
-        for (parent, child_name, _), swap in zip(self.sites, self.swaps):
-            setattr(parent, child_name, swap)
-        try:
-            yield
-        finally:
-            for parent, child_name, layer in self.sites:
-                setattr(parent, child_name, layer)
+        return _swapped(self.sites, self.swaps)
