@@ -15,9 +15,11 @@ shape-only presets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -157,12 +159,18 @@ def load_preset(name: str, device: str | torch.device = "cpu",
         model = Qwen2ForCausalLM.from_pretrained(_tiny_files(), dtype=dtype)
         return model.to(device).eval(), preset_tokenizer()
     device = torch.device(device)
-    # the same weights on every call, drawn from generators forked off the caller's, which stay untouched
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.random.default_generator.manual_seed(0)
-        if device.type == "cuda":
-            index = torch.cuda.current_device() if device.index is None else device.index
-            torch.cuda.default_generators[index].manual_seed(0)
-        with device:
-            model = Qwen2ForCausalLM(config).to(dtype)
+    with fixed_seed(device), device:  # the same weights on every call
+        model = Qwen2ForCausalLM(config).to(dtype)
     return model.eval(), (preset_tokenizer() if name == "small" else None)
+
+
+@contextlib.contextmanager
+def fixed_seed(device: torch.device, seed: int = 0) -> Iterator[None]:
+    """Random draws inside (on the CPU and on `device`) come from generators seeded with `seed`, forked off
+    the caller's, which are left as they were."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield

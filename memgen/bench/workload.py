@@ -78,8 +78,7 @@ class Workload:
             config = MemGenConfig(trigger_mode=trigger_mode, weaver_lora={"lora_dropout": 0.0},
                                   trigger_lora={"lora_dropout": 0.0})
             reasoner = self.load_reasoner()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
+            with presets.fixed_seed(torch.device("cpu")):  # built on the CPU, then moved
                 model = MemGenModel.from_reasoner(reasoner, self.tokenizer, config)
             model = model.to(self.device).eval()
             if model.trigger is not None:
