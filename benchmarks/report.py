@@ -25,7 +25,7 @@ def results_from_pytest(data: dict) -> dict:
                             iqr_s=stats["iqr"], iterations=stats["iterations"], work=info["work"], unit=info["unit"],
                             rate_per_s=info["work"] / stats["median"], peak_memory_mib=info["peak_memory_mib"],
                             facts=info["facts"], baselines=info["baselines"]))
-    add_ratios(records)
+    add_ratios(records, paired=False)  # pytest-benchmark runs each implementation's rounds back to back
     first = data["benchmarks"][0]["extra_info"]
     meta = dict(workload=first["workload"], device=first["device"], dtype=first["dtype"], date=data["datetime"][:16],
                 machine=first["machine"], command="pytest benchmarks/", interleaved=False)

@@ -9,7 +9,7 @@ import torch
 
 from memgen import bench, build_delimiter_table
 from memgen.bench.harness import Case, measure
-from memgen.bench.report import add_ratios, markdown, suite_table, write
+from memgen.bench.report import add_ratios, markdown, median_interval, suite_table, write
 from memgen.bench.workload import DELIMITER_SHARE, Workload, load_workload, prompt_batch, training_batch
 from memgen.cli import main
 from offline import chat_tokenizer, tiny_causal_lm
@@ -77,6 +77,38 @@ def test_ratios_are_medians_over_each_baseline_in_the_same_case():
     table = suite_table(records)
     assert "| batch | implementation | median ± IQR | steps/s | peak MiB | / ref |" in table
     assert "| 1 | fast | 1.00 s ± 0.0 µs | 1 | 100 | 0.25 |" in table
+
+
+def test_paired_ratios_are_per_round_ratios_with_an_interval_and_a_capped_baseline_pairs_its_first_rounds():
+    fast = _record("x", "fast", 1.0, baselines=("ref", "slow"))
+    fast["times_s"] = [1.0, 2.0, 1.0, 1.5, 1.0, 3.0, 1.0]
+    ref = _record("x", "ref", 2.0)
+    ref["times_s"] = [2.0, 2.0, 4.0, 3.0, 2.0, 3.0, 1.0]
+    slow = _record("x", "slow", 4.0)
+    slow["times_s"] = [4.0, 8.0, 2.0]  # capped: three rounds
+    records = [fast, ref, slow]
+    add_ratios(records)
+    ratios = sorted([0.5, 1.0, 0.25, 0.5, 0.5, 1.0, 1.0])
+    assert fast["paired_ratios"]["ref"] == {"median": 0.5, "low": ratios[0], "high": ratios[-1]}  # 7 rounds: the range
+    assert fast["paired_ratios"]["slow"] == {"median": 0.25, "low": None, "high": None}  # 3 pairs: no interval
+    table = suite_table(records)
+    assert "| / ref | / slow | paired / ref (95% CI) |" in table
+    assert "| 0.50 | 0.25 | 0.50 (0.25-1.00) |" in table  # fast: ratios of medians over ref, slow; paired over ref
+    assert "| 2.00 | - | 2.00 |" in table  # slow: 3 pairs with ref, no interval
+    add_ratios(records, paired=False)
+    assert "paired" not in suite_table(records)
+
+
+def test_median_interval_picks_the_order_statistics_that_cover_the_median_95_percent_of_the_time():
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) is None  # 5 values cover it only 94% of the time
+    assert median_interval([6.0, 1.0, 2.0, 5.0, 4.0, 3.0]) == (1.0, 6.0)
+    assert median_interval([float(v) for v in range(1, 16)]) == (4.0, 12.0)
+    generator = torch.Generator().manual_seed(0)
+    covered = 0
+    for _ in range(2000):  # exponential draws: median log 2, a skewed law
+        low, high = median_interval(torch.empty(15).exponential_(generator=generator).tolist())
+        covered += low <= 0.6931 <= high
+    assert 0.95 <= covered / 2000 <= 0.985
 
 
 def test_write_makes_json_markdown_and_png(tmp_path):

@@ -1,13 +1,18 @@
 """Reports of `memgen bench`: ratios between implementations, Markdown tables, a PNG chart, JSON.
 
 Results are a dict `{"meta": {...}, "records": [...]}` (records as `harness.measure` makes them).
-Ratios are always of medians of the same case, measured side by side in one run: an
-implementation's time over a baseline's (below 1: faster than the baseline).
+Ratios are always of the same case, measured side by side in one run: an implementation's time over
+a baseline's (below 1: faster than the baseline). Two are reported: the ratio of the medians, and
+the paired ratio, the median over rounds of each round's ratio (the two ran minutes apart at most,
+so a machine's slow drift cancels) with a distribution-free 95% confidence interval, which says
+whether a target such as 1.10 lies outside the machine's noise.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -16,14 +21,40 @@ SUITE_TITLES = {"ops": "Compiled ops", "decode": "Decoding", "train": "Training 
 _RATE_UNITS = {"GB": "GB/s", "tokens": "tokens/s", "rows": "rows/s", "steps": "steps/s", "calls": "calls/s"}
 
 
-def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Set each record's `ratios`: {baseline: its median / the baseline's median} within its case."""
-    medians: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+def add_ratios(records: list[dict[str, Any]], paired: bool = True) -> None:
+    """Set each record's `ratios` ({baseline: its median / the baseline's median}) within its case, and with
+    `paired` (rounds interleaved, as `harness.measure` runs them) its `paired_ratios` ({baseline: {"median",
+    "low", "high"}}: the median of the per-round ratios and its 95% interval, None where there are too few
+    rounds for one). Rounds pair up in order: a capped implementation's rounds are the first ones."""
+    by_case: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
     for r in records:
-        medians[r["suite"], r["case"]][r["impl"]] = r["median_s"]
+        by_case[r["suite"], r["case"]][r["impl"]] = r
     for r in records:
-        case = medians[r["suite"], r["case"]]
-        r["ratios"] = {b: r["median_s"] / case[b] for b in r["baselines"] if b in case and b != r["impl"]}
+        case = by_case[r["suite"], r["case"]]
+        compared = [b for b in r["baselines"] if b in case and b != r["impl"]]
+        r["ratios"] = {b: r["median_s"] / case[b]["median_s"] for b in compared}
+        r.pop("paired_ratios", None)
+        if not paired:
+            continue
+        r["paired_ratios"] = {}
+        for b in compared:
+            per_round = sorted(t / tb for t, tb in zip(r["times_s"], case[b]["times_s"]))
+            interval = median_interval(per_round)
+            r["paired_ratios"][b] = {"median": statistics.median(per_round), "low": interval and interval[0],
+                                     "high": interval and interval[1]}
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """The narrowest pair of order statistics (x_(j), x_(n+1-j)) that covers the median of the values' law with
+    at least `confidence`, whatever that law (a binomial argument); None when n is too small for one."""
+    xs, n = sorted(values), len(values)
+    best = None
+    for j in range(1, n // 2 + 1):
+        below = sum(math.comb(n, i) for i in range(j)) / 2 ** n  # P(fewer than j of n values under the median)
+        if 1 - 2 * below < confidence:
+            break
+        best = j
+    return None if best is None else (xs[best - 1], xs[n - best])
 
 
 def by_suite(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -54,13 +85,15 @@ def machine_line(meta: dict[str, Any]) -> str:
 
 
 def suite_table(records: list[dict[str, Any]]) -> str:
-    """One Markdown table: a row per case and implementation, a ratio column per baseline."""
+    """One Markdown table: a row per case and implementation, a ratio column per baseline, and the paired
+    ratio over the first baseline with its 95% interval."""
     params = list(dict.fromkeys(k for r in records for k in r["params"]))
     baselines = list(dict.fromkeys(b for r in records for b in r["baselines"]))
     facts = list(dict.fromkeys(k for r in records for k in r["facts"]))
+    paired = baselines[:1] if any("paired_ratios" in r for r in records) else []
     rate = _RATE_UNITS.get(records[0]["unit"], f"{records[0]['unit']}/s")
     header = (params + ["implementation", "median ± IQR", rate] + [f.replace("_", " ") for f in facts]
-              + ["peak MiB"] + [f"/ {b}" for b in baselines])
+              + ["peak MiB"] + [f"/ {b}" for b in baselines] + [f"paired / {b} (95% CI)" for b in paired])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         peak = r["peak_memory_mib"]
@@ -69,8 +102,17 @@ def suite_table(records: list[dict[str, Any]]) -> str:
         cells += [f"{r['facts'][f]:.1f}" if f in r["facts"] else "-" for f in facts]
         cells += ["-" if peak is None else f"{peak:,.0f}"]
         cells += [f"{r['ratios'][b]:.2f}" if b in r.get("ratios", {}) else "-" for b in baselines]
+        cells += [_paired(r.get("paired_ratios", {}).get(b)) for b in paired]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _paired(ratio: dict[str, float | None] | None) -> str:
+    if ratio is None:
+        return "-"
+    if ratio["low"] is None:
+        return f"{ratio['median']:.2f}"
+    return f"{ratio['median']:.2f} ({ratio['low']:.2f}-{ratio['high']:.2f})"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -82,7 +124,9 @@ def markdown(results: dict[str, Any]) -> str:
         out += [f"## {SUITE_TITLES.get(suite, suite)}", "", suite_table(records), "",
                 f"Medians of {'/'.join(map(str, rounds))} rounds, "
                 + ("interleaved" if meta.get("interleaved", True) else "each implementation's back to back")
-                + "; `/ X` is the median over X's median in the same case (below 1: faster). Peak memory: "
+                + "; `/ X` is the median over X's median in the same case (below 1: faster)"
+                + ("; `paired / X` the median of the rounds' own ratios, with its 95% confidence interval (from 6 "
+                   "rounds on)" if meta.get("interleaved", True) else "") + ". Peak memory: "
                 + ("allocated by torch on the GPU." if meta["device"].startswith("cuda")
                    else "the process's peak resident set."), ""]
     out.append(f"Command: `{meta['command']}`")
