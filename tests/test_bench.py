@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +224,20 @@ def test_bench_command_rejects_a_preset_and_a_model_together(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--preset", "tiny", "--model", "x"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_call_costs_script_times_every_layout_and_refuses_a_step_where_every_row_weaves(cache, tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "call_costs.py"
+    spec = importlib.util.spec_from_file_location("call_costs", path)
+    call_costs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(call_costs)
+    with pytest.raises(SystemExit):
+        call_costs.main(["--batch", "4", "--weaving", "4"])
+    assert "--weaving must be in 1 .. 3" in capsys.readouterr().err
+    call_costs.main(["--preset", "tiny", "--batch", "3", "--weaving", "1", "--width", "5", "--rounds", "2",
+                     "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert [r["impl"] for r in records] == ["plain step [B, 1]", "weaver [G, W]", "reasoner tokens + latents [B + G*K, 1]",
+                                            "joint: others' tokens + weaver [B - G + G*W, 1]", "joint padded [B, W]"]
+    assert all(r["median_s"] > 0 and r["rounds"] == 2 for r in records)
+    assert "| 3 | 1 | 5 | 8 | joint padded [B, W] |" in capsys.readouterr().out
