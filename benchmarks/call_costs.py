@@ -65,8 +65,8 @@ def _call(decoder: _RaggedDecoder, rows: torch.Tensor, width: int, split_from: i
     return run
 
 
-def cases(preset: str, device: str, batch: int, weaving: int, width: int, latents: int) -> Case:
-    model = load_workload(preset, device=device).memgen_model("always")
+def cases(preset: str, device: str, dtype: torch.dtype, batch: int, weaving: int, width: int, latents: int) -> Case:
+    model = load_workload(preset, device=device, dtype=dtype).memgen_model("always")
     capacity = PREFIX + width + latents + 1
     plain = _decoder(model.reasoner, None, batch, capacity)
     weaver = _decoder(model.weaver.model, model.weaver.adapter_name, batch, capacity)
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--batch", type=int, default=16, help="B: rows in the batch")
     parser.add_argument("--weaving", type=int, default=2, help="G: rows weaving at the step")
     parser.add_argument("--width", type=int, default=30, help="W: the weaver's items per weaving row (new items + K queries)")
@@ -99,11 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 1 <= args.weaving < args.batch:
         parser.error(f"--weaving must be in 1 .. {args.batch - 1} (some rows weave, some do not), got {args.weaving}")
-    case = cases(args.preset, args.device, args.batch, args.weaving, args.width, args.latents)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    case = cases(args.preset, args.device, getattr(torch, dtype), args.batch, args.weaving, args.width, args.latents)
     records = measure(case, args.rounds, args.device)
     add_ratios(records)
     results = {"records": records, "meta": dict(
-        workload=args.preset, device=args.device, dtype="float32", machine=machine_info(args.device),
+        workload=args.preset, device=args.device, dtype=dtype, machine=machine_info(args.device),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="python benchmarks/call_costs.py " + " ".join(argv if argv is not None else sys.argv[1:]))}
     print(markdown(results))
