@@ -2,7 +2,8 @@
 
 At a batch step where G rows weave, memgen's engine makes two calls: the weaver over the invoking rows'
 W new items (padded to the widest: `[G, W]`), then the reasoner over every row's token plus the
-invoking rows' K latents (one item per batch row on a CPU: `[B + G*K, 1]`). A scheduler that let the
+invoking rows' K latents (one item per batch row on a CPU: `[B + G*K, 1]`; padded on a GPU, where
+padding is nearly free: `[B, 1 + K]`). A scheduler that let the
 other rows run ahead would instead put the weaver's items in the same call as those rows' tokens
 (`joint`, one base-model pass with the weaver's LoRA on its rows only), saving one pass over the
 weights per weaving step. This script times those calls side by side (interleaved rounds, the
@@ -78,6 +79,7 @@ def cases(preset: str, device: str, dtype: torch.dtype, batch: int, weaving: int
         "weaver [G, W]": _call(weaver, invoking, width),
         "reasoner tokens + latents [B + G*K, 1]": _call(plain, torch.cat([everyone, invoking.repeat_interleave(latents)]),
                                                         1),
+        "reasoner tokens + latents, padded [B, 1 + K]": _call(plain, everyone, 1 + latents),
         "joint: others' tokens + weaver [B - G + G*W, 1]": _call(
             joint, torch.cat([others, (invoking + batch).repeat_interleave(width)]), 1, batch - weaving),
         "joint padded [B, W]": _call(joint, torch.cat([others, invoking + batch]), width, batch - weaving),

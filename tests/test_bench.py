@@ -237,7 +237,9 @@ def test_call_costs_script_times_every_layout_and_refuses_a_step_where_every_row
     call_costs.main(["--preset", "tiny", "--batch", "3", "--weaving", "1", "--width", "5", "--rounds", "2",
                      "--out", str(tmp_path)])
     records = json.loads((tmp_path / "results.json").read_text())["records"]
-    assert [r["impl"] for r in records] == ["plain step [B, 1]", "weaver [G, W]", "reasoner tokens + latents [B + G*K, 1]",
-                                            "joint: others' tokens + weaver [B - G + G*W, 1]", "joint padded [B, W]"]
+    assert [r["impl"] for r in records] == [
+        "plain step [B, 1]", "weaver [G, W]", "reasoner tokens + latents [B + G*K, 1]",
+        "reasoner tokens + latents, padded [B, 1 + K]", "joint: others' tokens + weaver [B - G + G*W, 1]",
+        "joint padded [B, W]"]
     assert all(r["median_s"] > 0 and r["rounds"] == 2 for r in records)
     assert "| 3 | 1 | 5 | 8 | joint padded [B, W] |" in capsys.readouterr().out

@@ -38,7 +38,7 @@ def add_ratios(records: list[dict[str, Any]], paired: bool = True) -> None:
             continue
         r["paired_ratios"] = {}
         for b in compared:
-            per_round = sorted(t / tb for t, tb in zip(r["times_s"], case[b]["times_s"]))
+            per_round = [t / tb for t, tb in zip(r["times_s"], case[b]["times_s"])]
             interval = median_interval(per_round)
             r["paired_ratios"][b] = {"median": statistics.median(per_round), "low": interval and interval[0],
                                      "high": interval and interval[1]}
