@@ -156,7 +156,7 @@ class _SplitLoRA(nn.Module):
             if self.dropout.training:  # nn.Dropout or nn.Identity: the identity in eval mode
                 part = self.dropout(part)
             update = F.linear(F.linear(part, lora_A.weight, lora_A.bias), lora_B.weight, lora_B.bias) * self.scaling
-            result[self.start:] = result[self.start:] + update  # the sum's rounding to result's dtype, as PEFT's
+            result[self.start:].add_(update)  # summed in float32, rounded to result's dtype, as PEFT's `+`
         return result
 
 
