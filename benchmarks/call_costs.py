@@ -20,69 +20,29 @@ import sys
 
 import torch
 
+from memgen.bench.calls import PREFIX, prefilled_decoder, repeatable_call
 from memgen.bench.harness import Case, machine_info, measure
 from memgen.bench.report import add_ratios, markdown, write
 from memgen.bench.workload import load_workload
-from memgen.generation import _RaggedDecoder
-from memgen.ops import pack_ragged
-
-PREFIX = 100  # items each cache row holds before the timed calls (a row some way into its answer)
-
-
-def _packed(decoder: _RaggedDecoder, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
-    """A packed call feeding `width` random items to each of cache rows `rows` (host int64; repeats: one batch
-    row each), after what each row has read."""
-    device = decoder.device
-    stream = torch.randn(decoder.lengths.shape[0], decoder.capacity + 1, decoder.width, device=device,
-                         generator=torch.Generator(device).manual_seed(0)).to(decoder.dtype) * 0.02
-    lengths = decoder.lengths[rows]
-    return pack_ragged(stream, rows.to(device), lengths.to(device),
-                       torch.full((rows.shape[0],), width, dtype=torch.int32, device=device), width, None,
-                       decoder.capacity, int(lengths.max()) + width)
-
-
-def _decoder(model, adapter: str | None, batch: int, capacity: int, split: str | None = None) -> _RaggedDecoder:
-    """A ragged decoder whose every cache row has read PREFIX random items."""
-    device = model.get_input_embeddings().weight.device
-    decoder = _RaggedDecoder(model, adapter, batch, capacity, device, split=split)
-    rows = torch.arange(decoder.lengths.shape[0])
-    with torch.no_grad():
-        decoder.run(rows.shape[0], _packed(decoder, rows, PREFIX), rows,
-                    torch.full((rows.shape[0],), PREFIX, dtype=torch.int32))
-    return decoder
-
-
-def _call(decoder: _RaggedDecoder, rows: torch.Tensor, width: int, split_from: int | None = None):
-    """A call feeding `width` items to each of cache rows `rows` (host int64; repeats: one batch row per item),
-    leaving the cache lengths as they are, so that every round times the same call."""
-    packed, rows_device = _packed(decoder, rows, width), rows.to(decoder.device)
-    advance = rows.unique()
-    unchanged = torch.zeros(advance.shape[0], dtype=torch.int32)
-
-    @torch.no_grad()
-    def run() -> None:
-        decoder.run(rows_device, packed, advance, unchanged, split_from)
-
-    return run
 
 
 def cases(preset: str, device: str, dtype: torch.dtype, batch: int, weaving: int, width: int, latents: int) -> Case:
     model = load_workload(preset, device=device, dtype=dtype).memgen_model("always")
     capacity = PREFIX + width + latents + 1
-    plain = _decoder(model.reasoner, None, batch, capacity)
-    weaver = _decoder(model.weaver.model, model.weaver.adapter_name, batch, capacity)
-    joint = _decoder(model.reasoner, None, batch, capacity, split=model.weaver.adapter_name)
+    plain = prefilled_decoder(model.reasoner, None, batch, capacity)
+    weaver = prefilled_decoder(model.weaver.model, model.weaver.adapter_name, batch, capacity)
+    joint = prefilled_decoder(model.reasoner, None, batch, capacity, split=model.weaver.adapter_name)
     everyone, invoking = torch.arange(batch), torch.arange(weaving)
     others = torch.arange(weaving, batch)
     impls = {
-        "plain step [B, 1]": _call(plain, everyone, 1),
-        "weaver [G, W]": _call(weaver, invoking, width),
-        "reasoner tokens + latents [B + G*K, 1]": _call(plain, torch.cat([everyone, invoking.repeat_interleave(latents)]),
-                                                        1),
-        "reasoner tokens + latents, padded [B, 1 + K]": _call(plain, everyone, 1 + latents),
-        "joint: others' tokens + weaver [B - G + G*W, 1]": _call(
+        "plain step [B, 1]": repeatable_call(plain, everyone, 1),
+        "weaver [G, W]": repeatable_call(weaver, invoking, width),
+        "reasoner tokens + latents [B + G*K, 1]": repeatable_call(
+            plain, torch.cat([everyone, invoking.repeat_interleave(latents)]), 1),
+        "reasoner tokens + latents, padded [B, 1 + K]": repeatable_call(plain, everyone, 1 + latents),
+        "joint: others' tokens + weaver [B - G + G*W, 1]": repeatable_call(
             joint, torch.cat([others, (invoking + batch).repeat_interleave(width)]), 1, batch - weaving),
-        "joint padded [B, W]": _call(joint, torch.cat([others, invoking + batch]), width, batch - weaving),
+        "joint padded [B, W]": repeatable_call(joint, torch.cat([others, invoking + batch]), width, batch - weaving),
     }
     return Case("calls", f"B{batch}-G{weaving}-W{width}", dict(batch=batch, weaving=weaving, width=width, latents=latents),
                 impls, baselines=("plain step [B, 1]",), iterations=5, warmup=3)

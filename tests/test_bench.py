@@ -36,6 +36,15 @@ def _case(log: list[str], **kwargs) -> Case:
                 **kwargs)
 
 
+def _script(name: str):
+    """A script of benchmarks/ loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_measure_interleaves_rotating_rounds_and_caps_slow_implementations():
     log: list[str] = []
     seen = {}
@@ -227,10 +236,7 @@ def test_bench_command_rejects_a_preset_and_a_model_together(capsys):
 
 
 def test_call_costs_script_times_every_layout_and_refuses_a_step_where_every_row_weaves(cache, tmp_path, capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "call_costs.py"
-    spec = importlib.util.spec_from_file_location("call_costs", path)
-    call_costs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(call_costs)
+    call_costs = _script("call_costs")
     with pytest.raises(SystemExit):
         call_costs.main(["--batch", "4", "--weaving", "4"])
     assert "--weaving must be in 1 .. 3" in capsys.readouterr().err
@@ -243,3 +249,59 @@ def test_call_costs_script_times_every_layout_and_refuses_a_step_where_every_row
         "joint padded [B, W]"]
     assert all(r["median_s"] > 0 and r["rounds"] == 2 for r in records)
     assert "| 3 | 1 | 5 | 8 | joint padded [B, W] |" in capsys.readouterr().out
+
+
+def test_weaving_items_counts_each_rows_stream_to_its_last_weave_plus_the_queries():
+    weaving_floor = _script("weaving_floor")
+    mask = torch.tensor([[1, -100, 0, 1, 0, 1],  # prompt weave, then before new tokens 3 and 5
+                         [0, 0, 0, 0, 0, 0],  # never weaves
+                         [1, 0, 0, -100, -100, -100],  # the prompt weave only
+                         [0, 1, -100, 0, 0, 0]])  # one weave, before new token 1
+    # row 0's last weave sees 5 prompt items, 2 prompt latents, 5 tokens and 3 latents; 2 + 3 + 3 queries
+    assert weaving_floor.weaving_items(mask, torch.tensor([5, 7, 4, 6]), 2, 3) == (
+        (5 + 2 + 5 + 3 + 8) + 0 + (4 + 2) + (6 + 1 + 3), 8 + 0 + 2 + 3)
+
+
+@pytest.mark.parametrize("mode", ["always", "head", "lora"])
+def test_weaving_items_equal_what_the_engines_weaver_reads(cache, monkeypatch, mode):
+    from memgen.generation import _RaggedDecoder
+
+    weaving_floor = _script("weaving_floor")
+    workload = load_workload("tiny")
+    model = workload.memgen_model(mode)
+    input_ids, mask = prompt_batch(workload, 3)
+    read = []
+    run = _RaggedDecoder.run
+
+    def counting_run(self, rows, packed, advance, n_items, split_from=None):
+        if self.adapter == model.weaver.adapter_name:
+            read.append(int(n_items.sum()))
+        return run(self, rows, packed, advance, n_items, split_from)
+
+    monkeypatch.setattr(_RaggedDecoder, "run", counting_run)
+    out = model.generate(input_ids, mask, max_new_tokens=60, do_sample=True, generator=torch.Generator().manual_seed(1),
+                         eos_token_id=workload.tokenizer.eos_token_id, return_dict_in_generate=True, trigger_mode=mode)
+    weaves = out.augmentation_mask == 1
+    assert weaves[:, 1:].any(), "no inference weave: the test would not check the stream count"
+    k_prompt, k_inference = model.config.prompt_latents_len, model.config.inference_latents_len
+    assert weaving_floor.weaving_items(out.augmentation_mask, mask.sum(1), k_prompt, k_inference) == (
+        sum(read), int(weaves[:, 0].sum()) * k_prompt + int(weaves[:, 1:].sum()) * k_inference)
+
+
+def test_weaving_floor_script_reports_a_floor_and_a_measured_ratio_per_mode(cache, tmp_path, capsys):
+    weaving_floor = _script("weaving_floor")
+    with pytest.raises(SystemExit):
+        weaving_floor.main(["--width", "0"])
+    assert "--width must be >= 1, got 0" in capsys.readouterr().err
+    weaving_floor.main(["--preset", "tiny", "--batch", "3", "--new-tokens", "20", "--width", "8", "--rounds", "2",
+                        "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["impl"] for r in results["records"]] == ["memory off", "always", "head", "lora", "weaver [B, W]",
+                                                       "reasoner [B, W]"]
+    for mode in ("always", "head", "lora"):
+        floor = results["floor"][mode]
+        assert floor["floor_ratio"]["median"] >= 1.0 and floor["measured_ratio"]["median"] > 0
+        assert floor["floor_ratio"]["low"] is None  # two rounds give no interval
+    assert results["floor"]["always"]["weaver_items"] > 0
+    assert "## Floor" in (tmp_path / "results.md").read_text()
+    assert "| `always` |" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Reports of `memgen bench`: ratios between implementations, Markdown tables, a PNG chart, JSON.
 
-Results are a dict `{"meta": {...}, "records": [...]}` (records as `harness.measure` makes them).
+Results are a dict `{"meta": {...}, "records": [...]}` (records as `harness.measure` makes them), and
+optionally `"sections": [...]`, Markdown a script appends to the tables.
 Ratios are always of the same case, measured side by side in one run: an implementation's time over
 a baseline's (below 1: faster than the baseline). Two are reported: the ratio of the medians, and
 the paired ratio, the median over rounds of each round's ratio (the two ran minutes apart at most,
@@ -116,7 +117,8 @@ def _paired(ratio: dict[str, float | None] | None) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """Every suite's table under a heading naming the machine, with how the numbers were taken."""
+    """Every suite's table under a heading naming the machine, with how the numbers were taken, then the results'
+    own Markdown `sections` (a script's derived figures), if any."""
     meta = results["meta"]
     out = [f"# memgen bench: {machine_line(meta)}", ""]
     for suite, records in by_suite(results["records"]).items():
@@ -129,6 +131,8 @@ def markdown(results: dict[str, Any]) -> str:
                    "rounds on)" if meta.get("interleaved", True) else "") + ". Peak memory: "
                 + ("allocated by torch on the GPU." if meta["device"].startswith("cuda")
                    else "the process's peak resident set."), ""]
+    for section in results.get("sections", []):
+        out += [section, ""]
     out.append(f"Command: `{meta['command']}`")
     return "\n".join(out) + "\n"
 
