@@ -358,3 +358,24 @@ def test_a_zero3_partitioned_model_is_decoded_only_through_its_engine():
         model.generate(input_ids, mask, max_new_tokens=2)
     with pytest.raises(ValueError, match="through its DeepSpeed engine"), gathered_for_decoding(model):
         pass
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_steps_whose_rows_are_equally_long_attend_without_a_mask(batch):
+    """A one-item step in which every row sees exactly its own slots needs no mask; without one, attention takes
+    plain decoding's path. Ragged rows keep theirs. Either way the tokens are Hugging Face's."""
+    model = chatty_model("qwen2")
+    input_ids, mask, _ = make_batch(model, [0] * batch, "left", seed=6)
+    masks = []
+    hook = model.reasoner.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
+    ours = model.generate(input_ids, mask, max_new_tokens=12, memory=False)
+    hook.remove()
+    ragged = bool((mask == 0).any())
+    assert ragged == (batch > 1), "the batch of 3 should have prompts of different lengths"
+    assert masks[0] is not None and len(masks) == ours.shape[1] - input_ids.shape[1]  # prompts, then a call per token
+    assert all((m is not None) == ragged for m in masks[1:])
+    tok = model.tokenizer
+    theirs = model.reasoner.generate(input_ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert torch.equal(ours, theirs[:, : ours.shape[1]])
