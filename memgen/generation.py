@@ -19,6 +19,8 @@
   latent's batch row reads its row's cache, which the same layer call has just written), so no
   row pads. `head` and `lora` read the token first (their decision needs a hidden state of it)
   and the invoking rows' latents in a second call.
+- A one-item call whose rows are all equally long (every plain step at batch 1) attends without a
+  mask, which would hide nothing: attention then takes the path plain decoding takes.
 - One host synchronisation per step fetches the decisions, the finished flags and the tokens.
   Host bookkeeping is vectorised over CPU tensors; the caches keep their per-row lengths there,
   so sizing a call never waits on the device.
@@ -98,8 +100,9 @@ class _RaggedDecoder:
         items, positions, slots, mask = packed
         self.cache.prepare(self.batch if rows is None else rows, slots, mask.shape[-1])
         if self.direct and items.shape[1] == 1 and self._sees_only_own_slots(advance, items.shape[0], mask.shape[-1]):
-            # The mask hides nothing, and without one attention takes plain decoding's path (on a CPU about 7% of
-            # a one-token step of the `small` preset less). A decoder's own forward would build a mask of its own.
+            # The mask hides nothing, and without one Hugging Face's SDPA attention takes plain decoding's path
+            # (grouped-query heads passed to SDPA as they are, not packed around a mask). A decoder's own forward
+            # would build a mask of its own, so only direct calls drop it.
             mask = None
         if split_from is not None:
             context = self.split(split_from)

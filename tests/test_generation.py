@@ -360,11 +360,11 @@ def test_a_zero3_partitioned_model_is_decoded_only_through_its_engine():
         pass
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_steps_whose_rows_are_equally_long_attend_without_a_mask(batch):
+@pytest.mark.parametrize("arch,batch", [("qwen2", 1), ("qwen3", 1), ("llama", 1), ("qwen2", 3)])
+def test_steps_whose_rows_are_equally_long_attend_without_a_mask(arch, batch):
     """A one-item step in which every row sees exactly its own slots needs no mask; without one, attention takes
     plain decoding's path. Ragged rows keep theirs. Either way the tokens are Hugging Face's."""
-    model = chatty_model("qwen2")
+    model = chatty_model(arch)
     input_ids, mask, _ = make_batch(model, [0] * batch, "left", seed=6)
     masks = []
     hook = model.reasoner.model.layers[0].register_forward_pre_hook(
