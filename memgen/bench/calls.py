@@ -19,28 +19,29 @@ from memgen.ops import pack_ragged
 PREFIX = 100  # items each cache row holds before the timed calls
 
 
-def packed_items(decoder: _RaggedDecoder, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
-    """A packed call feeding `width` random items to each of cache rows `rows` (host int64; repeats: one batch
-    row each), after what each row has read."""
+def packed_items(decoder: _RaggedDecoder, rows: torch.Tensor, width: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A packed call feeding `width` random items (an int, or host int32 per row) to each of cache rows `rows`
+    (host int64; repeats: one batch row each), after what each row has read."""
     device = decoder.device
     stream = torch.randn(decoder.lengths.shape[0], decoder.capacity + 1, decoder.width, device=device,
                          generator=torch.Generator(device).manual_seed(0)).to(decoder.dtype) * 0.02
     lengths = decoder.lengths[rows]
-    return pack_ragged(stream, rows.to(device), lengths.to(device),
-                       torch.full((rows.shape[0],), width, dtype=torch.int32, device=device), width, None,
-                       decoder.capacity, int(lengths.max()) + width)
+    pending = torch.as_tensor(width, dtype=torch.int32).expand(rows.shape[0])
+    return pack_ragged(stream, rows.to(device), lengths.to(device), pending.to(device), int(pending.max()), None,
+                       decoder.capacity, int((lengths + pending).max()))
 
 
 def prefilled_decoder(model, adapter: str | None, batch: int, capacity: int,
                       split: str | None = None) -> _RaggedDecoder:
-    """A ragged decoder over `model` (through `adapter`, or the bare base) whose every cache row has read PREFIX
-    random items; `split` as `_RaggedDecoder`'s."""
+    """A ragged decoder over `model` (through `adapter`, or the bare base) whose cache rows have read PREFIX
+    random items, less 0 to 7 (row r: r mod 8): a batch's rows are seldom equally long, and a one-item call
+    over equally long rows runs without a mask. `split` as `_RaggedDecoder`'s."""
     device = model.get_input_embeddings().weight.device
     decoder = _RaggedDecoder(model, adapter, batch, capacity, device, split=split)
     rows = torch.arange(decoder.lengths.shape[0])
+    prefix = (PREFIX - rows % 8).to(torch.int32)
     with torch.no_grad():
-        decoder.run(rows.shape[0], packed_items(decoder, rows, PREFIX), rows,
-                    torch.full((rows.shape[0],), PREFIX, dtype=torch.int32))
+        decoder.run(rows.shape[0], packed_items(decoder, rows, prefix), rows, prefix)
     return decoder
 
 
