@@ -15,13 +15,12 @@ weights per weaving step. This script times those calls side by side (interleave
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 
 import torch
 
 from memgen.bench.calls import PREFIX, prefilled_decoder, repeatable_call
-from memgen.bench.harness import Case, machine_info, measure
+from memgen.bench.harness import Case, measure, run_meta
 from memgen.bench.report import add_ratios, markdown, write
 from memgen.bench.workload import load_workload
 
@@ -66,10 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     case = cases(args.preset, args.device, getattr(torch, dtype), args.batch, args.weaving, args.width, args.latents)
     records = measure(case, args.rounds, args.device)
     add_ratios(records)
-    results = {"records": records, "meta": dict(
-        workload=args.preset, device=args.device, dtype=dtype, machine=machine_info(args.device),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        command="python benchmarks/call_costs.py " + " ".join(argv if argv is not None else sys.argv[1:]))}
+    command = "python benchmarks/call_costs.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = {"records": records, "meta": run_meta(args.preset, args.device, dtype, command)}
     print(markdown(results))
     if args.out:
         write(results, args.out)

@@ -21,14 +21,13 @@ cost launches, not items, and this bound says little, so the script runs on the 
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 
 import torch
 
 from memgen.bench.calls import PREFIX, prefilled_decoder, repeatable_call
-from memgen.bench.harness import Case, machine_info, measure
+from memgen.bench.harness import Case, measure, run_meta
 from memgen.bench.report import add_ratios, markdown, median_interval, write
 from memgen.bench.workload import load_workload, prompt_batch
 
@@ -145,10 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     records = measure(case, args.rounds, "cpu")
     add_ratios(records)
     result = floor(records, items, args.batch, args.width)
-    results = {"records": records, "floor": result, "sections": [floor_markdown(result)], "meta": dict(
-        workload=args.preset, device="cpu", dtype="float32", machine=machine_info("cpu"),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        command="python benchmarks/weaving_floor.py " + " ".join(argv if argv is not None else sys.argv[1:]))}
+    command = "python benchmarks/weaving_floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = {"records": records, "floor": result, "sections": [floor_markdown(result)],
+               "meta": run_meta(args.preset, "cpu", "float32", command)}
     print(markdown(results))
     if args.out:
         write(results, args.out)

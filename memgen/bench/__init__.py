@@ -11,7 +11,6 @@ returns results that `report.write` turns into results.json, results.md and resu
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from memgen.bench import decode_suite, ops_suite, train_suite
-from memgen.bench.harness import Case, machine_info, measure
+from memgen.bench.harness import Case, measure, run_meta
 from memgen.bench.report import add_ratios
 from memgen.bench.workload import Workload, load_workload
 
@@ -81,9 +80,7 @@ def run(suites: Sequence[str] = SUITES, preset: str | None = "tiny", model_path:
                 bar.set_postfix_str(case.name)
                 records += measure(case, n, device, on_round=lambda: bar.update(1))
     add_ratios(records)
-    meta = dict(workload=workload.name, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                machine=machine_info(device), command=command or "memgen.bench.run()")
+    meta = run_meta(workload.name, device, str(dtype).removeprefix("torch."), command or "memgen.bench.run()")
     return {"meta": meta, "records": records}
 
 

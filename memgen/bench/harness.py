@@ -10,6 +10,7 @@ allocated by torch, on the CPU the process's peak resident set (Linux resets it 
 
 from __future__ import annotations
 
+import datetime
 import platform
 import statistics
 import time
@@ -134,3 +135,9 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def run_meta(workload: str, device: torch.device | str, dtype: str, command: str) -> dict[str, Any]:
+    """The `meta` of a run's results: what ran, where, when and how to run it again."""
+    return dict(workload=workload, device=str(device), dtype=dtype, machine=machine_info(device),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command=command)
