@@ -27,6 +27,7 @@ import sys
 import torch
 
 from memgen.bench.calls import PREFIX, prefilled_decoder, repeatable_call
+from memgen.bench.decode_suite import weaving_steps
 from memgen.bench.harness import Case, measure, run_meta
 from memgen.bench.report import add_ratios, markdown, median_interval, write
 from memgen.bench.workload import load_workload, prompt_batch
@@ -76,7 +77,7 @@ def cases(preset: str, batch: int, new_tokens: int, width: int) -> tuple[Case, d
         weaver_items, latents = weaving_items(run.augmentation_mask, mask.sum(1), model.config.prompt_latents_len,
                                               model.config.inference_latents_len)
         items[mode] = dict(weaver_items=weaver_items, latents=latents,
-                           weaving_steps=int((run.augmentation_mask == 1).any(0).sum()))
+                           weaving_steps=weaving_steps(run.augmentation_mask, mode))
     model = models["always"]
     capacity = PREFIX + width + 1
     everyone = torch.arange(batch)

@@ -17,8 +17,13 @@
   reasoner call: [token, K latents] per row when the padding this adds to rows that do not invoke
   stays under a per-device bound (`PACKED_PADDING_ITEMS`), else one batch row per item (a
   latent's batch row reads its row's cache, which the same layer call has just written), so no
-  row pads. `head` and `lora` read the token first (their decision needs a hidden state of it)
-  and the invoking rows' latents in a second call.
+  row pads. `head` and `lora` read the token first (their decision needs a hidden state of it);
+  the invoking rows read their latents in the next step's call, beside the other rows' tokens
+  (`read_beside`), and choose their next token a step after the others: each row keeps its own
+  column. A streamer (it takes every row's token at each step) and synced ranks keep the rows in
+  step instead, and the latents take a call of their own.
+- Sampling draws one uniform per row and column up front (tokens, then `head`/`lora` decisions),
+  so a row's draws do not depend on the schedule: in step or not, the same seed samples the same.
 - A one-item call whose rows are all equally long (every plain step at batch 1) attends without a
   mask, which would hide nothing: attention then takes the path plain decoding takes.
 - One host synchronisation per step fetches the decisions, the finished flags and the tokens.
@@ -138,8 +143,9 @@ class _RaggedDecoder:
 
 
 def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                   top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
-    """Next tokens [B] from float logits [B, V]: argmax, or a draw after temperature, top-k and top-p."""
+                   top_p: float | None, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """Next tokens [B] from float logits [B, V]: argmax, or a draw after temperature, top-k and top-p: the
+    token in whose share of the cumulative distribution the row's uniform (float [B] in [0, 1)) falls."""
     if not do_sample:
         return logits.argmax(-1)
     scores = logits / temperature
@@ -151,7 +157,16 @@ def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, to
         probs = torch.softmax(ordered, -1)
         drop = probs.cumsum(-1) - probs >= top_p
         scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
+    cumulative = torch.softmax(scores, -1).cumsum(-1)
+    # the first token whose cumulative probability reaches u * total: one of positive probability, as the point
+    # is above 0 and at most the total
+    point = (uniforms * cumulative[:, -1]).clamp(min=torch.finfo(cumulative.dtype).tiny)
+    return torch.searchsorted(cumulative, point[:, None]).squeeze(-1)
+
+
+def _at_columns(table: torch.Tensor, columns: torch.Tensor | int) -> torch.Tensor:
+    """table[b, columns[b]] for each row b ([B]; columns: device int64 [B], or one column for every row)."""
+    return table[:, columns] if isinstance(columns, int) else table.gather(1, columns[:, None]).squeeze(1)
 
 
 def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -192,7 +207,14 @@ class _Engine:
         self.all_rows = torch.arange(batch)  # host
         self.all_rows_device = torch.arange(batch, device=device)
         self.trigger_mode, self.budget = trigger_mode, budget
-        self.do_sample, self.temperature, self.generator = do_sample, temperature, generator
+        self.do_sample, self.temperature = do_sample, temperature
+        # Sampling draws one uniform per row and column, up front: the token a row samples at a column (and its
+        # decision before it) does not depend on when the row gets there, nor on the other rows.
+        self.token_uniforms = (torch.rand(batch, max_new_tokens, generator=generator, device=device)
+                               if do_sample else None)
+        learned = trigger_mode != "always" and (prompt_budget > 0 or budget > 0)  # `always` samples no decision
+        self.decision_uniforms = (torch.rand(batch, max_new_tokens, generator=generator, device=device)
+                                  if do_sample and learned else None)
         self.k = {PROMPT: config.prompt_latents_len, INFERENCE: config.inference_latents_len}
         self.memory = prompt_budget > 0 or budget > 0
         self.recording = self.memory  # whether reads append their items to the weaver's stream
@@ -290,21 +312,11 @@ class _Engine:
     def read_tokens(self, rows: torch.Tensor, tokens: torch.Tensor, trigger_rows: torch.Tensor | None) -> None:
         """The reasoner reads rows' (host int64 [G]) tokens (ids [B] on the device); the `lora` trigger reads
         the same tokens of trigger_rows (host int64 [T], None: no trigger): in the same call when joint, else
-        in its own (an idle one when T = 0 under synced ranks, so that every rank makes it)."""
+        in its own (`_trigger_reads`)."""
         if trigger_rows is None or not self.joint:
             self.read_step(rows, tokens[self.to_device(rows)[0]], None, None)
-            if trigger_rows is not None and trigger_rows.numel():
-                lengths = self.trigger.lengths_of(trigger_rows)
-                trigger_rows_device, lengths_device = self.to_device(trigger_rows, lengths)
-                packed = pack_step(tokens[trigger_rows_device], self.trigger_embed.weight, None, None, lengths_device,
-                                   self.trigger.capacity, int(lengths.max()) + 1)
-                every_row = trigger_rows.shape[0] == self.batch
-                hidden = self.trigger.run(None if every_row else trigger_rows_device, packed,
-                                          None if every_row else trigger_rows,
-                                          torch.ones(trigger_rows.shape[0], dtype=torch.int32))
-                self.trigger_hidden[trigger_rows_device] = hidden[:, 0]
-            elif trigger_rows is not None and self.synced:
-                self.trigger.idle()
+            if trigger_rows is not None:
+                self._trigger_reads(trigger_rows, tokens)
             return
         g, t = rows.shape[0], trigger_rows.shape[0]
         cache_rows = torch.cat([rows, trigger_rows + self.batch])
@@ -317,6 +329,64 @@ class _Engine:
         in_order = g == t == self.batch  # every row, twice: the cache's rows in order (views, no copies)
         self._read(2 * self.batch if in_order else cache_rows_device, packed, rows, ones[:g], torch.arange(g),
                    (trigger_rows, ones[g:], torch.arange(g, g + t)))
+
+    def read_beside(self, rows: torch.Tensor, tokens: torch.Tensor, waiting: torch.Tensor, latents: torch.Tensor,
+                    trigger_rows: torch.Tensor | None) -> None:
+        """One reasoner call in which rows (host int64 [A]) read their token (ids [B] on the device) and the
+        waiting rows (host int64 [G], none of them in rows) read the latents [G, K, d] woven for them after the
+        last step's decisions; the `lora` trigger reads trigger_rows' tokens (host [T], None: no trigger) in the
+        same call when joint, else in its own.
+
+        Laid out like `insert`'s step: one batch row per reasoner row when the padding this adds stays under the
+        device's bound, else one batch row per item.
+        """
+        joint = trigger_rows is not None and self.joint
+        if trigger_rows is not None and not joint:
+            self._trigger_reads(trigger_rows, tokens)
+        a, (g, k) = rows.shape[0], latents.shape[:2]
+        t = trigger_rows.shape[0] if joint else 0
+        trigger_cache_rows = [trigger_rows + self.batch] if joint else []
+        cache_rows = torch.cat([rows, waiting, *trigger_cache_rows])
+        lengths = self.reasoner.lengths[cache_rows]
+        token_rows = torch.cat([rows, *([trigger_rows] if joint else [])])
+        embedded = self.embed(tokens[self.to_device(token_rows)[0]])
+        if (a + t) * (k - 1) > self.packed_padding:  # one batch row per item
+            items = torch.cat([embedded[:a], latents.flatten(0, 1), embedded[a:]])[:, None]
+            item_rows = torch.cat([rows, waiting.repeat_interleave(k), *trigger_cache_rows])
+            item_lengths = torch.cat([lengths[:a], (lengths[a:a + g, None] + torch.arange(k)).flatten(),
+                                      lengths[a + g:]]).to(torch.int32)
+            counts = torch.ones(a + g * k + t, dtype=torch.int32)
+            last = torch.cat([torch.arange(a), a + torch.arange(g) * k + k - 1, a + g * k + torch.arange(t)])
+        else:
+            items = embedded.new_zeros(a + g + t, k, embedded.shape[1])
+            items[:a, 0], items[a:a + g], items[a + g:, 0] = embedded[:a], latents, embedded[a:]
+            item_rows, item_lengths = cache_rows, lengths
+            counts = torch.cat([torch.ones(a, dtype=torch.int32), torch.full((g,), k, dtype=torch.int32),
+                                torch.ones(t, dtype=torch.int32)])
+            last = torch.arange(a + g + t) * k + counts.long() - 1
+        item_rows_device, counts_device, lengths_device = self.to_device(item_rows, counts, item_lengths)
+        packed = pack_step(None, self.embed.weight, items, counts_device, lengths_device, self.reasoner.capacity,
+                           int((item_lengths + counts).max()))
+        n_items = torch.cat([torch.ones(a, dtype=torch.int32), torch.full((g,), k, dtype=torch.int32)])
+        trigger = (trigger_rows, torch.ones(t, dtype=torch.int32), last[a + g:]) if joint else None
+        self._read(item_rows_device, packed, torch.cat([rows, waiting]), n_items, last[:a + g], trigger)
+
+    def _trigger_reads(self, trigger_rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The `lora` trigger's own call (not joint): trigger_rows (host int64 [T]) read their tokens (ids [B] on
+        the device); an idle call when T = 0 under synced ranks, so that every rank makes it."""
+        if not trigger_rows.numel():
+            if self.synced:
+                self.trigger.idle()
+            return
+        lengths = self.trigger.lengths_of(trigger_rows)
+        trigger_rows_device, lengths_device = self.to_device(trigger_rows, lengths)
+        packed = pack_step(tokens[trigger_rows_device], self.trigger_embed.weight, None, None, lengths_device,
+                           self.trigger.capacity, int(lengths.max()) + 1)
+        every_row = trigger_rows.shape[0] == self.batch
+        hidden = self.trigger.run(None if every_row else trigger_rows_device, packed,
+                                  None if every_row else trigger_rows,
+                                  torch.ones(trigger_rows.shape[0], dtype=torch.int32))
+        self.trigger_hidden[trigger_rows_device] = hidden[:, 0]
 
     def idle_read(self) -> None:
         """The idle twin of `read_tokens` (synced ranks): the same calls, changing nothing."""
@@ -369,10 +439,10 @@ class _Engine:
 
     # -- the weaver -----------------------------------------------------------------------------
 
-    def weave(self, rows: torch.Tensor, kind: str, column: int, ahead: int = 0) -> torch.Tensor:
+    def weave(self, rows: torch.Tensor, kind: str, column: int | torch.Tensor, ahead: int = 0) -> torch.Tensor:
         """Latents [G, K, d_R] for rows (host [G]): the weaver reads its unseen stream items (plus `ahead`
         items put there by `record_tokens`), then the queries, whose cache entries are rolled back.
-        Their mean norm goes to latent_norms[rows, column]."""
+        Their mean norm goes to latent_norms[rows, column] (column: one for every row, or host int64 [G])."""
         seen = self.weaver.lengths_of(rows)
         pending = self.stream_lengths[rows] + ahead - seen
         k = self.k[kind]
@@ -386,15 +456,18 @@ class _Engine:
         hidden = self.weaver.run(rows_device, (inputs, positions, slots, mask), rows, pending + k)
         self.weaver.lengths[rows] -= k  # the queries' entries are rolled back
         latents = self.model.weaver_to_reasoner(hidden[:, width:].float())
+        if isinstance(column, torch.Tensor):
+            column = self.to_device(column)[0]
         self.latent_norms[rows_device, column] = latents.norm(dim=-1).mean(-1)
         return latents.to(self.reasoner.dtype)
 
     # -- the trigger ----------------------------------------------------------------------------
 
-    def decide(self, tokens: torch.Tensor, finished: torch.Tensor, counts: torch.Tensor,
-               prompt_step: bool) -> torch.Tensor:
+    def decide(self, tokens: torch.Tensor, finished: torch.Tensor, counts: torch.Tensor, prompt_step: bool,
+               columns: torch.Tensor | int) -> torch.Tensor:
         """Decisions int8 [B] of this step (counts updated in place), from the trigger's view of the last item
-        read: the `lora` trigger's hidden state of it, or (`head`) the reasoner's."""
+        read: the `lora` trigger's hidden state of it, or (`head`) the reasoner's. columns: the column of the
+        token each row's decision comes before (device int64 [B], or one for every row)."""
         kwargs = {}
         if self.trigger_mode == "lora":  # rows it did not read are at no decision point: their logits go unused
             kwargs["logits"] = self.model.trigger.output_layer(self.trigger_hidden.float())
@@ -402,9 +475,7 @@ class _Engine:
             kwargs["hidden"] = self.last_hidden
             kwargs["head_weight"] = self.model.trigger.output_layer.weight
             kwargs["head_bias"] = self.model.trigger.output_layer.bias
-        learned = self.trigger_mode != "always"  # `always` samples nothing: no uniforms to draw (a launch per step)
-        uniforms = (torch.rand(self.batch, generator=self.generator, device=self.device)
-                    if self.do_sample and learned else None)
+        uniforms = _at_columns(self.decision_uniforms, columns) if self.decision_uniforms is not None else None
         return trigger_scoring(tokens, self.model.delimiter_table, counts, self.budget, finished,
                                prompt_step=prompt_step, trigger_mode=self.trigger_mode, do_sample=self.do_sample,
                                temperature=self.temperature, uniforms=uniforms, **kwargs)
@@ -514,44 +585,91 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     engine.read_prompts(prompts, prompt_lengths)
     all_rows = engine.all_rows
     if prompt_budget > 0:
-        decisions = engine.decide(prompts[:, 0], finished, counts, True)
+        decisions = engine.decide(prompts[:, 0], finished, counts, True, 0)
         aug_mask[:, 0] = decisions
         invoking = (decisions.cpu() == 1).nonzero().flatten()  # the prompt step's synchronisation
         company = sync.any(invoking.numel() > 0)[0] if sync is not None else False
         engine.insert(all_rows, invoking, None, PROMPT, 0, company)
-    active = all_rows  # host: rows unfinished at the last synchronisation
+    # `head` and `lora` rows that weave after a step's decisions read their latents in the next step's call, beside
+    # the others' tokens, instead of in a call of their own: they choose their next token a step later than the
+    # others, so each row keeps its own column (`lag`: the steps it spent reading latents). Synced ranks and a
+    # streamer keep every row in step (the latents then take a call of their own).
+    run_ahead = reads_first and sync is None and streamer is None
+    active = all_rows  # host: rows unfinished at the last synchronisation, short of max_new_tokens
     weaves_left = torch.full((batch,), budget, dtype=torch.int32)  # host: inference weaves each row may still make
+    lag = torch.zeros(batch, dtype=torch.long)  # host
+    waiting, woven = all_rows[:0], None  # host rows whose latents [G, K, d], woven last step, this step reads
     weaving = engine.memory
-    steps = 0
-    for step in range(max_new_tokens):
+    step = width = 0
+    while True:
         # Once no unfinished row can weave again, the rest are plain steps: no trigger, no decisions (each row
-        # would get none, and sampled decisions would draw from the generator), and the stream only the weaver
-        # reads is no longer written. Synced ranks keep every call (their agreement counts on the same calls
+        # would get none), and the stream only the weaver reads is no longer written. Synced ranks keep every call (their agreement counts on the same calls
         # each step), idle where this rank has nothing to run.
         weaving = weaving and bool((weaves_left[active] > 0).any())
         engine.recording = weaving
-        first = reads_first and (weaving or (sync is not None and engine.memory))
+        first = reads_first and (weaving or woven is not None or (sync is not None and engine.memory))
+        uniform = woven is None and not bool(lag.any())  # every running row chooses its token `step`
+        stepping = active[~torch.isin(active, waiting)]
+        if not stepping.numel():  # every running row waits for its latents
+            engine.read_step(waiting, None, woven, torch.full((waiting.numel(),), woven.shape[1], dtype=torch.int32))
+            waiting, woven, step = all_rows[:0], None, step + 1
+            continue
         logits = engine.lm_head(engine.last_hidden).float()
         if penalize:
             logits = _penalize(logits, seen_tokens, repetition_penalty)
-        tokens = _choose_tokens(logits, do_sample, temperature, top_k, top_p, generator)
-        tokens = torch.where(finished, pad, tokens)
-        new_tokens[:, step] = tokens
+        if uniform:
+            idle, at = finished, step
+        else:
+            columns = step - lag[stepping]  # host: the column of each stepping row's token
+            stepping_device, columns_device, at = engine.to_device(
+                stepping, columns, (step - lag).clamp(max=max_new_tokens - 1))  # at: every row's column
+            idle = torch.ones_like(finished)
+            idle[stepping_device] = False
+            idle |= finished
+        uniforms = _at_columns(engine.token_uniforms, at) if do_sample else None
+        tokens = torch.where(idle, pad, _choose_tokens(logits, do_sample, temperature, top_k, top_p, uniforms))
+        if uniform:
+            new_tokens[:, step] = tokens
+            width = step + 1
+        else:
+            new_tokens[stepping_device, columns_device] = tokens[stepping_device]
+            width = max(width, int(columns.max()) + 1)
         if penalize:
-            seen_tokens[rows_t, tokens] |= ~finished
-        steps = step + 1
-        finished = finished | torch.isin(tokens, eos)
+            seen_tokens[rows_t, tokens] |= ~idle
+        finished = finished | (torch.isin(tokens, eos) & ~idle)
         if stop is not None:
-            finished = finished | stop(new_tokens[:, : step + 1])
-        if step + 1 == max_new_tokens:
+            if uniform:
+                finished = finished | stop(new_tokens[:, : step + 1])
+            else:  # rows at one column at a time: a row's text ends at its own column
+                for column in columns.unique().tolist():
+                    group = engine.to_device(stepping[columns == column])[0]
+                    finished[group] |= stop(new_tokens[group, : column + 1])
+        if uniform and step + 1 == max_new_tokens:
             if streamer is not None:
                 streamer.put(tokens.cpu())
             break
+        # rows with a token still to come read this one and decide; the others are complete
+        readers = active if uniform else stepping[columns + 1 < max_new_tokens]
+        continuing = active if uniform else active[~torch.isin(active, stepping[columns + 1 == max_new_tokens])]
         decisions = None
-        if first:  # the rows still decoding read the token (the `lora` trigger's rows: those that may weave)
-            engine.read_tokens(active, tokens, active[weaves_left[active] > 0] if engine.lora else None)
-        if weaving:
-            decisions = engine.decide(tokens, finished, counts, False)
+        if first and (readers.numel() or woven is not None):  # the rows still decoding read the token (the
+            # `lora` trigger's rows: those that may weave), beside the latents woven at the last step
+            trigger_rows = readers[weaves_left[readers] > 0] if engine.lora else None
+            if woven is None:
+                engine.read_tokens(readers, tokens, trigger_rows)
+            else:
+                engine.read_beside(readers, tokens, waiting, woven, trigger_rows)
+                waiting, woven = all_rows[:0], None
+        if weaving and readers.numel():
+            if uniform:
+                excluded = finished
+            else:
+                readers_device = engine.to_device(readers)[0]
+                excluded = torch.ones_like(finished)
+                excluded[readers_device] = False
+                excluded |= finished
+            decisions = engine.decide(tokens, excluded, counts, False,
+                                      step + 1 if uniform else (at + 1).clamp(max=max_new_tokens - 1))
         host_decisions = decisions.long() if decisions is not None else torch.full_like(tokens, -100)
         host = torch.stack([host_decisions, finished.long(), tokens]).cpu()  # the step's synchronisation
         if streamer is not None:
@@ -565,18 +683,26 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                     _follow(engine, sync, reads_first, step, max_new_tokens, company)
                 break
         if decisions is not None:
-            aug_mask[:, step + 1] = decisions
-        if not unfinished.numel():
+            if uniform:
+                aug_mask[:, step + 1] = decisions
+            else:
+                aug_mask[readers_device, engine.to_device(step + 1 - lag[readers])[0]] = decisions[readers_device].long()
+        continuing = continuing[host[1][continuing] == 0]
+        if not continuing.numel():
             break
         invoking = (host[0] == 1).nonzero().flatten()
         if invoking.numel():
             weaves_left[invoking] -= 1
-        if first:
+        if run_ahead and invoking.numel():
+            waiting, woven = invoking, engine.weave(invoking, INFERENCE, step + 1 - lag[invoking])
+            lag[invoking] += 1
+        elif first:
             engine.insert(active, invoking, None, INFERENCE, step + 1, company)
         else:
-            engine.insert(unfinished, invoking, tokens, INFERENCE, step + 1, company)
-        active = unfinished
+            engine.insert(continuing, invoking, tokens, INFERENCE, step + 1, company)
+        active = continuing
+        step += 1
     if streamer is not None:
         streamer.end()
-    return MemGenGenerateOutput(sequences=torch.cat([input_ids, new_tokens[:, :steps]], 1),
-                                augmentation_mask=aug_mask[:, :steps], latent_norms=engine.latent_norms[:, :steps])
+    return MemGenGenerateOutput(sequences=torch.cat([input_ids, new_tokens[:, :width]], 1),
+                                augmentation_mask=aug_mask[:, :width], latent_norms=engine.latent_norms[:, :width])

@@ -11,6 +11,7 @@ import torch
 
 from memgen import bench, build_delimiter_table
 from memgen.bench.harness import Case, measure
+from memgen.bench.decode_suite import weaving_steps
 from memgen.bench.report import add_ratios, markdown, median_interval, suite_table, write
 from memgen.bench.workload import DELIMITER_SHARE, Workload, load_workload, prompt_batch, training_batch
 from memgen.cli import main
@@ -286,6 +287,7 @@ def test_weaving_items_equal_what_the_engines_weaver_reads(cache, monkeypatch, m
     k_prompt, k_inference = model.config.prompt_latents_len, model.config.inference_latents_len
     assert weaving_floor.weaving_items(out.augmentation_mask, mask.sum(1), k_prompt, k_inference) == (
         sum(read), int(weaves[:, 0].sum()) * k_prompt + int(weaves[:, 1:].sum()) * k_inference)
+    assert weaving_steps(out.augmentation_mask, mode) == len(read)  # one weaver call per weaving step
 
 
 def test_weaving_floor_script_reports_a_floor_and_a_measured_ratio_per_mode(cache, tmp_path, capsys):

@@ -7,6 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from memgen import MemGenConfig, MemGenModel, generation
+from memgen.bench.decode_suite import weaving_steps
 from memgen.reference import reference_generate
 from memgen.sharding import gathered_for_decoding
 from offline import chat_tokenizer, tiny_causal_lm
@@ -72,20 +73,49 @@ def test_spent_budgets_end_the_triggers_work(trigger_mode, monkeypatch):
     assert len(calls) <= last_point + 2
 
 
-def test_the_lora_trigger_reads_its_tokens_in_the_reasoners_calls():
+class Streamed:
+    """A streamer that keeps nothing (a streamer keeps every row at the same step)."""
+
+    def put(self, value):
+        pass
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("schedule", ["run ahead", "in step"])
+def test_the_lora_trigger_reads_its_tokens_in_the_reasoners_calls(schedule, monkeypatch):
     """The `lora` trigger, an adapter on the reasoner's base, adds no decoder call: a step is one call (the
-    reasoner's token and the trigger's), plus the weaver's and the latents' calls where some row weaves."""
+    reasoner's token and the trigger's), plus the weaver's where some row weaves. Rows that weave read their
+    latents in the next step's call, beside the others' tokens, and fall a step behind: the calls that read
+    tokens go on for one step more per weave of the row that wove most. Kept in step (a streamer), the latents
+    take a call of their own per weaving step."""
     model = chatty_model("qwen2", "lora")
     input_ids, mask, _ = make_batch(model, [0] * 4, "left", seed=3)
+    streamer = Streamed() if schedule == "in step" else None
     out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=32)
-    calls = []
+    assert not (out.sequences == model.tokenizer.eos_token_id).any()
+    calls, weaves = [], []
     hook = model.reasoner.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
-    model.generate(input_ids, mask, max_new_tokens=32)
+    weave = generation._Engine.weave
+    monkeypatch.setattr(generation._Engine, "weave", lambda *a, **k: weaves.append(1) or weave(*a, **k))
+    again = model.generate(input_ids, mask, max_new_tokens=32, streamer=streamer, return_dict_in_generate=True)
     hook.remove()
-    weaving_steps = int((out.augmentation_mask == 1).any(0).sum())
-    assert weaving_steps >= 3 and (out.augmentation_mask == 0).any()
-    # the prompts, then a call per later token, then (weaver, latents) per weaving step
-    assert len(calls) == 32 + 2 * weaving_steps
+    assert torch.equal(again.sequences, out.sequences) and torch.equal(again.augmentation_mask, out.augmentation_mask)
+    inference_weaves = (out.augmentation_mask[:, 1:] == 1).sum(1)
+    prompt_weaves = int((out.augmentation_mask[:, 0] == 1).any())
+    assert inference_weaves.min() >= 1 and (out.augmentation_mask == 0).any()
+    assert len(weaves) == weaving_steps(out.augmentation_mask, "always" if schedule == "in step" else "lora")
+    weaving_columns = int((out.augmentation_mask == 1).any(0).sum())
+    if schedule == "in step":
+        assert len(weaves) == weaving_columns
+        # the prompts, then a call per later token, then (weaver, latents) per weaving step
+        assert len(calls) == 32 + 2 * weaving_columns
+    else:
+        assert len(weaves) < int(inference_weaves.sum()) + prompt_weaves  # rows weave together
+        assert len(weaves) != weaving_columns  # rows fell behind: a weave's column is not its step
+        # the prompts (and the prompt latents), a call per later token and step lost, the weaver's calls
+        assert len(calls) == 1 + prompt_weaves + 31 + int(inference_weaves.max()) + len(weaves)
 
 
 @pytest.mark.parametrize("trigger", ["own base", "unsupported layers"])
@@ -161,6 +191,30 @@ def test_sampling_is_reproducible_and_matches_the_reference_in_distribution():
         distance = 0.5 * sum(abs(fa.get(k, 0) - fb.get(k, 0)) for k in set(fa) | set(fb))
         assert distance < 0.12, (name, fa, fb)  # 300 draws of <= 3 outcomes: same law gives ~0.05
     assert 0.4 < float((ours.augmentation_mask[:, 0] == 1).float().mean()) < 0.6
+
+
+def test_sampling_while_rows_run_ahead():
+    """Sampling where rows that weave fall behind the others: top-k 1 with a saturated `head` trigger is greedy
+    decoding, and equals the reference; with real draws, a seed fixes the result, whichever the schedule (a
+    streamer keeps the rows in step)."""
+    model = chatty_model("qwen2", "head")
+    with torch.no_grad():  # decisions far from P = 0.5: a sampled decision is the greedy one
+        model.trigger.output_layer.weight.mul_(50)
+    input_ids, mask, _ = make_batch(model, [0] * 4, "left", seed=11)
+    want_seq, want_mask = reference_generate(model, input_ids, mask, max_new_tokens=30)
+    assert len(set((want_mask[:, 1:] == 1).sum(1).tolist())) > 1, "rows should weave different numbers of times"
+    sampled = model.generate(input_ids, mask, max_new_tokens=30, do_sample=True, top_k=1, return_dict_in_generate=True,
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled.sequences, want_seq) and torch.equal(sampled.augmentation_mask, want_mask)
+    with torch.no_grad():
+        model.trigger.output_layer.weight.div_(50)
+    runs = [model.generate(input_ids, mask, max_new_tokens=30, do_sample=True, top_k=5, return_dict_in_generate=True,
+                           generator=torch.Generator().manual_seed(s), streamer=streamer)
+            for s, streamer in ((7, None), (7, Streamed()), (8, None))]
+    assert (runs[0].augmentation_mask == 1).any() and (runs[0].augmentation_mask == 0).any()
+    for field in ("sequences", "augmentation_mask"):
+        assert torch.equal(getattr(runs[0], field), getattr(runs[1], field)), field
+    assert not torch.equal(runs[0].sequences, runs[2].sequences)
 
 
 def test_bfloat16_reasoner_generates():

@@ -30,6 +30,20 @@ REFERENCE_ROUNDS = 3
 IMPLS = ("hf_generate", "memory_off", "always", "prompt_only", "head", "lora", "reference")
 
 
+def weaving_steps(augmentation_mask: torch.Tensor, trigger_mode: str) -> int:
+    """The engine's steps at which some row wove, each one weaver call, from a run's augmentation mask [B, T]
+    (without a streamer or synced ranks). A `head` or `lora` row reads its latents in the next step's call and
+    so falls a step behind per inference weave (`memgen.generation`): its j-th (from 0), before token c, is
+    woven at step c - 1 + j; an `always` row's at step c - 1; prompt weaves at step -1."""
+    woven = (augmentation_mask == 1).cpu()
+    step = torch.arange(woven.shape[1]).expand_as(woven) - 1
+    if trigger_mode in ("head", "lora"):
+        inference = woven.long()
+        inference[:, 0] = 0
+        step = step + inference.cumsum(1) - inference
+    return int(step[woven].unique().numel())
+
+
 def _facts(impl: str, result: Any) -> dict[str, float]:
     """Insertions and decision points per row, and the steps at which some row wove (each is one weaver
     call of memgen's engine: in a batch, what memory costs scales with these), from the run's
@@ -39,7 +53,7 @@ def _facts(impl: str, result: Any) -> dict[str, float]:
         return {"insertions_per_row": 0.0, "decision_points_per_row": 0.0, "weaving_steps": 0.0}
     return {"insertions_per_row": float((mask == 1).sum(1).float().mean()),
             "decision_points_per_row": float((mask >= 0).sum(1).float().mean()),
-            "weaving_steps": float((mask == 1).any(0).sum())}
+            "weaving_steps": float(weaving_steps(mask, impl if impl in ("head", "lora") else "always"))}
 
 
 def cases(workload: Workload, batches: tuple[int, ...] = BATCHES, new_tokens: int = NEW_TOKENS) -> list[Case]:
