@@ -307,3 +307,20 @@ def test_weaving_floor_script_reports_a_floor_and_a_measured_ratio_per_mode(cach
     assert results["floor"]["always"]["weaver_items"] > 0
     assert "## Floor" in (tmp_path / "results.md").read_text()
     assert "| `always` |" in capsys.readouterr().out
+
+
+def test_schedules_script_times_both_schedules_of_each_learned_trigger(cache, tmp_path, capsys):
+    schedules = _script("schedules")
+    with pytest.raises(SystemExit):
+        schedules.main(["--rounds", "0"])
+    assert "--rounds must be >= 1, got 0" in capsys.readouterr().err
+    schedules.main(["--preset", "tiny", "--batch", "3", "--new-tokens", "60", "--rounds", "1", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    records = {r["impl"]: r for r in results["records"]}
+    assert list(records) == ["memory off", "head in step", "head run ahead", "lora in step", "lora run ahead"]
+    for mode in ("head", "lora"):
+        in_step, run_ahead = records[f"{mode} in step"]["facts"], records[f"{mode} run ahead"]["facts"]
+        assert in_step["insertions_per_row"] == run_ahead["insertions_per_row"] > 0  # the same samples
+        assert in_step["weaver_calls"] > 0 and run_ahead["weaver_calls"] > 0
+        assert records[f"{mode} run ahead"]["ratios"][f"{mode} in step"] > 0
+    assert "| head run ahead |" in (tmp_path / "results.md").read_text()
