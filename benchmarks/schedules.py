@@ -64,6 +64,20 @@ def cases(preset: str, device: str, dtype: torch.dtype, batch: int, new_tokens: 
                 describe=describe)
 
 
+def comparison(records: list[dict]) -> str:
+    """A Markdown section: per mode, its run-ahead time over its in-step time, paired per round (95% CI)."""
+    by_impl = {r["impl"]: r for r in records}
+    lines = ["## Run ahead over in step", "", "| mode | weaver calls (in step, run ahead) | paired ratio (95% CI) |",
+             "|---|---|---|"]
+    for mode in MODES:
+        in_step, run_ahead = by_impl[f"{mode} in step"], by_impl[f"{mode} run ahead"]
+        paired = run_ahead["paired_ratios"][f"{mode} in step"]
+        interval = f" ({paired['low']:.2f}-{paired['high']:.2f})" if paired["low"] is not None else ""
+        lines.append(f"| `{mode}` | {in_step['facts']['weaver_calls']}, {run_ahead['facts']['weaver_calls']} | "
+                     f"{paired['median']:.2f}{interval} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
@@ -84,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     records = measure(case, args.rounds, args.device)
     add_ratios(records)
     command = "python benchmarks/schedules.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"records": records, "meta": run_meta(args.preset, args.device, dtype, command)}
+    results = {"records": records, "sections": [comparison(records)],
+               "meta": run_meta(args.preset, args.device, dtype, command)}
     print(markdown(results))
     if args.out:
         write(results, args.out)

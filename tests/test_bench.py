@@ -323,4 +323,5 @@ def test_schedules_script_times_both_schedules_of_each_learned_trigger(cache, tm
         assert in_step["insertions_per_row"] == run_ahead["insertions_per_row"] > 0  # the same samples
         assert in_step["weaver_calls"] > 0 and run_ahead["weaver_calls"] > 0
         assert records[f"{mode} run ahead"]["ratios"][f"{mode} in step"] > 0
-    assert "| head run ahead |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| head run ahead |" in report and "## Run ahead over in step" in report and "| `lora` |" in report
