@@ -603,12 +603,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     step = width = 0
     while True:
         # Once no unfinished row can weave again, the rest are plain steps: no trigger, no decisions (each row
-        # would get none), and the stream only the weaver reads is no longer written. Synced ranks keep every call (their agreement counts on the same calls
-        # each step), idle where this rank has nothing to run.
+        # would get none), and the stream only the weaver reads is no longer written. Synced ranks keep every
+        # call (their agreement counts on the same calls each step), idle where this rank has nothing to run.
         weaving = weaving and bool((weaves_left[active] > 0).any())
         engine.recording = weaving
         first = reads_first and (weaving or woven is not None or (sync is not None and engine.memory))
-        uniform = woven is None and not bool(lag.any())  # every running row chooses its token `step`
+        # every row at one column (always so with rows in step, and at batch 1): whole-column writes
+        uniform = woven is None and bool((lag == lag[0]).all())
         stepping = active[~torch.isin(active, waiting)]
         if not stepping.numel():  # every running row waits for its latents
             engine.read_step(waiting, None, woven, torch.full((waiting.numel(),), woven.shape[1], dtype=torch.int32))
@@ -618,7 +619,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         if penalize:
             logits = _penalize(logits, seen_tokens, repetition_penalty)
         if uniform:
-            idle, at = finished, step
+            idle, at = finished, step - int(lag[0])
         else:
             columns = step - lag[stepping]  # host: the column of each stepping row's token
             stepping_device, columns_device, at = engine.to_device(
@@ -629,8 +630,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         uniforms = _at_columns(engine.token_uniforms, at) if do_sample else None
         tokens = torch.where(idle, pad, _choose_tokens(logits, do_sample, temperature, top_k, top_p, uniforms))
         if uniform:
-            new_tokens[:, step] = tokens
-            width = step + 1
+            new_tokens[:, at] = tokens
+            width = at + 1
         else:
             new_tokens[stepping_device, columns_device] = tokens[stepping_device]
             width = max(width, int(columns.max()) + 1)
@@ -639,12 +640,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         finished = finished | (torch.isin(tokens, eos) & ~idle)
         if stop is not None:
             if uniform:
-                finished = finished | stop(new_tokens[:, : step + 1])
+                finished = finished | stop(new_tokens[:, : at + 1])
             else:  # rows at one column at a time: a row's text ends at its own column
                 for column in columns.unique().tolist():
                     group = engine.to_device(stepping[columns == column])[0]
                     finished[group] |= stop(new_tokens[group, : column + 1])
-        if uniform and step + 1 == max_new_tokens:
+        if uniform and at + 1 == max_new_tokens:
             if streamer is not None:
                 streamer.put(tokens.cpu())
             break
@@ -669,7 +670,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                 excluded[readers_device] = False
                 excluded |= finished
             decisions = engine.decide(tokens, excluded, counts, False,
-                                      step + 1 if uniform else (at + 1).clamp(max=max_new_tokens - 1))
+                                      at + 1 if uniform else (at + 1).clamp(max=max_new_tokens - 1))
         host_decisions = decisions.long() if decisions is not None else torch.full_like(tokens, -100)
         host = torch.stack([host_decisions, finished.long(), tokens]).cpu()  # the step's synchronisation
         if streamer is not None:
@@ -684,9 +685,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                 break
         if decisions is not None:
             if uniform:
-                aug_mask[:, step + 1] = decisions
+                aug_mask[:, at + 1] = decisions
             else:
-                aug_mask[readers_device, engine.to_device(step + 1 - lag[readers])[0]] = decisions[readers_device].long()
+                decided_columns = engine.to_device(step + 1 - lag[readers])[0]
+                aug_mask[readers_device, decided_columns] = decisions[readers_device].long()
         continuing = continuing[host[1][continuing] == 0]
         if not continuing.numel():
             break
