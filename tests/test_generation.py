@@ -152,6 +152,23 @@ def test_rows_finish_at_different_times(packing):
     assert stopped.any(), "some rows should emit EOS (then pad, as the reference does)"
 
 
+@pytest.mark.parametrize("trigger_mode", ["head", "lora"])
+def test_rows_that_fall_behind_finish_and_weave_one_latent(trigger_mode, packing):
+    """`head`/`lora` rows that wove (and so run behind the others) emit EOS at different steps, with K = 1: each
+    latent is one item, read beside the others' tokens. The pad token also ends a row here (as where a
+    tokenizer pads with EOS): a row waiting for its latents, which chooses no token, must not end."""
+    model = chatty_model("qwen2", trigger_mode, k_prompt=1, k_inference=1)
+    eos = model.tokenizer.eos_token_id
+    with torch.no_grad():
+        model.reasoner.get_output_embeddings().weight[eos] *= 4
+    input_ids, mask, _ = make_batch(model, [0] * 7, "left", seed=8)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=40,
+                                   eos_token_id=[eos, model.tokenizer.pad_token_id])
+    new = out.sequences[:, input_ids.shape[1]:]
+    assert (new == eos).any(1).sum() >= 2 and not (new == eos).any(1).all()
+    assert len(set((out.augmentation_mask[:, 1:] == 1).sum(1).tolist())) > 1
+
+
 def test_memory_off_equals_hugging_face_generate():
     model = chatty_model("qwen3")
     input_ids, mask, _ = make_batch(model, [0, 0, 0], "left", seed=4)
