@@ -210,6 +210,28 @@ def test_sampling_is_reproducible_and_matches_the_reference_in_distribution():
     assert 0.4 < float((ours.augmentation_mask[:, 0] == 1).float().mean()) < 0.6
 
 
+def test_the_sampler_draws_each_token_with_its_probability_and_never_a_filtered_one():
+    """A token is the first whose cumulative probability reaches u x total: over evenly spread uniforms each
+    token's share is its probability; top-k and top-p filtered tokens and zero-probability ones never come,
+    even for the uniforms at the ends of [0, 1)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 11, generator=g) * 2
+    logits[2, 4] = float("-inf")  # probability 0
+    n = 20000
+    uniforms = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    for row in range(3):
+        drawn = generation._choose_tokens(logits[row].expand(n, -1), True, 0.7, None, None, uniforms)
+        share = torch.bincount(drawn, minlength=11).float() / n
+        assert (share - torch.softmax(logits[row] / 0.7, -1)).abs().max() < 1e-3, row
+    ends = torch.tensor([0.0, 1e-30, 0.5, 1 - 2 ** -24])
+    zero_first = torch.tensor([[float("-inf"), 1.0, 2.0, float("-inf")]]).expand(4, -1)
+    assert set(generation._choose_tokens(zero_first, True, 1.0, None, None, ends).tolist()) <= {1, 2}
+    for top_k, top_p, allowed in ((2, None, {9, 10}), (None, 0.5, {10})):
+        ordered = torch.arange(11, dtype=torch.float32)[None].expand(n, -1)  # token 10 most likely
+        drawn = generation._choose_tokens(ordered, True, 1.0, top_k, top_p, uniforms)
+        assert set(drawn.tolist()) == allowed, (top_k, top_p)
+
+
 def test_sampling_while_rows_run_ahead():
     """Sampling where rows that weave fall behind the others: top-k 1 with a saturated `head` trigger is greedy
     decoding, and equals the reference; with real draws, a seed fixes the result, whichever the schedule (a
