@@ -338,38 +338,31 @@ class _Engine:
         same call when joint, else in its own.
 
         Laid out like `insert`'s step: one batch row per reasoner row when the padding this adds stays under the
-        device's bound, else one batch row per item.
+        device's bound, else one batch row per item (`read_flat`).
         """
         joint = trigger_rows is not None and self.joint
         if trigger_rows is not None and not joint:
             self._trigger_reads(trigger_rows, tokens)
+        trigger_rows = trigger_rows if joint else None
         a, (g, k) = rows.shape[0], latents.shape[:2]
         t = trigger_rows.shape[0] if joint else 0
+        if (a + t) * (k - 1) > self.packed_padding:
+            self.read_flat(rows, tokens, waiting, latents, trigger_rows)
+            return
         trigger_cache_rows = [trigger_rows + self.batch] if joint else []
         cache_rows = torch.cat([rows, waiting, *trigger_cache_rows])
         lengths = self.reasoner.lengths[cache_rows]
-        token_rows = torch.cat([rows, *([trigger_rows] if joint else [])])
-        embedded = self.embed(tokens[self.to_device(token_rows)[0]])
-        if (a + t) * (k - 1) > self.packed_padding:  # one batch row per item
-            items = torch.cat([embedded[:a], latents.flatten(0, 1), embedded[a:]])[:, None]
-            item_rows = torch.cat([rows, waiting.repeat_interleave(k), *trigger_cache_rows])
-            item_lengths = torch.cat([lengths[:a], (lengths[a:a + g, None] + torch.arange(k)).flatten(),
-                                      lengths[a + g:]]).to(torch.int32)
-            counts = torch.ones(a + g * k + t, dtype=torch.int32)
-            last = torch.cat([torch.arange(a), a + torch.arange(g) * k + k - 1, a + g * k + torch.arange(t)])
-        else:
-            items = embedded.new_zeros(a + g + t, k, embedded.shape[1])
-            items[:a, 0], items[a:a + g], items[a + g:, 0] = embedded[:a], latents, embedded[a:]
-            item_rows, item_lengths = cache_rows, lengths
-            counts = torch.cat([torch.ones(a, dtype=torch.int32), torch.full((g,), k, dtype=torch.int32),
-                                torch.ones(t, dtype=torch.int32)])
-            last = torch.arange(a + g + t) * k + counts.long() - 1
-        item_rows_device, counts_device, lengths_device = self.to_device(item_rows, counts, item_lengths)
+        embedded = self.embed(tokens[self.to_device(torch.cat([rows, *([trigger_rows] if joint else [])]))[0]])
+        items = embedded.new_zeros(a + g + t, k, embedded.shape[1])
+        items[:a, 0], items[a:a + g], items[a + g:, 0] = embedded[:a], latents, embedded[a:]
+        counts = torch.cat([torch.ones(a, dtype=torch.int32), torch.full((g,), k, dtype=torch.int32),
+                            torch.ones(t, dtype=torch.int32)])
+        last = torch.arange(a + g + t) * k + counts.long() - 1
+        cache_rows_device, counts_device, lengths_device = self.to_device(cache_rows, counts, lengths)
         packed = pack_step(None, self.embed.weight, items, counts_device, lengths_device, self.reasoner.capacity,
-                           int((item_lengths + counts).max()))
-        n_items = torch.cat([torch.ones(a, dtype=torch.int32), torch.full((g,), k, dtype=torch.int32)])
-        trigger = (trigger_rows, torch.ones(t, dtype=torch.int32), last[a + g:]) if joint else None
-        self._read(item_rows_device, packed, torch.cat([rows, waiting]), n_items, last[:a + g], trigger)
+                           int((lengths + counts).max()))
+        trigger = (trigger_rows, counts[a + g:], last[a + g:]) if joint else None
+        self._read(cache_rows_device, packed, torch.cat([rows, waiting]), counts[:a + g], last[:a + g], trigger)
 
     def _trigger_reads(self, trigger_rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """The `lora` trigger's own call (not joint): trigger_rows (host int64 [T]) read their tokens (ids [B] on
@@ -409,27 +402,38 @@ class _Engine:
         every_row = rows.shape[0] == self.batch
         self._read(None if every_row else rows_device, packed, None if every_row else rows, n_items, last)
 
-    def read_flat(self, rows: torch.Tensor, tokens: torch.Tensor, invoking: torch.Tensor,
-                  latents: torch.Tensor) -> None:
-        """One call in which each item is its own batch row: rows' tokens, then the invoking rows' K latents.
+    def read_flat(self, rows: torch.Tensor, tokens: torch.Tensor, latent_rows: torch.Tensor, latents: torch.Tensor,
+                  trigger_rows: torch.Tensor | None = None) -> None:
+        """One call in which each item is its own batch row: rows' (host int64 [A]) tokens (ids [B] on the device),
+        then latent_rows' (host int64 [G], ascending) K latents [G, K, d], then the joint `lora` trigger's reading
+        of trigger_rows' tokens (host [T], None: none). A latent row among rows reads its latents after its token;
+        one that is not reads latents only.
 
         A latent's batch row maps to its row's cache, which the same layer call has just written (the token
-        and the earlier latents), so nothing pads the rows that do not invoke.
+        and the earlier latents), so nothing pads the rows that do not weave.
         """
         a, (g, k) = rows.shape[0], latents.shape[:2]
-        lengths = self.reasoner.lengths_of(rows)
-        invoking_lengths = self.reasoner.lengths_of(invoking) + 1
-        flat_lengths = torch.cat([lengths, (invoking_lengths[:, None] + torch.arange(k)).flatten().to(torch.int32)])
-        cache_rows = torch.cat([rows, invoking.repeat_interleave(k)])
-        cache_rows_device, lengths_device = self.to_device(cache_rows, flat_lengths)
-        items = torch.cat([self.embed(tokens), latents.flatten(0, 1)])[:, None]
-        ones = torch.ones(a + g * k, dtype=torch.int32, device=self.device)
+        t = trigger_rows.shape[0] if trigger_rows is not None else 0
+        trigger_cache_rows = [trigger_rows + self.batch] if t else []
+        after_token = torch.isin(latent_rows, rows)
+        advance = torch.cat([rows, latent_rows[~after_token]])  # the reasoner's rows, each once
+        lengths = self.reasoner.lengths[torch.cat([rows, latent_rows, *trigger_cache_rows])]
+        latent_lengths = (lengths[a:a + g] + after_token.to(torch.int32))[:, None] + torch.arange(k)
+        item_rows = torch.cat([rows, latent_rows.repeat_interleave(k), *trigger_cache_rows])
+        item_lengths = torch.cat([lengths[:a], latent_lengths.flatten(), lengths[a + g:]]).to(torch.int32)
+        embedded = self.embed(tokens[self.to_device(torch.cat([rows, *([trigger_rows] if t else [])]))[0]])
+        items = torch.cat([embedded[:a], latents.flatten(0, 1), embedded[a:]])[:, None]
+        item_rows_device, lengths_device = self.to_device(item_rows, item_lengths)
+        ones = torch.ones(item_rows.shape[0], dtype=torch.int32, device=self.device)
         packed = pack_step(None, self.embed.weight, items, ones, lengths_device, self.reasoner.capacity,
-                           int(flat_lengths.max()) + 1)
-        invokes = torch.isin(rows, invoking)
-        n_items = 1 + invokes.to(torch.int32) * k
-        last = torch.where(invokes, a + (torch.cumsum(invokes, 0) - 1) * k + k - 1, torch.arange(a))
-        self._read(cache_rows_device, packed, rows, n_items, last)
+                           int(item_lengths.max()) + 1)
+        # each advanced row ends on its last latent, else on its token
+        place = torch.searchsorted(latent_rows, advance).clamp(max=max(g - 1, 0))
+        weaves = latent_rows[place] == advance if g else torch.zeros(advance.shape[0], dtype=torch.bool)
+        last = torch.where(weaves, a + place * k + k - 1, torch.arange(advance.shape[0]))
+        n_items = (torch.arange(advance.shape[0]) < a).to(torch.int32) + weaves.to(torch.int32) * k
+        trigger = (trigger_rows, torch.ones(t, dtype=torch.int32), a + g * k + torch.arange(t)) if t else None
+        self._read(item_rows_device, packed, advance, n_items, last, trigger)
 
     def record_tokens(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Put rows' pending tokens (host [G]; ids on the device) in the stream ahead of the reasoner's read,
@@ -499,23 +503,22 @@ class _Engine:
                 self.weaver.idle()
                 self.reasoner.idle()
             return
-        active_tokens = tokens[self.to_device(active)[0]]
         if not invoking.numel():
             if company:
                 self.weaver.idle()
-            self.read_step(active, active_tokens, None, None)
+            self.read_step(active, tokens[self.to_device(active)[0]], None, None)
             return
         invoking_tokens = tokens[self.to_device(invoking)[0]]
         self.record_tokens(invoking, invoking_tokens)
         latents = self.weave(invoking, kind, column, ahead=1)
         if (active.numel() - invoking.numel()) * k > self.packed_padding:
-            self.read_flat(active, active_tokens, invoking, latents)
+            self.read_flat(active, tokens, invoking, latents)
             return
         invokes = torch.isin(active, invoking)
         place = (torch.cumsum(invokes, 0) - 1).clamp(min=0)  # each invoking row's index in `latents`
         place_device, invokes_device = self.to_device(place, invokes)
         padded = latents[place_device] * invokes_device[:, None, None].to(latents.dtype)
-        self.read_step(active, active_tokens, padded, invokes.to(torch.int32) * k)
+        self.read_step(active, tokens[self.to_device(active)[0]], padded, invokes.to(torch.int32) * k)
 
 
 def _idle_rest_of_step(engine: _Engine, reads_first: bool, weave: bool) -> None:
