@@ -20,7 +20,7 @@ import torch
 
 from memgen.bench.decode_suite import weaving_steps
 from memgen.bench.harness import Case, measure, run_meta
-from memgen.bench.report import add_ratios, markdown, write
+from memgen.bench.report import add_ratios, markdown, paired_cell, write
 from memgen.bench.workload import load_workload, prompt_batch
 
 MODES = ("head", "lora")
@@ -71,10 +71,8 @@ def comparison(records: list[dict]) -> str:
              "|---|---|---|"]
     for mode in MODES:
         in_step, run_ahead = by_impl[f"{mode} in step"], by_impl[f"{mode} run ahead"]
-        paired = run_ahead["paired_ratios"][f"{mode} in step"]
-        interval = f" ({paired['low']:.2f}-{paired['high']:.2f})" if paired["low"] is not None else ""
         lines.append(f"| `{mode}` | {in_step['facts']['weaver_calls']}, {run_ahead['facts']['weaver_calls']} | "
-                     f"{paired['median']:.2f}{interval} |")
+                     f"{paired_cell(run_ahead['paired_ratios'][f'{mode} in step'])} |")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ import torch
 from memgen.bench.calls import PREFIX, prefilled_decoder, repeatable_call
 from memgen.bench.decode_suite import weaving_steps
 from memgen.bench.harness import Case, measure, run_meta
-from memgen.bench.report import add_ratios, markdown, median_interval, write
+from memgen.bench.report import add_ratios, markdown, median_interval, paired_cell, write
 from memgen.bench.workload import load_workload, prompt_batch
 
 
@@ -112,10 +112,6 @@ def floor(records: list[dict], items: dict[str, dict[str, int]], batch: int, wid
 
 
 def floor_markdown(result: dict) -> str:
-    def cell(s: dict) -> str:
-        interval = f" ({s['low']:.2f}-{s['high']:.2f})" if s["low"] is not None else ""
-        return f"{s['median']:.2f}{interval}"
-
     per_item = result["per_item_ms"]
     lines = ["## Floor", "",
              f"Cost per item in a [B, W] call: weaver {per_item['weaver [B, W]']:.3f} ms, reasoner "
@@ -125,7 +121,7 @@ def floor_markdown(result: dict) -> str:
     for mode in MODES:
         r = result[mode]
         lines.append(f"| `{mode}` | {r['weaving_steps']} | {r['weaver_items']} | {r['latents']} | "
-                     f"{cell(r['floor_ratio'])} | {cell(r['measured_ratio'])} |")
+                     f"{paired_cell(r['floor_ratio'])} | {paired_cell(r['measured_ratio'])} |")
     return "\n".join(lines)
 
 

@@ -103,12 +103,13 @@ def suite_table(records: list[dict[str, Any]]) -> str:
         cells += [f"{r['facts'][f]:.1f}" if f in r["facts"] else "-" for f in facts]
         cells += ["-" if peak is None else f"{peak:,.0f}"]
         cells += [f"{r['ratios'][b]:.2f}" if b in r.get("ratios", {}) else "-" for b in baselines]
-        cells += [_paired(r.get("paired_ratios", {}).get(b)) for b in paired]
+        cells += [paired_cell(r.get("paired_ratios", {}).get(b)) for b in paired]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _paired(ratio: dict[str, float | None] | None) -> str:
+def paired_cell(ratio: dict[str, float | None] | None) -> str:
+    """A paired ratio ({"median", "low", "high"}) as a table cell: the median, then its interval when there is one."""
     if ratio is None:
         return "-"
     if ratio["low"] is None:
