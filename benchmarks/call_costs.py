@@ -1,13 +1,13 @@
 """What one decoder call of the engine costs in each layout a weaving step could use.
 
-At a batch step where G rows weave, memgen's engine makes two calls: the weaver over the invoking rows'
-W new items (padded to the widest: `[G, W]`), then the reasoner over every row's token plus the
-invoking rows' K latents (one item per batch row on a CPU: `[B + G*K, 1]`; padded on a GPU, where
-padding is nearly free: `[B, 1 + K]`). A scheduler that let the
-other rows run ahead would instead put the weaver's items in the same call as those rows' tokens
-(`joint`, one base-model pass with the weaver's LoRA on its rows only), saving one pass over the
-weights per weaving step. This script times those calls side by side (interleaved rounds, the
-`memgen bench` harness) on a preset, so that such a scheduling change can be judged by numbers.
+At a batch step where G rows weave, rows kept in step make two calls: the weaver over the invoking
+rows' W new items (padded to the widest: `[G, W]`), then the reasoner over every row's token plus
+the invoking rows' K latents (one item per batch row on a CPU: `[B + G*K, 1]`; padded on a GPU, where
+padding is nearly free: `[B, 1 + K]`). Running ahead, the engine puts the weaver's items in the same
+call as the other rows' tokens instead (`joint`, one base-model pass with the weaver's LoRA on its
+rows only; `memgen.generation.JOINT_WEAVER_MODES`), saving one pass over the weights per weaving
+step. This script times those calls side by side (interleaved rounds, the `memgen bench` harness) on
+a preset, so that such scheduling choices can be judged by numbers.
 
     python benchmarks/call_costs.py --preset small --batch 16 --weaving 2 --width 30 [--device cuda] --out DIR
 """
@@ -30,7 +30,7 @@ def cases(preset: str, device: str, dtype: torch.dtype, batch: int, weaving: int
     capacity = PREFIX + width + latents + 1
     plain = prefilled_decoder(model.reasoner, None, batch, capacity)
     weaver = prefilled_decoder(model.weaver.model, model.weaver.adapter_name, batch, capacity)
-    joint = prefilled_decoder(model.reasoner, None, batch, capacity, split=model.weaver.adapter_name)
+    joint = prefilled_decoder(model.reasoner, None, batch, capacity, blocks=(model.weaver.adapter_name,))
     everyone, invoking = torch.arange(batch), torch.arange(weaving)
     others = torch.arange(weaving, batch)
     impls = {
@@ -40,8 +40,8 @@ def cases(preset: str, device: str, dtype: torch.dtype, batch: int, weaving: int
             plain, torch.cat([everyone, invoking.repeat_interleave(latents)]), 1),
         "reasoner tokens + latents, padded [B, 1 + K]": repeatable_call(plain, everyone, 1 + latents),
         "joint: others' tokens + weaver [B - G + G*W, 1]": repeatable_call(
-            joint, torch.cat([others, (invoking + batch).repeat_interleave(width)]), 1, batch - weaving),
-        "joint padded [B, W]": repeatable_call(joint, torch.cat([others, invoking + batch]), width, batch - weaving),
+            joint, torch.cat([others, (invoking + batch).repeat_interleave(width)]), 1, (batch - weaving,)),
+        "joint padded [B, W]": repeatable_call(joint, torch.cat([others, invoking + batch]), width, (batch - weaving,)),
     }
     return Case("calls", f"B{batch}-G{weaving}-W{width}", dict(batch=batch, weaving=weaving, width=width, latents=latents),
                 impls, baselines=("plain step [B, 1]",), iterations=5, warmup=3)

@@ -1,12 +1,14 @@
-"""What the engine's run-ahead schedule saves for the learned triggers, against rows kept in step.
+"""What the engine's run-ahead schedule saves, per trigger mode, against rows kept in step.
 
-With `head` and `lora` a row decides after the reasoner has read its token, so the latents it weaves
-need a reasoner call after the decisions. Kept in step (as the engine runs with a streamer or synced
-ranks), every weaving step makes that call for the invoking rows alone; by default they read their
-latents in the next step's call instead, beside the other rows' tokens, and fall a step behind
-(`memgen.generation`). Both schedules draw the same samples (one uniform per row and column), so
-their outputs are identical and only the calls differ. This script times them side by side, with
-memory off as the baseline, in interleaved rounds:
+Kept in step (as the engine runs with a streamer or synced ranks), every weaving step makes a weaver
+call, and with `head` and `lora` (a row decides after the reasoner has read its token) also a
+reasoner call for the invoking rows' latents alone. By default rows run ahead of each other instead
+(`memgen.generation`): a row that weaves reads its latents in a later step's call, beside the other
+rows' tokens, and falls behind; where `JOINT_WEAVER_MODES` says so (`always` on a CPU) the weaver's
+items go in the reasoner's calls too, so the weaver makes no call of its own after the prompt's.
+Both schedules draw the same samples (one uniform per row and column), so their outputs are
+identical and only the calls differ. This script times them side by side, with memory off as the
+baseline, in interleaved rounds:
 
     python benchmarks/schedules.py --preset small --batch 16 --rounds 9 [--device cuda] --out DIR
 """
@@ -18,12 +20,12 @@ import sys
 
 import torch
 
-from memgen.bench.decode_suite import weaving_steps
+from memgen.bench.decode_suite import weaver_calls
 from memgen.bench.harness import Case, measure, run_meta
 from memgen.bench.report import add_ratios, markdown, paired_cell, write
 from memgen.bench.workload import load_workload, prompt_batch
 
-MODES = ("head", "lora")
+MODES = ("always", "head", "lora")
 
 
 class _InStep:
@@ -56,11 +58,11 @@ def cases(preset: str, device: str, dtype: torch.dtype, batch: int, new_tokens: 
         mode, schedule = (impl.split(" ", 1) + [""])[:2]
         if mode not in MODES:
             return {}
-        return {"weaver_calls": weaving_steps(result.augmentation_mask, mode if schedule == "run ahead" else "always"),
+        return {"weaver_calls": weaver_calls(result.augmentation_mask, mode, device, in_step=schedule == "in step"),
                 "insertions_per_row": float((result.augmentation_mask == 1).sum(1).float().mean())}
 
     return Case("decode", f"schedules-B{batch}", dict(batch=batch, new_tokens=new_tokens), impls,
-                baselines=("memory off", "head in step", "lora in step"), work=batch * new_tokens, unit="tokens",
+                baselines=("memory off", *(f"{mode} in step" for mode in MODES)), work=batch * new_tokens, unit="tokens",
                 describe=describe)
 
 

@@ -137,40 +137,45 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
 
 
 class _SplitLoRA(nn.Module):
-    """A plain LoRA layer computing its base for every batch row and adding one adapter's update to the rows
-    from `start` on: the arithmetic of PEFT's `Linear.forward` with only that adapter active, per row."""
+    """A plain LoRA layer computing its base for every batch row and adding each of its adapters' updates to
+    that adapter's rows (a range of batch rows per adapter): the arithmetic of PEFT's `Linear.forward` with only
+    that adapter active, per row."""
 
-    def __init__(self, layer: BaseTunerLayer, name: str) -> None:
+    def __init__(self, layer: BaseTunerLayer, names: list[str], indices: list[int]) -> None:
         super().__init__()
         # plain attributes, not submodules: the swapped-in module must not re-register the layer's parameters
-        self.__dict__.update(base=layer.get_base_layer(), lora_A=layer.lora_A[name], lora_B=layer.lora_B[name],
-                             dropout=layer.lora_dropout[name], scaling=layer.scaling[name])
-        self.start = 0
+        self.__dict__.update(base=layer.get_base_layer(), adapters=[
+            (layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name], layer.scaling[name]) for name in names])
+        self.indices = indices  # each adapter's place in SplitBatch's names
+        self.ranges = [(0, 0)] * len(names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        part = x[self.start:]
-        if part.shape[0]:
-            lora_A, lora_B = self.lora_A, self.lora_B
-            part = part.to(lora_A.weight.dtype)
-            if self.dropout.training:  # nn.Dropout or nn.Identity: the identity in eval mode
-                part = self.dropout(part)
-            update = F.linear(F.linear(part, lora_A.weight, lora_A.bias), lora_B.weight, lora_B.bias) * self.scaling
-            result[self.start:].add_(update)  # summed in float32, rounded to result's dtype, as PEFT's `+`
+        for (lora_A, lora_B, dropout, scaling), (start, end) in zip(self.adapters, self.ranges):
+            if end <= start:
+                continue
+            part = x[start:end].to(lora_A.weight.dtype)
+            if dropout.training:  # nn.Dropout or nn.Identity: the identity in eval mode
+                part = dropout(part)
+            update = F.linear(F.linear(part, lora_A.weight, lora_A.bias), lora_B.weight, lora_B.bias) * scaling
+            result[start:end].add_(update)  # summed in float32, rounded to result's dtype, as PEFT's `+`
         return result
 
 
 class SplitBatch:
-    """Runs a model's calls with adapter `name` on the batch rows from `start` on and the bare base on the rows
-    before it: two adapters' calls in one pass over the shared base (the decoding engine reads the reasoner's
-    and the `lora` trigger's tokens together). Like `BareBase`, it swaps each LoRA layer for the duration of
-    `with split(start):`.
+    """Runs a model's calls with the bare base on the leading batch rows and each of adapters `names` on a range
+    of rows after them: several adapters' calls in one pass over the shared base (the decoding engine reads the
+    reasoner's tokens, the `lora` trigger's and the weaver's items together). Like `BareBase`, it swaps each LoRA
+    layer for the duration of `with split(*starts):`.
     """
 
-    def __init__(self, model: nn.Module, name: str) -> None:
+    def __init__(self, model: nn.Module, *names: str) -> None:
         self.sites = _tuner_sites(model)
-        self.swaps = [_SplitLoRA(layer, name) if name in getattr(layer, "lora_A", {}) else layer.get_base_layer()
-                      for _, _, layer in self.sites]
+        self.names = names
+        self.swaps = []
+        for _, _, layer in self.sites:
+            here = [i for i, name in enumerate(names) if name in getattr(layer, "lora_A", {})]
+            self.swaps.append(_SplitLoRA(layer, [names[i] for i in here], here) if here else layer.get_base_layer())
 
     @staticmethod
     def supported(model: nn.Module, name: str) -> bool:
@@ -182,8 +187,13 @@ class SplitBatch:
         return bool(carrying) and all(type(layer) is Linear and not layer.merged
                                       and name not in getattr(layer, "lora_variant", {}) for layer in carrying)
 
-    def __call__(self, start: int) -> contextlib.AbstractContextManager[None]:
+    def __call__(self, *starts: int) -> contextlib.AbstractContextManager[None]:
+        """Adapter names[i] runs on batch rows [starts[i], starts[i + 1]) (the last one on every row from its
+        start on), the bare base on the rows before starts[0]. One non-decreasing start per name."""
+        if len(starts) != len(self.names) or any(b < a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"SplitBatch over {self.names} takes one non-decreasing start per adapter, got {starts}")
+        bounds = [*starts, 2**62]
         for swap in self.swaps:
             if isinstance(swap, _SplitLoRA):
-                swap.start = start
+                swap.ranges = [(bounds[i], bounds[i + 1]) for i in swap.indices]
         return _swapped(self.sites, self.swaps)

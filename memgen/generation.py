@@ -3,25 +3,33 @@
 - The reasoner reads each stream item (token or latent) once, through a ragged KV cache: a row's
   insertion adds cache entries to that row only. Steps are packed by `memgen.ops.pack_step`
   (latent-token injection) and cache writes go through `memgen.ops.write_kv`.
-- The weaver keeps its own ragged cache over the stream: at an insertion the invoking rows,
-  batched, read only the stream items they have not seen (projected into its space as they are
-  read), then the K queries, whose entries are rolled back (`memgen.ops.pack_ragged`). The
-  queries' LayerNorm and scale are applied once per call.
+- The weaver keeps its own ragged cache over the stream (its rows a block of the reasoner's cache
+  when it reads in the reasoner's calls): at an insertion the invoking rows, batched, read only
+  the stream items they have not seen (projected into its space as they are read), then the K
+  queries, whose entries are not kept (`memgen.ops.pack_ragged` in its own calls). The queries'
+  LayerNorm and scale are applied once per generate call.
 - The `lora` trigger reads each token of the rows that may still weave as the reasoner reads it,
   through its own incremental cache. When it is an adapter on the reasoner's own base (the
   default) its cache rows sit beside the reasoner's and one call serves both: the shared base
   weights run once over both sets of rows and only the trigger's rows get its LoRA update
-  (`memgen.adapters.SplitBatch`). `head` reads the reasoner's hidden state of the delimiter (no
-  extra forward). Decisions come from the fused trigger-scoring op.
-- In `always` mode the decision comes before the reasoner reads the token, so every step is one
-  reasoner call: [token, K latents] per row when the padding this adds to rows that do not invoke
-  stays under a per-device bound (`PACKED_PADDING_ITEMS`), else one batch row per item (a
-  latent's batch row reads its row's cache, which the same layer call has just written), so no
-  row pads. `head` and `lora` read the token first (their decision needs a hidden state of it);
-  the invoking rows read their latents in the next step's call, beside the other rows' tokens
-  (`read_beside`), and choose their next token a step after the others: each row keeps its own
-  column. A streamer (it takes every row's token at each step) and synced ranks keep the rows in
-  step instead, and the latents take a call of their own.
+  (`memgen.adapters.SplitBatch`, which also runs the weaver's rows through its own adapter in the
+  same pass). `head` reads the reasoner's hidden state of the delimiter (no extra forward).
+  Decisions come from the fused trigger-scoring op.
+- `always` decides before the reasoner reads the token; `head` and `lora` after (their decision
+  needs a hidden state of it). By default rows run ahead of each other, each at its own column:
+  a row that weaves chooses no token while its latents are made and read, and falls behind the
+  others. The weaver, an adapter on the reasoner's own base, reads in the reasoner's calls
+  (`JOINT_WEAVER_MODES`: `always` on a CPU, every mode on a GPU): an `always` row's weaver reads
+  beside its token and the row reads its latents in the next step's call, beside the others'
+  tokens; a `head`/`lora` row's weaver reads in the call after its decision and the latents in
+  the one after that. Otherwise the weaver makes a call of its own after the decisions, and a
+  `head`/`lora` row reads its latents in the next step's call, an `always` row with its token.
+  A streamer (it takes every row's token at each step) and synced ranks keep the rows in step:
+  the weaver makes calls of its own and the latents are read in the same step.
+- A call over rows of several kinds (tokens, latents, the trigger's and the weaver's items) is
+  laid out one batch row per row when the padding this adds stays under a per-device bound
+  (`PACKED_PADDING_ITEMS`), else one batch row per item (an item's batch row reads its row's
+  cache, which the same layer call has just written), so no row pads.
 - Sampling draws one uniform per row and column up front (tokens, then `head`/`lora` decisions),
   so a row's draws do not depend on the schedule: in step or not, the same seed samples the same.
 - A one-item call whose rows are all equally long (every plain step at batch 1) attends without a
@@ -42,6 +50,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.nn import functional as F
 from transformers.utils import ModelOutput
 
 from memgen.adapters import BareBase, SplitBatch, active_adapter, tuner_layers
@@ -56,6 +65,13 @@ from memgen.weaver import INFERENCE, PROMPT
 # reading the weights, so padding is nearly free while the per-item layout copies each batch row's
 # cache view; on a CPU every padding item costs compute.
 PACKED_PADDING_ITEMS = {"cuda": 512, "cpu": 0}
+
+# Trigger modes whose weaver, running ahead, reads in the reasoner's calls (per device) rather than in calls of its
+# own. `head` and `lora` rows decide after reading their token, so their weaver reads a step later and each weave
+# holds the row back two steps, not one; and a call's weaver items each copy their row's cache on the CPU (one
+# batch row per item there). The CPU measures a gain for `always` only (benchmarks/results/small-cpu-joint-weaver);
+# on a GPU every weaver call saved is a step's kernel launches.
+JOINT_WEAVER_MODES = {"cuda": ("always", "head", "lora"), "cpu": ("always",)}
 
 
 @dataclass
@@ -73,34 +89,36 @@ class MemGenGenerateOutput(ModelOutput):
 class _RaggedDecoder:
     """A base model (with one adapter active, or none) reading ragged rows through its own cache.
 
-    With `split` (an adapter name) the cache holds 2 x batch rows: cache row batch + r is row r read through
-    that adapter (the `lora` trigger on the reasoner's own base), so one call can serve both (`run`'s
-    split_from).
+    blocks: adapters on the same base whose rows share the cache (the `lora` trigger's, the weaver's): cache rows
+    [(i + 1) B, (i + 2) B) are rows 0..B-1 read through adapter blocks[i], so one call can serve them all (`run`'s
+    starts).
     """
 
     def __init__(self, model, adapter: str | None, batch: int, capacity: int, device: torch.device,
-                 split: str | None = None) -> None:
+                 blocks: tuple[str, ...] = ()) -> None:
         self.model, self.adapter, self.capacity, self.batch = model, adapter, capacity, batch
         decoder = model.get_decoder()
         direct = direct_call(decoder)
         self.call, self.direct = direct or forward_call(decoder), direct is not None
         self.layers = tuner_layers(model) if adapter is not None else None
         self.bare = BareBase(model) if adapter is None else None
-        self.split = SplitBatch(model, split) if split is not None else None
-        self.cache = RaggedCache(model.config.num_hidden_layers, batch * (2 if split else 1), capacity, device)
+        self.blocks = blocks
+        self.offsets = {name: (i + 1) * batch for i, name in enumerate(blocks)}
+        self.split = SplitBatch(model, *blocks) if blocks else None
+        self.cache = RaggedCache(model.config.num_hidden_layers, batch * (1 + len(blocks)), capacity, device)
         self.lengths = self.cache.lengths  # host int32 [cache rows]: items each cache row has read
         self.dtype = model.get_input_embeddings().weight.dtype
         self.width, self.device = model.config.hidden_size, device
 
     def run(self, rows: torch.Tensor | int | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
-            n_items: torch.Tensor, split_from: int | None = None) -> torch.Tensor:
+            n_items: torch.Tensor, starts: tuple[int, ...] | None = None) -> torch.Tensor:
         """Feed a packed call (items, positions, slots, mask) to cache rows `rows` (device [G], repeats
         allowed; an int n: the first n cache rows in order; None: the batch's rows in order); returns hidden
         [G, W, d].
 
         advance: host int64 cache rows (no repeats; None: the batch's rows) whose lengths grow by n_items (host
-        int32). split_from: the call's batch rows from this one on run through the `split` adapter, the
-        others through the bare base.
+        int32). starts: the call's first batch row read through each block's adapter (one per block,
+        non-decreasing; the rows before the first run on the bare base), None: every row through `adapter`.
         """
         items, positions, slots, mask = packed
         self.cache.prepare(self.batch if rows is None else rows, slots, mask.shape[-1])
@@ -109,8 +127,8 @@ class _RaggedDecoder:
             # (grouped-query heads passed to SDPA as they are, not packed around a mask). A decoder's own forward
             # would build a mask of its own, so only direct calls drop it.
             mask = None
-        if split_from is not None:
-            context = self.split(split_from)
+        if starts is not None:
+            context = self.split(*starts)
         else:
             context = self.bare() if self.bare is not None else active_adapter(self.model, self.adapter, self.layers)
         with context:
@@ -120,6 +138,10 @@ class _RaggedDecoder:
         else:
             self.lengths[advance] += n_items
         return hidden
+
+    def only(self, block: str) -> tuple[int, ...]:
+        """`run`'s starts for a call whose rows are all `block`'s."""
+        return tuple(0 if self.blocks.index(name) <= self.blocks.index(block) else 2**62 for name in self.blocks)
 
     def _sees_only_own_slots(self, advance: torch.Tensor | None, n_rows: int, visible: int) -> bool:
         """Whether a call of one item per batch row, its batch rows being the advanced rows (`run`'s contract), has
@@ -195,17 +217,31 @@ class _RankSync:
                              "calls each step makes, and ranks that disagree would wait on each other forever")
 
 
+@dataclass
+class _Part:
+    """One block's rows in a reasoner call: rows (host int64 [R], the block's own row ids) read items[r, :counts[r]]
+    (device [R, W, d]; host int32 counts), of which the cache keeps the first kept[r] (None: all)."""
+
+    rows: torch.Tensor
+    counts: torch.Tensor
+    items: torch.Tensor
+    kept: torch.Tensor | None = None
+
+
 class _Engine:
-    """State of one generate call: the three ragged decoders, the weaver's stream and the host bookkeeping."""
+    """State of one generate call: the three ragged decoders, the weaver's stream and the host bookkeeping.
+
+    run_ahead: rows may run ahead of each other (no streamer, no synced ranks); only then can the weaver read in
+    the reasoner's calls.
+    """
 
     def __init__(self, model, prompts: torch.Tensor, prompt_lengths: torch.Tensor, max_new_tokens: int,
                  trigger_mode: str, prompt_budget: int, budget: int, do_sample: bool, temperature: float,
-                 generator: torch.Generator | None, synced: bool = False) -> None:
+                 generator: torch.Generator | None, synced: bool = False, run_ahead: bool = False) -> None:
         config, device = model.config, prompts.device
         batch, width = prompts.shape
         self.model, self.device, self.batch, self.synced = model, device, batch, synced
         self.all_rows = torch.arange(batch)  # host
-        self.all_rows_device = torch.arange(batch, device=device)
         self.trigger_mode, self.budget = trigger_mode, budget
         self.do_sample, self.temperature = do_sample, temperature
         # Sampling draws one uniform per row and column, up front: the token a row samples at a column (and its
@@ -218,24 +254,33 @@ class _Engine:
         self.k = {PROMPT: config.prompt_latents_len, INFERENCE: config.inference_latents_len}
         self.memory = prompt_budget > 0 or budget > 0
         self.recording = self.memory  # whether reads append their items to the weaver's stream
-        # The `lora` trigger reads every token of the rows that may still weave, as the reasoner reads it: in the
-        # same call (its rows are the reasoner cache's second half) when it is an adapter on the reasoner's own
-        # base, else through its own cache and calls.
+        # The `lora` trigger reads every token of the rows that may still weave, as the reasoner reads it, and the
+        # weaver (running ahead) reads a row's stream in the call after its decision: in the reasoner's calls
+        # (their rows a block of the reasoner's cache) when they are adapters on the reasoner's own base, else
+        # through their own caches and calls.
         self.lora = trigger_mode == "lora" and self.memory
         trigger_model = model.trigger.model if self.lora else None
-        self.joint = self.lora and trigger_model is model.reasoner and SplitBatch.supported(
-            trigger_model, model.trigger.adapter_name)
+        self.joint = self.lora and _shares_base(model.reasoner, trigger_model, model.trigger.adapter_name)
+        self.joint_weaver = (self.memory and run_ahead and trigger_mode in JOINT_WEAVER_MODES.get(device.type, ())
+                             and _shares_base(model.reasoner, model.weaver.model, model.weaver.adapter_name))
+        blocks = ((model.trigger.adapter_name,) if self.joint else ()) + (
+            (model.weaver.adapter_name,) if self.joint_weaver else ())
         capacity = width + max_new_tokens + (self.k[PROMPT] if prompt_budget else 0) + self.k[INFERENCE] * budget
-        self.reasoner = _RaggedDecoder(model.reasoner, None, batch, capacity, device,
-                                       split=model.trigger.adapter_name if self.joint else None)
+        weaver_capacity = capacity + max(self.k.values())  # room for the queries
+        self.reasoner = _RaggedDecoder(model.reasoner, None, batch, weaver_capacity if self.joint_weaver else capacity,
+                                       device, blocks)
         self.embed = model.reasoner.get_input_embeddings()
         self.lm_head = model.reasoner.get_output_embeddings()
         self.last_hidden = torch.zeros(batch, self.embed.weight.shape[1], dtype=self.reasoner.dtype, device=device)
         self.packed_padding = PACKED_PADDING_ITEMS.get(device.type, 0)
         self.latent_norms = torch.full((batch, max_new_tokens), float("nan"), device=device)
         if self.memory:
-            self.weaver = _RaggedDecoder(model.weaver.model, model.weaver.adapter_name, batch,
-                                         capacity + max(self.k.values()), device)
+            if self.joint_weaver:
+                self.weaver, self.weaver_offset = self.reasoner, self.reasoner.offsets[model.weaver.adapter_name]
+            else:
+                self.weaver = _RaggedDecoder(model.weaver.model, model.weaver.adapter_name, batch, weaver_capacity,
+                                             device)
+                self.weaver_offset = 0
             self.queries = {kind: model.weaver.queries(kind).to(self.weaver.dtype) for kind in (PROMPT, INFERENCE)}
             # Every row's stream of reasoner inputs (slot i: its i-th item); the weaver projects what it reads.
             d_reasoner = self.embed.weight.shape[1]
@@ -259,110 +304,160 @@ class _Engine:
             return list(host)
         return [t.pin_memory().to(self.device, non_blocking=True) for t in host]
 
-    # -- the reasoner ---------------------------------------------------------------------------
+    # -- the reasoner's calls -------------------------------------------------------------------
 
-    def _read(self, rows: torch.Tensor | int | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
-              n_items: torch.Tensor, last: torch.Tensor,
-              trigger: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
-        """One reasoner call (see `_RaggedDecoder.run`); then last_hidden of the advanced rows is the hidden
-        state at flat index last[a] of [G * W], and their items join the stream.
+    def _call(self, parts: dict[str | None, _Part], padding: int) -> tuple[torch.Tensor, dict[str | None, torch.Tensor]]:
+        """One call of the reasoner's decoder over parts keyed by block (None: the reasoner's own rows, else an
+        adapter whose rows share its cache); returns the hidden states flat [N, d] and, per part, the flat index of
+        each row's first item (host int64 [R]: row r's item j is at first[r] + j). The reasoner's rows' last
+        hidden states go to last_hidden (their items to the stream while recording), the trigger's to
+        trigger_hidden.
 
-        trigger: (rows, n_items, last), host tensors [T]: the call's last T batch rows are these rows' `lora`
-        trigger, reading the same tokens (a joint call, cache rows batch + r); trigger_hidden[rows[t]] becomes
-        the hidden state at flat index last[t].
+        Laid out one batch row per row, padded to the longest, when that adds at most `padding` items; else one
+        batch row per item, mapped to its row's cache, which the same layer call has just written (the row's
+        earlier items): then nothing pads.
         """
-        advance = self.all_rows if advance is None else advance
-        split_from = None
-        if trigger is None:
-            hidden = self.reasoner.run(rows, packed, advance, n_items)
-        else:
-            split_from = packed[0].shape[0] - trigger[0].shape[0]
-            hidden = self.reasoner.run(rows, packed, torch.cat([advance, trigger[0] + self.batch]),
-                                       torch.cat([n_items, trigger[1]]), split_from)
-        advance_device, last_device = self.to_device(advance, last)
+        decoder = self.reasoner
+        names = [name for name in (None, *decoder.blocks) if name in parts]
+        offsets = [decoder.offsets.get(name, 0) for name in names]
+        cache_rows = torch.cat([parts[name].rows + offset for name, offset in zip(names, offsets)])
+        counts = torch.cat([parts[name].counts for name in names])
+        lengths = decoder.lengths[cache_rows]
+        width = max(parts[name].items.shape[1] for name in names)
+        n_rows, n_items = cache_rows.shape[0], int(counts.sum())
+        visible = int((lengths + counts).max())
+        items = parts[names[0]].items if len(names) == 1 else torch.cat(
+            [F.pad(parts[name].items, (0, 0, 0, width - parts[name].items.shape[1])) for name in names])
+        if n_rows * width - n_items <= padding:  # one batch row per row
+            call_rows, call_lengths, call_counts = cache_rows, lengths, counts
+            first = torch.arange(n_rows) * width
+            sizes = [parts[name].rows.shape[0] for name in names]
+        else:  # one batch row per item
+            real = (torch.arange(width) < counts[:, None]).nonzero()  # (row, item) of every real item
+            real_device, = self.to_device(real)
+            items = items[real_device[:, 0], real_device[:, 1]][:, None]
+            call_rows, call_lengths = cache_rows[real[:, 0]], (lengths[real[:, 0]] + real[:, 1]).to(torch.int32)
+            call_counts = torch.ones(n_items, dtype=torch.int32)
+            first = torch.cumsum(counts, 0) - counts
+            sizes = [int(parts[name].counts.sum()) for name in names]
+        rows_device, counts_device, lengths_device = self.to_device(call_rows, call_counts, call_lengths)
+        packed = pack_step(None, self.embed.weight, items, counts_device, lengths_device, decoder.capacity, visible)
+        n_batch = call_rows.shape[0]
+        in_order = torch.equal(call_rows, torch.arange(n_batch))  # the cache's leading rows: views, no copies
+        starts = None  # the reasoner's rows alone: the bare base (no per-site split, whose Python costs add up)
+        if names != [None]:  # each block's first batch row; one absent from the call starts where the next does
+            bounds = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
+            starts, following = [], n_batch
+            for name in reversed(decoder.blocks):
+                following = bounds.get(name, following)
+                starts.append(following)
+            starts = tuple(reversed(starts))
+        kept = torch.cat([parts[name].counts if parts[name].kept is None else parts[name].kept for name in names])
+        hidden = decoder.run(n_batch if in_order else rows_device, packed, cache_rows, kept, starts)
         flat = hidden.flatten(0, 1)
-        self.last_hidden[advance_device] = flat[last_device]
-        if trigger is not None:
-            trigger_rows_device, trigger_last_device = self.to_device(trigger[0], trigger[2])
-            self.trigger_hidden[trigger_rows_device] = flat[trigger_last_device]
+        firsts, at = {}, 0
+        for name in names:
+            firsts[name] = first[at:at + parts[name].rows.shape[0]]
+            at += parts[name].rows.shape[0]
+        if None in parts:
+            self._after_reasoner(parts[None], lengths[: parts[None].rows.shape[0]], firsts[None], flat)
+        if self.joint and self.model.trigger.adapter_name in parts:
+            trigger = parts[self.model.trigger.adapter_name]
+            rows_device, last_device = self.to_device(trigger.rows, firsts[self.model.trigger.adapter_name]
+                                                      + trigger.counts.long() - 1)
+            self.trigger_hidden[rows_device] = flat[last_device]
+        return flat, firsts
+
+    def _after_reasoner(self, part: _Part, lengths: torch.Tensor, first: torch.Tensor, flat: torch.Tensor) -> None:
+        """The reasoner's rows after a call: their last hidden states, and their items in the stream."""
+        rows_device, last_device = self.to_device(part.rows, first + part.counts.long() - 1)
+        self.last_hidden[rows_device] = flat[last_device]
         if self.recording:
-            cache_rows = self.all_rows_device if rows is None or isinstance(rows, int) else rows[:split_from]
-            items, slots = packed[0][:split_from], packed[2][:split_from]
-            self.stream[cache_rows[:, None], slots] = items.to(self.stream.dtype)  # padding: scratch slot
-            self.stream_lengths[advance] += n_items
+            real = (torch.arange(part.items.shape[1]) < part.counts[:, None]).nonzero()
+            real_device, rows_at, slots = self.to_device(real, part.rows[real[:, 0]], lengths.long()[real[:, 0]]
+                                                         + real[:, 1])
+            self.stream[rows_at, slots] = part.items[real_device[:, 0], real_device[:, 1]].to(self.stream.dtype)
+            self.stream_lengths[part.rows] += part.counts
 
     def read_prompts(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor) -> None:
         """The reasoner reads the prompts, and so does the `lora` trigger (in the same call when joint)."""
         embeds = self.embed(prompts)
-        width = prompts.shape[1]
-        n = 2 * self.batch if self.joint else self.batch
-        lengths = prompt_lengths.repeat(n // self.batch)
-        rows_device, zeros, lengths_device = self.to_device(torch.arange(n), torch.zeros(n, dtype=torch.int32), lengths)
-        packed = pack_ragged(embeds.repeat(n // self.batch, 1, 1), rows_device, zeros, lengths_device, width, None,
-                             self.reasoner.capacity, max(int(prompt_lengths.max()), 1))
-        last = self.all_rows * width + (prompt_lengths.long() - 1).clamp(min=0)
-        trigger = (self.all_rows, prompt_lengths, last + self.batch * width) if self.joint else None
-        self._read(n if self.joint else None, packed, None, prompt_lengths, last, trigger)
+        parts = {None: _Part(self.all_rows, prompt_lengths, embeds)}
+        if self.joint:
+            parts[self.model.trigger.adapter_name] = _Part(self.all_rows, prompt_lengths, embeds)
+        self._call(parts, padding=2**62)  # one batch row per prompt, always
         if self.lora and not self.joint:
-            packed = pack_ragged(self.trigger_embed(prompts), rows_device, zeros, lengths_device, width, None,
-                                 self.trigger.capacity, max(int(prompt_lengths.max()), 1))
+            lengths_device, = self.to_device(prompt_lengths)
+            zeros = torch.zeros_like(lengths_device)
+            packed = pack_ragged(self.trigger_embed(prompts), self.to_device(self.all_rows)[0], zeros, lengths_device,
+                                 prompts.shape[1], None, self.trigger.capacity, max(int(prompt_lengths.max()), 1))
             hidden = self.trigger.run(None, packed, None, prompt_lengths)
-            self.trigger_hidden[:] = hidden.flatten(0, 1)[self.to_device(last)[0]]
+            last, = self.to_device(self.all_rows * prompts.shape[1] + (prompt_lengths.long() - 1).clamp(min=0))
+            self.trigger_hidden[:] = hidden.flatten(0, 1)[last]
 
-    def read_tokens(self, rows: torch.Tensor, tokens: torch.Tensor, trigger_rows: torch.Tensor | None) -> None:
-        """The reasoner reads rows' (host int64 [G]) tokens (ids [B] on the device); the `lora` trigger reads
-        the same tokens of trigger_rows (host int64 [T], None: no trigger): in the same call when joint, else
-        in its own (`_trigger_reads`)."""
-        if trigger_rows is None or not self.joint:
-            self.read_step(rows, tokens[self.to_device(rows)[0]], None, None)
-            if trigger_rows is not None:
-                self._trigger_reads(trigger_rows, tokens)
-            return
-        g, t = rows.shape[0], trigger_rows.shape[0]
-        cache_rows = torch.cat([rows, trigger_rows + self.batch])
-        lengths = self.reasoner.lengths[cache_rows]
-        cache_rows_device, token_rows_device, lengths_device = self.to_device(
-            cache_rows, torch.cat([rows, trigger_rows]), lengths)
-        packed = pack_step(tokens[token_rows_device], self.embed.weight, None, None, lengths_device,
-                           self.reasoner.capacity, int(lengths.max()) + 1)
-        ones = torch.ones(g + t, dtype=torch.int32)
-        in_order = g == t == self.batch  # every row, twice: the cache's rows in order (views, no copies)
-        self._read(2 * self.batch if in_order else cache_rows_device, packed, rows, ones[:g], torch.arange(g),
-                   (trigger_rows, ones[g:], torch.arange(g, g + t)))
+    def read(self, readers: torch.Tensor, tokens: torch.Tensor | None, waiting: torch.Tensor | None = None,
+             latents: torch.Tensor | None = None, trigger_rows: torch.Tensor | None = None,
+             weavers: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One reasoner call in which readers (host int64 [A]) read their token (ids [B] on the device); waiting rows
+        (host int64 [G]) read latents [G, K, d] (after their token when they also read one); the `lora` trigger
+        reads trigger_rows' tokens (host [T], None: none), in the same call when joint, else in its own; and the
+        joint weaver reads weavers' (host [W], None: none) unseen stream items (a reader's token among them),
+        then the inference queries. Returns the weavers' latents [W, K, d] (None without weavers); their mean
+        norms go to latent_norms[weavers, columns] (host int64 [W]).
 
-    def read_beside(self, rows: torch.Tensor, tokens: torch.Tensor, waiting: torch.Tensor, latents: torch.Tensor,
-                    trigger_rows: torch.Tensor | None) -> None:
-        """One reasoner call in which rows (host int64 [A]) read their token (ids [B] on the device) and the
-        waiting rows (host int64 [G], none of them in rows) read the latents [G, K, d] woven for them after the
-        last step's decisions; the `lora` trigger reads trigger_rows' tokens (host [T], None: no trigger) in the
-        same call when joint, else in its own.
-
-        Laid out like `insert`'s step: one batch row per reasoner row when the padding this adds stays under the
-        device's bound, else one batch row per item (`read_flat`).
+        Laid out one batch row per row while the padding stays under the device's bound (`_call`).
         """
-        joint = trigger_rows is not None and self.joint
-        if trigger_rows is not None and not joint:
+        parts = {}
+        if trigger_rows is not None and not self.joint:
             self._trigger_reads(trigger_rows, tokens)
-        trigger_rows = trigger_rows if joint else None
-        a, (g, k) = rows.shape[0], latents.shape[:2]
-        t = trigger_rows.shape[0] if joint else 0
-        if (a + t) * (k - 1) > self.packed_padding:
-            self.read_flat(rows, tokens, waiting, latents, trigger_rows)
-            return
-        trigger_cache_rows = [trigger_rows + self.batch] if joint else []
-        cache_rows = torch.cat([rows, waiting, *trigger_cache_rows])
-        lengths = self.reasoner.lengths[cache_rows]
-        embedded = self.embed(tokens[self.to_device(torch.cat([rows, *([trigger_rows] if joint else [])]))[0]])
-        items = embedded.new_zeros(a + g + t, k, embedded.shape[1])
-        items[:a, 0], items[a:a + g], items[a + g:, 0] = embedded[:a], latents, embedded[a:]
-        counts = torch.cat([torch.ones(a, dtype=torch.int32), torch.full((g,), k, dtype=torch.int32),
-                            torch.ones(t, dtype=torch.int32)])
-        last = torch.arange(a + g + t) * k + counts.long() - 1
-        cache_rows_device, counts_device, lengths_device = self.to_device(cache_rows, counts, lengths)
-        packed = pack_step(None, self.embed.weight, items, counts_device, lengths_device, self.reasoner.capacity,
-                           int((lengths + counts).max()))
-        trigger = (trigger_rows, counts[a + g:], last[a + g:]) if joint else None
-        self._read(cache_rows_device, packed, torch.cat([rows, waiting]), counts[:a + g], last[:a + g], trigger)
+        elif trigger_rows is not None and trigger_rows.numel():
+            parts[self.model.trigger.adapter_name] = _Part(
+                trigger_rows, torch.ones(trigger_rows.shape[0], dtype=torch.int32),
+                self.embed(tokens[self.to_device(trigger_rows)[0]])[:, None])
+        reasoner = self._reasoner_part(readers, tokens, waiting, latents)
+        if reasoner is not None:
+            parts[None] = reasoner
+        pending = None
+        if weavers is not None and weavers.numel():
+            ahead = torch.isin(weavers, readers)
+            if ahead.any():
+                self.record_tokens(weavers[ahead], tokens[self.to_device(weavers[ahead])[0]])
+            parts[self.model.weaver.adapter_name], pending = self._weaver_part(weavers, INFERENCE, ahead.to(torch.int32))
+        if not parts:  # the trigger's own call was the whole step (no row had anything else to read)
+            return None
+        flat, firsts = self._call(parts, self.packed_padding)
+        if pending is None:
+            return None
+        k = self.k[INFERENCE]
+        queries = firsts[self.model.weaver.adapter_name][:, None] + pending.long()[:, None] + torch.arange(k)
+        return self._latents(flat[self.to_device(queries)[0]], weavers, columns)
+
+    def _reasoner_part(self, readers: torch.Tensor, tokens: torch.Tensor | None, waiting: torch.Tensor | None,
+                       latents: torch.Tensor | None) -> _Part | None:
+        """`read`'s reasoner rows: the readers, each with its token then its latents if it waits too, then the
+        waiting rows that read latents only."""
+        readers_device, = self.to_device(readers)
+        if waiting is None or not waiting.numel():
+            if not readers.numel():
+                return None
+            return _Part(readers, torch.ones(readers.shape[0], dtype=torch.int32),
+                         self.embed(tokens[readers_device])[:, None])
+        a, (g, k) = readers.shape[0], latents.shape[:2]
+        alone = waiting[~torch.isin(waiting, readers)]
+        rows = torch.cat([readers, alone])
+        place = torch.full((self.batch,), -1)
+        place[waiting] = torch.arange(g)
+        weaves = place[rows] >= 0
+        with_token = torch.arange(rows.shape[0]) < a
+        counts = (with_token.to(torch.int32) + weaves.to(torch.int32) * k)
+        items = latents.new_zeros(rows.shape[0], int(counts.max()), latents.shape[2])
+        if a:
+            items[:a, 0] = self.embed(tokens[readers_device])
+        at = weaves.nonzero().flatten()
+        at_device, columns, sources = self.to_device(at, with_token[at].long()[:, None] + torch.arange(k),
+                                                     place[rows[at]])
+        items[at_device[:, None], columns] = latents[sources]
+        return _Part(rows, counts, items)
 
     def _trigger_reads(self, trigger_rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """The `lora` trigger's own call (not joint): trigger_rows (host int64 [T]) read their tokens (ids [B] on
@@ -382,58 +477,10 @@ class _Engine:
         self.trigger_hidden[trigger_rows_device] = hidden[:, 0]
 
     def idle_read(self) -> None:
-        """The idle twin of `read_tokens` (synced ranks): the same calls, changing nothing."""
+        """The idle twin of a step's token read (synced ranks): the same calls, changing nothing."""
         self.reasoner.idle()
         if self.lora and not self.joint:
             self.trigger.idle()
-
-    def read_step(self, rows: torch.Tensor, tokens: torch.Tensor | None, latents: torch.Tensor | None,
-                  n_latents: torch.Tensor | None) -> None:
-        """The reasoner reads, for rows (host int64 [G]), their token (if given) then n_latents[g] latents."""
-        n_items = (1 if tokens is not None else 0) + (n_latents if n_latents is not None else 0)
-        n_items = torch.as_tensor(n_items, dtype=torch.int32).expand(rows.shape[0]).contiguous()
-        lengths = self.reasoner.lengths_of(rows)
-        rows_device, lengths_device = self.to_device(rows, lengths)
-        n_latents_device = self.to_device(n_latents)[0] if n_latents is not None else None
-        packed = pack_step(tokens, self.embed.weight, latents, n_latents_device, lengths_device,
-                           self.reasoner.capacity, int((lengths + n_items).max()))
-        width = packed[0].shape[1]
-        last = torch.arange(rows.shape[0]) * width + n_items.long() - 1
-        every_row = rows.shape[0] == self.batch
-        self._read(None if every_row else rows_device, packed, None if every_row else rows, n_items, last)
-
-    def read_flat(self, rows: torch.Tensor, tokens: torch.Tensor, latent_rows: torch.Tensor, latents: torch.Tensor,
-                  trigger_rows: torch.Tensor | None = None) -> None:
-        """One call in which each item is its own batch row: rows' (host int64 [A]) tokens (ids [B] on the device),
-        then latent_rows' (host int64 [G], ascending) K latents [G, K, d], then the joint `lora` trigger's reading
-        of trigger_rows' tokens (host [T], None: none). A latent row among rows reads its latents after its token;
-        one that is not reads latents only.
-
-        A latent's batch row maps to its row's cache, which the same layer call has just written (the token
-        and the earlier latents), so nothing pads the rows that do not weave.
-        """
-        a, (g, k) = rows.shape[0], latents.shape[:2]
-        t = trigger_rows.shape[0] if trigger_rows is not None else 0
-        trigger_cache_rows = [trigger_rows + self.batch] if t else []
-        after_token = torch.isin(latent_rows, rows)
-        advance = torch.cat([rows, latent_rows[~after_token]])  # the reasoner's rows, each once
-        lengths = self.reasoner.lengths[torch.cat([rows, latent_rows, *trigger_cache_rows])]
-        latent_lengths = (lengths[a:a + g] + after_token.to(torch.int32))[:, None] + torch.arange(k)
-        item_rows = torch.cat([rows, latent_rows.repeat_interleave(k), *trigger_cache_rows])
-        item_lengths = torch.cat([lengths[:a], latent_lengths.flatten(), lengths[a + g:]]).to(torch.int32)
-        embedded = self.embed(tokens[self.to_device(torch.cat([rows, *([trigger_rows] if t else [])]))[0]])
-        items = torch.cat([embedded[:a], latents.flatten(0, 1), embedded[a:]])[:, None]
-        item_rows_device, lengths_device = self.to_device(item_rows, item_lengths)
-        ones = torch.ones(item_rows.shape[0], dtype=torch.int32, device=self.device)
-        packed = pack_step(None, self.embed.weight, items, ones, lengths_device, self.reasoner.capacity,
-                           int(item_lengths.max()) + 1)
-        # each advanced row ends on its last latent, else on its token
-        place = torch.searchsorted(latent_rows, advance).clamp(max=max(g - 1, 0))
-        weaves = latent_rows[place] == advance if g else torch.zeros(advance.shape[0], dtype=torch.bool)
-        last = torch.where(weaves, a + place * k + k - 1, torch.arange(advance.shape[0]))
-        n_items = (torch.arange(advance.shape[0]) < a).to(torch.int32) + weaves.to(torch.int32) * k
-        trigger = (trigger_rows, torch.ones(t, dtype=torch.int32), a + g * k + torch.arange(t)) if t else None
-        self._read(item_rows_device, packed, advance, n_items, last, trigger)
 
     def record_tokens(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Put rows' pending tokens (host [G]; ids on the device) in the stream ahead of the reasoner's read,
@@ -444,22 +491,46 @@ class _Engine:
     # -- the weaver -----------------------------------------------------------------------------
 
     def weave(self, rows: torch.Tensor, kind: str, column: int | torch.Tensor, ahead: int = 0) -> torch.Tensor:
-        """Latents [G, K, d_R] for rows (host [G]): the weaver reads its unseen stream items (plus `ahead`
-        items put there by `record_tokens`), then the queries, whose cache entries are rolled back.
+        """Latents [G, K, d_R] for rows (host [G]), in a call of the weaver's own: it reads its unseen stream items
+        (plus `ahead` items put there by `record_tokens`), then the queries, whose cache entries are rolled back.
         Their mean norm goes to latent_norms[rows, column] (column: one for every row, or host int64 [G])."""
-        seen = self.weaver.lengths_of(rows)
+        cache_rows = rows + self.weaver_offset
+        seen = self.weaver.lengths[cache_rows]
         pending = self.stream_lengths[rows] + ahead - seen
         k = self.k[kind]
         width = int(pending.max())
-        rows_device, seen_device, pending_device = self.to_device(rows, seen, pending)
+        rows_device, cache_rows_device, seen_device, pending_device = self.to_device(rows, cache_rows, seen, pending)
         items, positions, slots, mask = pack_ragged(self.stream, rows_device, seen_device, pending_device, width,
                                                     self.query_slots[kind], self.weaver.capacity,
                                                     int((seen + pending).max()) + k)
         inputs = self.model.reasoner_to_weaver(items.float()).to(self.weaver.dtype)
         inputs[:, width:] = self.queries[kind]
-        hidden = self.weaver.run(rows_device, (inputs, positions, slots, mask), rows, pending + k)
-        self.weaver.lengths[rows] -= k  # the queries' entries are rolled back
-        latents = self.model.weaver_to_reasoner(hidden[:, width:].float())
+        starts = self.weaver.only(self.model.weaver.adapter_name) if self.joint_weaver else None
+        hidden = self.weaver.run(cache_rows_device, (inputs, positions, slots, mask), cache_rows, pending, starts)
+        return self._latents(hidden[:, width:], rows, column)
+
+    def _weaver_part(self, rows: torch.Tensor, kind: str, ahead: torch.Tensor) -> tuple[_Part, torch.Tensor]:
+        """The joint weaver's rows in a reasoner call, and their pending counts (host int32 [W]): each row's unseen
+        stream items (plus `ahead` put there by `record_tokens`), projected, then the queries, whose cache entries
+        are not kept."""
+        seen = self.weaver.lengths[rows + self.weaver_offset]
+        pending = self.stream_lengths[rows] + ahead - seen
+        k = self.k[kind]
+        counts = pending + k
+        width = int(counts.max())
+        rows_device, seen_device, pending_device = self.to_device(rows, seen, pending)
+        column = torch.arange(width, device=self.device)
+        sources = (seen_device[:, None] + column).clamp(max=self.stream.shape[1] - 1)
+        read = self.model.reasoner_to_weaver(self.stream[rows_device[:, None], sources].float()).to(self.weaver.dtype)
+        queries = self.queries[kind][(column - pending_device[:, None]).clamp(0, k - 1)]
+        items = torch.where((column < pending_device[:, None])[..., None], read, queries)
+        return _Part(rows, counts, items, kept=pending), pending
+
+    def _latents(self, hidden: torch.Tensor, rows: torch.Tensor, column: int | torch.Tensor) -> torch.Tensor:
+        """The weaver's query outputs [G, K, d_W] for rows (host [G]) as latents in the reasoner's space, their mean
+        norm written to latent_norms[rows, column]."""
+        latents = self.model.weaver_to_reasoner(hidden.float())
+        rows_device, = self.to_device(rows)
         if isinstance(column, torch.Tensor):
             column = self.to_device(column)[0]
         self.latent_norms[rows_device, column] = latents.norm(dim=-1).mean(-1)
@@ -488,37 +559,32 @@ class _Engine:
 
     def insert(self, active: torch.Tensor, invoking: torch.Tensor, tokens: torch.Tensor | None, kind: str,
                column: int, company: bool = False) -> None:
-        """Read this step's items: active rows' tokens (if not read yet) and latents for the invoking rows.
+        """Read this step's items, the weaver in a call of its own: active rows' tokens (if not read yet) and
+        latents for the invoking rows.
 
         active, invoking: host int64 row indices (invoking within active); tokens: [B] on the device, or None
         when the reasoner already read them; column: the new token the latents precede (for latent_norms);
         company: another rank weaves at this step, so a rank with no invoking row makes the calls idle.
         """
-        k = self.k[kind]
-        if tokens is None:
-            if invoking.numel():
-                self.read_step(invoking, None, self.weave(invoking, kind, column),
-                               torch.full((invoking.numel(),), k, dtype=torch.int32))
-            elif company:
-                self.weaver.idle()
-                self.reasoner.idle()
-            return
         if not invoking.numel():
             if company:
                 self.weaver.idle()
-            self.read_step(active, tokens[self.to_device(active)[0]], None, None)
+            if tokens is not None:
+                self.read(active, tokens)
+            elif company:
+                self.reasoner.idle()
             return
-        invoking_tokens = tokens[self.to_device(invoking)[0]]
-        self.record_tokens(invoking, invoking_tokens)
-        latents = self.weave(invoking, kind, column, ahead=1)
-        if (active.numel() - invoking.numel()) * k > self.packed_padding:
-            self.read_flat(active, tokens, invoking, latents)
+        if tokens is None:
+            self.read(self.all_rows[:0], None, invoking, self.weave(invoking, kind, column))
             return
-        invokes = torch.isin(active, invoking)
-        place = (torch.cumsum(invokes, 0) - 1).clamp(min=0)  # each invoking row's index in `latents`
-        place_device, invokes_device = self.to_device(place, invokes)
-        padded = latents[place_device] * invokes_device[:, None, None].to(latents.dtype)
-        self.read_step(active, tokens[self.to_device(active)[0]], padded, invokes.to(torch.int32) * k)
+        self.record_tokens(invoking, tokens[self.to_device(invoking)[0]])
+        self.read(active, tokens, invoking, self.weave(invoking, kind, column, ahead=1))
+
+
+def _shares_base(reasoner, model, adapter: str) -> bool:
+    """Whether adapter `adapter` of `model` can read in the reasoner's calls: it sits on the reasoner's own base
+    and `SplitBatch` reproduces its layers."""
+    return model is reasoner and SplitBatch.supported(model, adapter)
 
 
 def _idle_rest_of_step(engine: _Engine, reads_first: bool, weave: bool) -> None:
@@ -567,10 +633,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     order = torch.argsort((~real).long(), dim=1, stable=True)  # each row's prompt tokens first, in order
     prompts = input_ids.gather(1, order)[:, : int(n_prompt.max())]
     prompt_lengths = n_prompt.to(device="cpu", dtype=torch.int32)
+    # Rows run ahead of each other unless a streamer (it takes every row's token at each step) or synced ranks keep
+    # them in step: a row that weaves then reads its latents in a later call, beside the others' tokens, instead of
+    # in a call of its own, and chooses its next token later than the others; each row keeps its own column.
+    run_ahead = sync is None and streamer is None
     engine = _Engine(model, prompts, prompt_lengths, max_new_tokens, trigger_mode, prompt_budget, budget, do_sample,
-                     temperature, generator, synced=sync is not None)
+                     temperature, generator, synced=sync is not None, run_ahead=run_ahead)
     # `head` and `lora` decide from the token's hidden state (the reasoner's, the trigger's): they read it first
     reads_first = trigger_mode in ("head", "lora") and engine.memory
+    run_ahead = run_ahead and (reads_first or engine.joint_weaver)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = model.tokenizer.pad_token_id
@@ -593,15 +664,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         invoking = (decisions.cpu() == 1).nonzero().flatten()  # the prompt step's synchronisation
         company = sync.any(invoking.numel() > 0)[0] if sync is not None else False
         engine.insert(all_rows, invoking, None, PROMPT, 0, company)
-    # `head` and `lora` rows that weave after a step's decisions read their latents in the next step's call, beside
-    # the others' tokens, instead of in a call of their own: they choose their next token a step later than the
-    # others, so each row keeps its own column (`lag`: the steps it spent reading latents). Synced ranks and a
-    # streamer keep every row in step (the latents then take a call of their own).
-    run_ahead = reads_first and sync is None and streamer is None
     active = all_rows  # host: rows unfinished at the last synchronisation, short of max_new_tokens
     weaves_left = torch.full((batch,), budget, dtype=torch.int32)  # host: inference weaves each row may still make
-    lag = torch.zeros(batch, dtype=torch.long)  # host
-    waiting, woven = all_rows[:0], None  # host rows whose latents [G, K, d], woven last step, this step reads
+    lag = torch.zeros(batch, dtype=torch.long)  # host: steps each row spent on weaving, choosing no token
+    nothing = all_rows[:0]
+    waiting, woven = nothing, None  # host rows whose latents [G, K, d], woven at the last call, this step reads
+    weavers, weave_columns = nothing, None  # host rows (and columns) whose joint weaver reads in this step's call
     weaving = engine.memory
     step = width = 0
     while True:
@@ -610,13 +678,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         # call (their agreement counts on the same calls each step), idle where this rank has nothing to run.
         weaving = weaving and bool((weaves_left[active] > 0).any())
         engine.recording = weaving
-        first = reads_first and (weaving or woven is not None or (sync is not None and engine.memory))
+        behind = woven is not None or weavers.numel() > 0  # some rows have latents or weaver items to read
+        first = reads_first and (weaving or behind or (sync is not None and engine.memory))
         # every row at one column (always so with rows in step, and at batch 1): whole-column writes
-        uniform = woven is None and bool((lag == lag[0]).all())
-        stepping = active[~torch.isin(active, waiting)]
-        if not stepping.numel():  # every running row waits for its latents
-            engine.read_step(waiting, None, woven, torch.full((waiting.numel(),), woven.shape[1], dtype=torch.int32))
-            waiting, woven, step = all_rows[:0], None, step + 1
+        uniform = not behind and bool((lag == lag[0]).all())
+        stepping = active[~torch.isin(active, torch.cat([waiting, weavers]))]
+        if not stepping.numel():  # every running row is weaving: a call of latents and weaver items only
+            woven_next = engine.read(nothing, None, waiting, woven, weavers=weavers, columns=weave_columns)
+            waiting, woven, weavers, step = weavers, woven_next, nothing, step + 1
             continue
         logits = engine.lm_head(engine.last_hidden).float()
         if penalize:
@@ -626,7 +695,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         else:
             columns = step - lag[stepping]  # host: the column of each stepping row's token
             stepping_device, columns_device, at = engine.to_device(
-                stepping, columns, (step - lag).clamp(max=max_new_tokens - 1))  # at: every row's column
+                stepping, columns, (step - lag).clamp(0, max_new_tokens - 1))  # at: every row's column (weaving rows: any)
             idle = torch.ones_like(finished)
             idle[stepping_device] = False
             idle |= finished
@@ -656,14 +725,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         readers = active if uniform else stepping[columns + 1 < max_new_tokens]
         continuing = active if uniform else active[~torch.isin(active, stepping[columns + 1 == max_new_tokens])]
         decisions = None
-        if first and (readers.numel() or woven is not None):  # the rows still decoding read the token (the
-            # `lora` trigger's rows: those that may weave), beside the latents woven at the last step
+        if first and (readers.numel() or behind):  # the rows still decoding read the token (the `lora` trigger's
+            # rows: those that may weave), beside the latents woven at the last call and the joint weaver's items
             trigger_rows = readers[weaves_left[readers] > 0] if engine.lora else None
-            if woven is None:
-                engine.read_tokens(readers, tokens, trigger_rows)
-            else:
-                engine.read_beside(readers, tokens, waiting, woven, trigger_rows)
-                waiting, woven = all_rows[:0], None
+            woven_next = engine.read(readers, tokens, waiting, woven, trigger_rows, weavers, weave_columns)
+            waiting, woven, weavers = weavers, woven_next, nothing
         if weaving and readers.numel():
             if uniform:
                 excluded = finished
@@ -698,8 +764,17 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         invoking = (host[0] == 1).nonzero().flatten()
         if invoking.numel():
             weaves_left[invoking] -= 1
-        if run_ahead and invoking.numel():
-            waiting, woven = invoking, engine.weave(invoking, INFERENCE, step + 1 - lag[invoking])
+        columns_next = step + 1 - lag[invoking]  # host: the column each invoking row's latents precede
+        if engine.joint_weaver and first:  # `head`, `lora` (their tokens read): the weaver reads in the next step's call, the reasoner the latents
+            weavers, weave_columns = invoking, columns_next  # in the one after: two steps without a token
+            lag[invoking] += 2
+        elif engine.joint_weaver and not reads_first:  # `always`: the weaver reads beside the token, the reasoner the latents next step
+            readers = continuing[~torch.isin(continuing, waiting)]
+            woven_next = engine.read(readers, tokens, waiting, woven, weavers=invoking, columns=columns_next)
+            waiting, woven = invoking, woven_next
+            lag[invoking] += 1
+        elif run_ahead and invoking.numel():  # `head`, `lora`: the reasoner reads the latents in the next step's call
+            waiting, woven = invoking, engine.weave(invoking, INFERENCE, columns_next)
             lag[invoking] += 1
         elif first:
             engine.insert(active, invoking, None, INFERENCE, step + 1, company)

@@ -11,7 +11,7 @@ import torch
 
 from memgen import bench, build_delimiter_table
 from memgen.bench.harness import Case, measure
-from memgen.bench.decode_suite import weaving_steps
+from memgen.bench.decode_suite import weaver_calls, weaving_steps
 from memgen.bench.report import add_ratios, markdown, median_interval, suite_table, write
 from memgen.bench.workload import DELIMITER_SHARE, Workload, load_workload, prompt_batch, training_batch
 from memgen.cli import main
@@ -263,31 +263,42 @@ def test_weaving_items_counts_each_rows_stream_to_its_last_weave_plus_the_querie
         (5 + 2 + 5 + 3 + 8) + 0 + (4 + 2) + (6 + 1 + 3), 8 + 0 + 2 + 3)
 
 
+@pytest.mark.parametrize("joint", [True, False], ids=["weaver in the reasoner's calls", "weaver's own calls"])
 @pytest.mark.parametrize("mode", ["always", "head", "lora"])
-def test_weaving_items_equal_what_the_engines_weaver_reads(cache, monkeypatch, mode):
-    from memgen.generation import _RaggedDecoder
+def test_weaving_items_equal_what_the_engines_weaver_reads(cache, monkeypatch, mode, joint):
+    from memgen import generation
 
+    monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", ("always", "head", "lora") if joint else ())
     weaving_floor = _script("weaving_floor")
     workload = load_workload("tiny")
     model = workload.memgen_model(mode)
     input_ids, mask = prompt_batch(workload, 3)
-    read = []
-    run = _RaggedDecoder.run
+    reads, own_calls = [], []  # per weaver read: its stream items plus queries
+    weave, weaver_part = generation._Engine.weave, generation._Engine._weaver_part
 
-    def counting_run(self, rows, packed, advance, n_items, split_from=None):
-        if self.adapter == model.weaver.adapter_name:
-            read.append(int(n_items.sum()))
-        return run(self, rows, packed, advance, n_items, split_from)
+    def counting_weave(self, rows, kind, column, ahead=0):
+        pending = self.stream_lengths[rows] + ahead - self.weaver.lengths[rows + self.weaver_offset]
+        reads.append(int(pending.sum()) + rows.shape[0] * self.k[kind])
+        own_calls.append(1)
+        return weave(self, rows, kind, column, ahead)
 
-    monkeypatch.setattr(_RaggedDecoder, "run", counting_run)
+    def counting_part(self, rows, kind, ahead):
+        part, pending = weaver_part(self, rows, kind, ahead)
+        reads.append(int(part.counts.sum()))
+        return part, pending
+
+    monkeypatch.setattr(generation._Engine, "weave", counting_weave)
+    monkeypatch.setattr(generation._Engine, "_weaver_part", counting_part)
     out = model.generate(input_ids, mask, max_new_tokens=60, do_sample=True, generator=torch.Generator().manual_seed(1),
                          eos_token_id=workload.tokenizer.eos_token_id, return_dict_in_generate=True, trigger_mode=mode)
     weaves = out.augmentation_mask == 1
     assert weaves[:, 1:].any(), "no inference weave: the test would not check the stream count"
     k_prompt, k_inference = model.config.prompt_latents_len, model.config.inference_latents_len
     assert weaving_floor.weaving_items(out.augmentation_mask, mask.sum(1), k_prompt, k_inference) == (
-        sum(read), int(weaves[:, 0].sum()) * k_prompt + int(weaves[:, 1:].sum()) * k_inference)
-    assert weaving_steps(out.augmentation_mask, mode) == len(read)  # one weaver call per weaving step
+        sum(reads), int(weaves[:, 0].sum()) * k_prompt + int(weaves[:, 1:].sum()) * k_inference)
+    assert weaving_steps(out.augmentation_mask, mode) == len(reads)  # one weaver read per weaving step
+    assert weaver_calls(out.augmentation_mask, mode) == len(own_calls)
+    assert len(own_calls) == (int(weaves[:, 0].any()) if joint else len(reads))
 
 
 def test_weaving_floor_script_reports_a_floor_and_a_measured_ratio_per_mode(cache, tmp_path, capsys):
@@ -309,7 +320,7 @@ def test_weaving_floor_script_reports_a_floor_and_a_measured_ratio_per_mode(cach
     assert "| `always` |" in capsys.readouterr().out
 
 
-def test_schedules_script_times_both_schedules_of_each_learned_trigger(cache, tmp_path, capsys):
+def test_schedules_script_times_both_schedules_of_each_trigger_mode(cache, tmp_path, capsys):
     schedules = _script("schedules")
     with pytest.raises(SystemExit):
         schedules.main(["--rounds", "0"])
@@ -317,11 +328,14 @@ def test_schedules_script_times_both_schedules_of_each_learned_trigger(cache, tm
     schedules.main(["--preset", "tiny", "--batch", "3", "--new-tokens", "60", "--rounds", "1", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     records = {r["impl"]: r for r in results["records"]}
-    assert list(records) == ["memory off", "head in step", "head run ahead", "lora in step", "lora run ahead"]
-    for mode in ("head", "lora"):
+    assert list(records) == ["memory off", "always in step", "always run ahead", "head in step", "head run ahead",
+                             "lora in step", "lora run ahead"]
+    for mode in ("always", "head", "lora"):
         in_step, run_ahead = records[f"{mode} in step"]["facts"], records[f"{mode} run ahead"]["facts"]
         assert in_step["insertions_per_row"] == run_ahead["insertions_per_row"] > 0  # the same samples
-        assert in_step["weaver_calls"] > 0 and run_ahead["weaver_calls"] > 0
+        assert in_step["weaver_calls"] > 1 and run_ahead["weaver_calls"] > 0
         assert records[f"{mode} run ahead"]["ratios"][f"{mode} in step"] > 0
+    # on a CPU `always`'s weaver reads in the reasoner's calls: only the prompt weave is a call of its own
+    assert records["always run ahead"]["facts"]["weaver_calls"] == 1
     report = (tmp_path / "results.md").read_text()
     assert "| head run ahead |" in report and "## Run ahead over in step" in report and "| `lora` |" in report

@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from memgen import MemGenConfig, MemGenModel, generation
-from memgen.bench.decode_suite import weaving_steps
+from memgen.bench.decode_suite import weaver_calls
 from memgen.reference import reference_generate
 from memgen.sharding import gathered_for_decoding
 from offline import chat_tokenizer, tiny_causal_lm
@@ -15,11 +15,17 @@ from test_modeling import make_batch
 from test_reference_generation import chatty_model
 
 
-@pytest.fixture(params=["device default", "always packed"])
+@pytest.fixture(params=["device default", "joint weaver", "always packed, joint weaver", "weaver's own calls"])
 def packing(request, monkeypatch):
-    """The engine's two ways of reading latents: packed with the token (one call) or in a second call."""
-    if request.param == "always packed":
+    """The engine's layouts and schedules: the CPU's (one batch row per item, the weaver in the reasoner's calls
+    for `always` only); the weaver in the reasoner's calls in every mode, with one batch row per item or per row
+    (as on a GPU); the weaver in calls of its own, one batch row per item."""
+    if "joint weaver" in request.param:
+        monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", ("always", "head", "lora"))
+    if "always packed" in request.param:
         monkeypatch.setitem(generation.PACKED_PADDING_ITEMS, "cpu", 10**9)
+    if request.param == "weaver's own calls":
+        monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", ())
     return request.param
 
 
@@ -83,13 +89,16 @@ class Streamed:
         pass
 
 
-@pytest.mark.parametrize("schedule", ["run ahead", "in step"])
+@pytest.mark.parametrize("schedule", ["run ahead", "run ahead, joint weaver", "in step"])
 def test_the_lora_trigger_reads_its_tokens_in_the_reasoners_calls(schedule, monkeypatch):
     """The `lora` trigger, an adapter on the reasoner's base, adds no decoder call: a step is one call (the
     reasoner's token and the trigger's), plus the weaver's where some row weaves. Rows that weave read their
     latents in the next step's call, beside the others' tokens, and fall a step behind: the calls that read
-    tokens go on for one step more per weave of the row that wove most. Kept in step (a streamer), the latents
-    take a call of their own per weaving step."""
+    tokens go on for one step more per weave of the row that wove most. With the weaver's reads in the reasoner's
+    calls too, a weave holds its row back two steps and the weaver makes no call of its own after the prompt's.
+    Kept in step (a streamer), the latents take a call of their own per weaving step."""
+    if schedule == "run ahead, joint weaver":
+        monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", ("lora",))
     model = chatty_model("qwen2", "lora")
     input_ids, mask, _ = make_batch(model, [0] * 4, "left", seed=3)
     streamer = Streamed() if schedule == "in step" else None
@@ -105,17 +114,48 @@ def test_the_lora_trigger_reads_its_tokens_in_the_reasoners_calls(schedule, monk
     inference_weaves = (out.augmentation_mask[:, 1:] == 1).sum(1)
     prompt_weaves = int((out.augmentation_mask[:, 0] == 1).any())
     assert inference_weaves.min() >= 1 and (out.augmentation_mask == 0).any()
-    assert len(weaves) == weaving_steps(out.augmentation_mask, "always" if schedule == "in step" else "lora")
+    in_step = schedule == "in step"
+    assert len(weaves) == weaver_calls(out.augmentation_mask, "lora", in_step=in_step)
     weaving_columns = int((out.augmentation_mask == 1).any(0).sum())
-    if schedule == "in step":
+    if in_step:
         assert len(weaves) == weaving_columns
         # the prompts, then a call per later token, then (weaver, latents) per weaving step
         assert len(calls) == 32 + 2 * weaving_columns
-    else:
+    elif schedule == "run ahead":
         assert len(weaves) < int(inference_weaves.sum()) + prompt_weaves  # rows weave together
         assert len(weaves) != weaving_columns  # rows fell behind: a weave's column is not its step
         # the prompts (and the prompt latents), a call per later token and step lost, the weaver's calls
         assert len(calls) == 1 + prompt_weaves + 31 + int(inference_weaves.max()) + len(weaves)
+    else:
+        assert len(weaves) == prompt_weaves
+        # the prompts, the prompt weave and its latents, a call per later token and two per weave of the row that
+        # wove most
+        assert len(calls) == 1 + 2 * prompt_weaves + 31 + 2 * int(inference_weaves.max())
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "head", "lora"])
+def test_every_schedule_weaves_what_the_reference_weaves(trigger_mode, monkeypatch):
+    """The weaver reads the same items (the delimiter among them) in calls of its own, in the reasoner's calls
+    and with rows in step: the same latents (their norms) and tokens, the reference's. Its input projection is
+    scaled up so that each item it reads moves the latents (a tiny random weaver is led by its queries)."""
+    model = chatty_model("qwen2", trigger_mode)
+    with torch.no_grad():
+        model.reasoner_to_weaver.weight.mul_(30)
+    input_ids, mask, _ = make_batch(model, [0] * 4, "left", seed=12)
+    runs = {}
+    for schedule, joint, streamer in (("joint", ("always", "head", "lora"), None), ("own", (), None),
+                                      ("in step", (), Streamed())):
+        monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", joint)
+        runs[schedule] = model.generate(input_ids, mask, max_new_tokens=24, streamer=streamer,
+                                        return_dict_in_generate=True)
+    assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
+    woven = runs["own"].augmentation_mask == 1
+    assert woven[:, 1:].sum() >= 4
+    for schedule in ("joint", "in step"):
+        assert torch.equal(runs[schedule].sequences, runs["own"].sequences), schedule
+        assert torch.equal(runs[schedule].augmentation_mask, runs["own"].augmentation_mask), schedule
+        torch.testing.assert_close(runs[schedule].latent_norms, runs["own"].latent_norms, equal_nan=True,
+                                   rtol=1e-5, atol=1e-5, msg=schedule)
 
 
 @pytest.mark.parametrize("trigger", ["own base", "unsupported layers"])
@@ -152,12 +192,13 @@ def test_rows_finish_at_different_times(packing):
     assert stopped.any(), "some rows should emit EOS (then pad, as the reference does)"
 
 
-@pytest.mark.parametrize("trigger_mode", ["head", "lora"])
+@pytest.mark.parametrize("trigger_mode", ["always", "head", "lora"])
 def test_rows_that_fall_behind_finish_and_weave_one_latent(trigger_mode, packing):
-    """`head`/`lora` rows that wove (and so run behind the others) emit EOS at different steps, with K = 1: each
+    """Rows that wove (and so run behind the others) emit EOS at different steps, with K = 1: each
     latent is one item, read beside the others' tokens. The pad token also ends a row here (as where a
     tokenizer pads with EOS): a row waiting for its latents, which chooses no token, must not end."""
-    model = chatty_model("qwen2", trigger_mode, k_prompt=1, k_inference=1)
+    model = chatty_model("qwen2", trigger_mode, boost=1.3 if trigger_mode == "always" else 2.5, k_prompt=1,
+                         k_inference=1)  # `always` rows weave at every delimiter: fewer delimiters
     eos = model.tokenizer.eos_token_id
     with torch.no_grad():
         model.reasoner.get_output_embeddings().weight[eos] *= 4
@@ -232,10 +273,20 @@ def test_the_sampler_draws_each_token_with_its_probability_and_never_a_filtered_
         assert set(drawn.tolist()) == allowed, (top_k, top_p)
 
 
-def test_sampling_while_rows_run_ahead():
+@pytest.mark.parametrize("joint", [True, False], ids=["weaver in the reasoner's calls", "weaver's own calls"])
+def test_sampling_while_rows_run_ahead(joint, monkeypatch):
     """Sampling where rows that weave fall behind the others: top-k 1 with a saturated `head` trigger is greedy
     decoding, and equals the reference; with real draws, a seed fixes the result, whichever the schedule (a
-    streamer keeps the rows in step)."""
+    streamer keeps the rows in step), for `always` too."""
+    monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", ("always", "head", "lora") if joint else ())
+    always = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(always, [0] * 4, "left", seed=11)
+    runs = [always.generate(input_ids, mask, max_new_tokens=30, do_sample=True, top_k=5, return_dict_in_generate=True,
+                            generator=torch.Generator().manual_seed(7), streamer=streamer)
+            for streamer in (None, Streamed())]
+    assert (runs[0].augmentation_mask[:, 1:] == 1).any()
+    for field in ("sequences", "augmentation_mask"):
+        assert torch.equal(getattr(runs[0], field), getattr(runs[1], field)), field
     model = chatty_model("qwen2", "head")
     with torch.no_grad():  # decisions far from P = 0.5: a sampled decision is the greedy one
         model.trigger.output_layer.weight.mul_(50)

@@ -32,12 +32,12 @@ def packed_items(decoder: _RaggedDecoder, rows: torch.Tensor, width: int | torch
 
 
 def prefilled_decoder(model, adapter: str | None, batch: int, capacity: int,
-                      split: str | None = None) -> _RaggedDecoder:
+                      blocks: tuple[str, ...] = ()) -> _RaggedDecoder:
     """A ragged decoder over `model` (through `adapter`, or the bare base) whose cache rows have read PREFIX
     random items, less 0 to 7 (row r: r mod 8): a batch's rows are seldom equally long, and a one-item call
-    over equally long rows runs without a mask. `split` as `_RaggedDecoder`'s."""
+    over equally long rows runs without a mask. `blocks` as `_RaggedDecoder`'s."""
     device = model.get_input_embeddings().weight.device
-    decoder = _RaggedDecoder(model, adapter, batch, capacity, device, split=split)
+    decoder = _RaggedDecoder(model, adapter, batch, capacity, device, blocks)
     rows = torch.arange(decoder.lengths.shape[0])
     prefix = (PREFIX - rows % 8).to(torch.int32)
     with torch.no_grad():
@@ -46,15 +46,15 @@ def prefilled_decoder(model, adapter: str | None, batch: int, capacity: int,
 
 
 def repeatable_call(decoder: _RaggedDecoder, rows: torch.Tensor, width: int,
-                    split_from: int | None = None) -> Callable[[], None]:
+                    starts: tuple[int, ...] | None = None) -> Callable[[], None]:
     """A call feeding `width` items to each of cache rows `rows` (host int64; repeats: one batch row per item)
-    that leaves the cache lengths as they are; `split_from` as `_RaggedDecoder.run`'s."""
+    that leaves the cache lengths as they are; `starts` as `_RaggedDecoder.run`'s."""
     packed, rows_device = packed_items(decoder, rows, width), rows.to(decoder.device)
     advance = rows.unique()
     unchanged = torch.zeros(advance.shape[0], dtype=torch.int32)
 
     @torch.no_grad()
     def run() -> None:
-        decoder.run(rows_device, packed, advance, unchanged, split_from)
+        decoder.run(rows_device, packed, advance, unchanged, starts)
 
     return run

@@ -22,6 +22,7 @@ import torch
 from memgen.adapters import BareBase
 from memgen.bench.harness import Case
 from memgen.bench.workload import Workload, prompt_batch
+from memgen.generation import JOINT_WEAVER_MODES
 from memgen.reference import reference_generate
 
 BATCHES = (1, 16)
@@ -30,30 +31,49 @@ REFERENCE_ROUNDS = 3
 IMPLS = ("hf_generate", "memory_off", "always", "prompt_only", "head", "lora", "reference")
 
 
-def weaving_steps(augmentation_mask: torch.Tensor, trigger_mode: str) -> int:
-    """The engine's steps at which some row wove, each one weaver call, from a run's augmentation mask [B, T]
-    (without a streamer or synced ranks). A `head` or `lora` row reads its latents in the next step's call and
-    so falls a step behind per inference weave (`memgen.generation`): its j-th (from 0), before token c, is
-    woven at step c - 1 + j; an `always` row's at step c - 1; prompt weaves at step -1."""
+def weaving_steps(augmentation_mask: torch.Tensor, trigger_mode: str, device_type: str = "cpu",
+                  in_step: bool = False) -> int:
+    """The engine's steps at which some row's weaver read (in a call of its own, or in the reasoner's call:
+    `memgen.generation.JOINT_WEAVER_MODES`), from a run's augmentation mask [B, T] on a device of `device_type`,
+    the weaver an adapter on the reasoner's base. in_step: rows kept in step (a streamer, synced ranks).
+
+    Prompt weaves read at step -1. An inference weave before token c of a row whose j earlier inference weaves
+    each held it back `lag` steps reads at step c - 1 + j * lag, a step later when the decision that asks for it
+    comes after the row's read (`head`, `lora`) and the weaver reads in the reasoner's calls. Running ahead, a
+    `head` or `lora` row is held back a step per weave when its weaver has calls of its own (it reads the latents
+    in the next step's call), two when the weaver reads in the reasoner's calls (then the latents); an `always`
+    row one when its weaver reads in the reasoner's calls (beside its token; the latents next step), none
+    otherwise (token and latents in one call after the weaver's)."""
+    joint = not in_step and trigger_mode in JOINT_WEAVER_MODES.get(device_type, ())
+    learned = trigger_mode in ("head", "lora")
+    lag = 0 if in_step else (2 if joint else 1) if learned else (1 if joint else 0)
     woven = (augmentation_mask == 1).cpu()
     step = torch.arange(woven.shape[1]).expand_as(woven) - 1
-    if trigger_mode in ("head", "lora"):
-        inference = woven.long()
-        inference[:, 0] = 0
-        step = step + inference.cumsum(1) - inference
+    inference = woven.long()
+    inference[:, 0] = 0
+    step = step + (inference.cumsum(1) - inference) * lag + inference * int(joint and learned)
     return int(step[woven].unique().numel())
 
 
+def weaver_calls(augmentation_mask: torch.Tensor, trigger_mode: str, device_type: str = "cpu",
+                 in_step: bool = False) -> int:
+    """The weaver's calls of its own among `weaving_steps` (same arguments): all of them, or only the prompt's
+    when its inference reads go in the reasoner's calls."""
+    if not in_step and trigger_mode in JOINT_WEAVER_MODES.get(device_type, ()):
+        return int((augmentation_mask[:, 0] == 1).any())
+    return weaving_steps(augmentation_mask, trigger_mode, device_type, in_step)
+
+
 def _facts(impl: str, result: Any) -> dict[str, float]:
-    """Insertions and decision points per row, and the steps at which some row wove (each is one weaver
-    call of memgen's engine: in a batch, what memory costs scales with these), from the run's
-    augmentation mask (none for HF)."""
+    """Insertions and decision points per row, and the steps at which some row's weaver read (in a batch,
+    what memory costs scales with these), from the run's augmentation mask (none for HF)."""
     mask = result[1] if isinstance(result, tuple) else getattr(result, "augmentation_mask", None)
     if mask is None:
         return {"insertions_per_row": 0.0, "decision_points_per_row": 0.0, "weaving_steps": 0.0}
     return {"insertions_per_row": float((mask == 1).sum(1).float().mean()),
             "decision_points_per_row": float((mask >= 0).sum(1).float().mean()),
-            "weaving_steps": float(weaving_steps(mask, impl if impl in ("head", "lora") else "always"))}
+            "weaving_steps": float(weaving_steps(mask, impl if impl in ("head", "lora") else "always",
+                                                 mask.device.type))}
 
 
 def cases(workload: Workload, batches: tuple[int, ...] = BATCHES, new_tokens: int = NEW_TOKENS) -> list[Case]:
