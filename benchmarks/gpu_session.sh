@@ -71,10 +71,11 @@ for stage in "$@"; do
             IFS=: read -r _ preset batch <<<"$stage"
             run_stage "$stage" 200 python3 benchmarks/call_costs.py --device cuda --preset "$preset" --batch "$batch" \
                 --out "$bench_dir/calls-$preset-b$batch" ;;
-        schedules:*)  # schedules:PRESET:BATCH: head/lora rows kept in step against the run-ahead schedule
+        schedules:*)  # schedules:PRESET:BATCH: rows kept in step against the run-ahead schedule, and each mode's
+            # weaver in its own calls against in the reasoner's (CUDA's default for every mode)
             IFS=: read -r _ preset batch <<<"$stage"
             run_stage "$stage" 400 python3 benchmarks/schedules.py --device cuda --preset "$preset" --batch "$batch" \
-                --rounds 3 --out "$bench_dir/schedules-$preset-b$batch" ;;
+                --rounds 3 --other-weaver --out "$bench_dir/schedules-$preset-b$batch" ;;
         lora-vs-reference)
             run_stage lora-vs-reference 400 "${BENCH[@]}" --out "$bench_dir/decode-small-ref" --suite decode \
                 --preset small --batch 1 --new-tokens 512 --rounds 3 --skip hf_generate always prompt_only head ;;

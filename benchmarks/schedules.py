@@ -10,22 +10,30 @@ Both schedules draw the same samples (one uniform per row and column), so their 
 identical and only the calls differ. This script times them side by side, with memory off as the
 baseline, in interleaved rounds:
 
-    python benchmarks/schedules.py --preset small --batch 16 --rounds 9 [--device cuda] --out DIR
+    python benchmarks/schedules.py --preset small --batch 16 --rounds 9 [--modes always head lora]
+        [--other-weaver] [--device cuda] --out DIR
+
+`--other-weaver` also times each mode running ahead with its weaver placed the other way than the
+device's default (in the reasoner's calls, or in calls of its own), to check that default.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import torch
 
+from memgen import generation
 from memgen.bench.decode_suite import weaver_calls
 from memgen.bench.harness import Case, measure, run_meta
 from memgen.bench.report import add_ratios, markdown, paired_cell, write
 from memgen.bench.workload import load_workload, prompt_batch
 
 MODES = ("always", "head", "lora")
+OTHER = {True: "weaver in the reasoner's calls", False: "weaver's own calls"}  # placements, named in reports
 
 
 class _InStep:
@@ -38,43 +46,81 @@ class _InStep:
         pass
 
 
-def cases(preset: str, device: str, dtype: torch.dtype, batch: int, new_tokens: int) -> Case:
-    """Memory off, then each learned trigger in step and running ahead, on the decode suite's workload."""
+@contextlib.contextmanager
+def _weaver_placement(device_type: str, mode: str, joint: bool) -> Iterator[None]:
+    """Runs the enclosed calls with `mode`'s weaver reading in the reasoner's calls (joint) or in its own."""
+    table = generation.JOINT_WEAVER_MODES
+    saved = table.get(device_type, ())
+    table[device_type] = tuple(m for m in saved if m != mode) + ((mode,) if joint else ())
+    try:
+        yield
+    finally:
+        table[device_type] = saved
+
+
+def cases(preset: str, device: str, dtype: torch.dtype, batch: int, new_tokens: int,
+          modes: tuple[str, ...] = MODES, other_weaver: bool = False) -> Case:
+    """Memory off, then each trigger mode in step and running ahead, on the decode suite's workload; with
+    other_weaver, also running ahead with the weaver placed the other way than the device's default."""
     workload = load_workload(preset, device=device, dtype=dtype)
+    device_type = torch.device(device).type
     input_ids, mask = prompt_batch(workload, batch)
-    models = {mode: workload.memgen_model(mode) for mode in MODES}
+    models = {mode: workload.memgen_model(mode) for mode in modes}
 
     def generate(model, **kwargs):
         generator = torch.Generator(device=device).manual_seed(0)
         return model.generate(input_ids, mask, max_new_tokens=new_tokens, do_sample=True, generator=generator,
                               eos_token_id=workload.tokenizer.eos_token_id, return_dict_in_generate=True, **kwargs)
 
-    impls = {"memory off": lambda: generate(models["lora"], memory=False)}
-    for mode in MODES:
+    impls = {"memory off": lambda: generate(models[modes[0]], memory=False)}
+    for mode in modes:
         impls[f"{mode} in step"] = lambda mode=mode: generate(models[mode], trigger_mode=mode, streamer=_InStep())
         impls[f"{mode} run ahead"] = lambda mode=mode: generate(models[mode], trigger_mode=mode)
+        if other_weaver:
+            joint = mode not in generation.JOINT_WEAVER_MODES.get(device_type, ())
+
+            def flipped(mode=mode, joint=joint):
+                with _weaver_placement(device_type, mode, joint):
+                    return generate(models[mode], trigger_mode=mode)
+
+            impls[f"{mode} run ahead, {OTHER[joint]}"] = flipped
 
     def describe(impl: str, result) -> dict:
         mode, schedule = (impl.split(" ", 1) + [""])[:2]
-        if mode not in MODES:
+        if mode not in modes:
             return {}
-        return {"weaver_calls": weaver_calls(result.augmentation_mask, mode, device, in_step=schedule == "in step"),
+        joint = next((flag for flag, name in OTHER.items() if schedule.endswith(name)), None)
+        calls = weaver_calls(result.augmentation_mask, mode, device_type, in_step=schedule == "in step", joint=joint)
+        return {"weaver_calls": calls,
                 "insertions_per_row": float((result.augmentation_mask == 1).sum(1).float().mean())}
 
     return Case("decode", f"schedules-B{batch}", dict(batch=batch, new_tokens=new_tokens), impls,
-                baselines=("memory off", *(f"{mode} in step" for mode in MODES)), work=batch * new_tokens, unit="tokens",
-                describe=describe)
+                baselines=("memory off", *(f"{mode} in step" for mode in modes),
+                           *((f"{mode} run ahead" for mode in modes) if other_weaver else ())), work=batch * new_tokens,
+                unit="tokens", describe=describe)
 
 
 def comparison(records: list[dict]) -> str:
-    """A Markdown section: per mode, its run-ahead time over its in-step time, paired per round (95% CI)."""
+    """A Markdown section: per mode, its run-ahead time over its in-step time, and the other weaver placement's
+    over the default's when timed, paired per round (95% CI)."""
     by_impl = {r["impl"]: r for r in records}
-    lines = ["## Run ahead over in step", "", "| mode | weaver calls (in step, run ahead) | paired ratio (95% CI) |",
-             "|---|---|---|"]
-    for mode in MODES:
+    timed = [mode for mode in MODES if f"{mode} in step" in by_impl]
+    other = {mode: next((impl for impl in by_impl if impl.startswith(f"{mode} run ahead, ")), None) for mode in timed}
+    lines = ["## Run ahead over in step", ""]
+    if any(other.values()):
+        lines += ["| mode | weaver calls (in step, run ahead, other placement) | run ahead / in step | "
+                  "other placement / run ahead |", "|---|---|---|---|"]
+    else:
+        lines += ["| mode | weaver calls (in step, run ahead) | paired ratio (95% CI) |", "|---|---|---|"]
+    for mode in timed:
         in_step, run_ahead = by_impl[f"{mode} in step"], by_impl[f"{mode} run ahead"]
-        lines.append(f"| `{mode}` | {in_step['facts']['weaver_calls']}, {run_ahead['facts']['weaver_calls']} | "
-                     f"{paired_cell(run_ahead['paired_ratios'][f'{mode} in step'])} |")
+        calls = [in_step["facts"]["weaver_calls"], run_ahead["facts"]["weaver_calls"]]
+        cells = [paired_cell(run_ahead["paired_ratios"][f"{mode} in step"])]
+        if other[mode]:
+            calls.append(by_impl[other[mode]]["facts"]["weaver_calls"])
+            cells.append(f"{paired_cell(by_impl[other[mode]]['paired_ratios'][f'{mode} run ahead'])} "
+                         f"({other[mode].split(', ', 1)[1]})")
+        lines.append(f"| `{mode}` | {', '.join(str(c) for c in calls)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -87,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--other-weaver", action="store_true",
+                        help="also run ahead with each mode's weaver placed the other way than the device's "
+                             "default (memgen.generation.JOINT_WEAVER_MODES)")
     parser.add_argument("--out", help="write results.json, results.md and results.png here")
     args = parser.parse_args(argv)
     for name in ("batch", "new_tokens", "rounds"):
@@ -95,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    case = cases(args.preset, args.device, getattr(torch, dtype), args.batch, args.new_tokens)
+    case = cases(args.preset, args.device, getattr(torch, dtype), args.batch, args.new_tokens, tuple(args.modes),
+                 args.other_weaver)
     records = measure(case, args.rounds, args.device)
     add_ratios(records)
     command = "python benchmarks/schedules.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -69,7 +69,7 @@ PACKED_PADDING_ITEMS = {"cuda": 512, "cpu": 0}
 # Trigger modes whose weaver, running ahead, reads in the reasoner's calls (per device) rather than in calls of its
 # own. `head` and `lora` rows decide after reading their token, so their weaver reads a step later and each weave
 # holds the row back two steps, not one; and a call's weaver items each copy their row's cache on the CPU (one
-# batch row per item there). The CPU measures a gain for `always` only (benchmarks/results/small-cpu-joint-weaver);
+# batch row per item there). The CPU measures a gain for `always` only (benchmarks/results/small-cpu-schedules*);
 # on a GPU every weaver call saved is a step's kernel launches.
 JOINT_WEAVER_MODES = {"cuda": ("always", "head", "lora"), "cpu": ("always",)}
 
@@ -261,7 +261,9 @@ class _Engine:
         self.lora = trigger_mode == "lora" and self.memory
         trigger_model = model.trigger.model if self.lora else None
         self.joint = self.lora and _shares_base(model.reasoner, trigger_model, model.trigger.adapter_name)
-        self.joint_weaver = (self.memory and run_ahead and trigger_mode in JOINT_WEAVER_MODES.get(device.type, ())
+        # (With one row nothing runs beside a weave: it would take two calls either way.)
+        self.joint_weaver = (self.memory and run_ahead and batch > 1
+                             and trigger_mode in JOINT_WEAVER_MODES.get(device.type, ())
                              and _shares_base(model.reasoner, model.weaver.model, model.weaver.adapter_name))
         blocks = ((model.trigger.adapter_name,) if self.joint else ()) + (
             (model.weaver.adapter_name,) if self.joint_weaver else ())
@@ -306,7 +308,8 @@ class _Engine:
 
     # -- the reasoner's calls -------------------------------------------------------------------
 
-    def _call(self, parts: dict[str | None, _Part], padding: int) -> tuple[torch.Tensor, dict[str | None, torch.Tensor]]:
+    def _call(self, parts: dict[str | None, _Part],
+              padding: int) -> tuple[torch.Tensor, dict[str | None, torch.Tensor]]:
         """One call of the reasoner's decoder over parts keyed by block (None: the reasoner's own rows, else an
         adapter whose rows share its cache); returns the hidden states flat [N, d] and, per part, the flat index of
         each row's first item (host int64 [R]: row r's item j is at first[r] + j). The reasoner's rows' last
@@ -422,7 +425,8 @@ class _Engine:
             ahead = torch.isin(weavers, readers)
             if ahead.any():
                 self.record_tokens(weavers[ahead], tokens[self.to_device(weavers[ahead])[0]])
-            parts[self.model.weaver.adapter_name], pending = self._weaver_part(weavers, INFERENCE, ahead.to(torch.int32))
+            part, pending = self._weaver_part(weavers, INFERENCE, ahead.to(torch.int32))
+            parts[self.model.weaver.adapter_name] = part
         if not parts:  # the trigger's own call was the whole step (no row had anything else to read)
             return None
         flat, firsts = self._call(parts, self.packed_padding)
@@ -695,7 +699,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         else:
             columns = step - lag[stepping]  # host: the column of each stepping row's token
             stepping_device, columns_device, at = engine.to_device(
-                stepping, columns, (step - lag).clamp(0, max_new_tokens - 1))  # at: every row's column (weaving rows: any)
+                stepping, columns, (step - lag).clamp(0, max_new_tokens - 1))  # every row's column (idle rows: any)
             idle = torch.ones_like(finished)
             idle[stepping_device] = False
             idle |= finished
@@ -765,10 +769,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         if invoking.numel():
             weaves_left[invoking] -= 1
         columns_next = step + 1 - lag[invoking]  # host: the column each invoking row's latents precede
-        if engine.joint_weaver and first:  # `head`, `lora` (their tokens read): the weaver reads in the next step's call, the reasoner the latents
-            weavers, weave_columns = invoking, columns_next  # in the one after: two steps without a token
-            lag[invoking] += 2
-        elif engine.joint_weaver and not reads_first:  # `always`: the weaver reads beside the token, the reasoner the latents next step
+        if engine.joint_weaver and first:  # `head`, `lora` (tokens read): the weaver reads in the next step's call,
+            weavers, weave_columns = invoking, columns_next  # the reasoner the latents in the one after: two steps
+            lag[invoking] += 2  # without a token
+        elif engine.joint_weaver and not reads_first:  # `always`: the weaver reads beside the token, the reasoner
+            # the latents in the next step's call
             readers = continuing[~torch.isin(continuing, waiting)]
             woven_next = engine.read(readers, tokens, waiting, woven, weavers=invoking, columns=columns_next)
             waiting, woven = invoking, woven_next

@@ -337,5 +337,14 @@ def test_schedules_script_times_both_schedules_of_each_trigger_mode(cache, tmp_p
         assert records[f"{mode} run ahead"]["ratios"][f"{mode} in step"] > 0
     # on a CPU `always`'s weaver reads in the reasoner's calls: only the prompt weave is a call of its own
     assert records["always run ahead"]["facts"]["weaver_calls"] == 1
+    schedules.main(["--preset", "tiny", "--batch", "2", "--new-tokens", "40", "--rounds", "1", "--modes", "head",
+                    "--other-weaver", "--out", str(tmp_path / "head")])
+    results = json.loads((tmp_path / "head" / "results.json").read_text())
+    joint = "head run ahead, weaver in the reasoner's calls"  # on a CPU `head`'s weaver has calls of its own
+    records = {r["impl"]: r for r in results["records"]}
+    assert list(records) == ["memory off", "head in step", "head run ahead", joint]
+    assert records[joint]["facts"]["insertions_per_row"] == records["head run ahead"]["facts"]["insertions_per_row"]
+    assert records[joint]["facts"]["weaver_calls"] <= 1 < records["head run ahead"]["facts"]["weaver_calls"]
+    assert "other placement / run ahead" in (tmp_path / "head" / "results.md").read_text()
     report = (tmp_path / "results.md").read_text()
     assert "| head run ahead |" in report and "## Run ahead over in step" in report and "| `lora` |" in report

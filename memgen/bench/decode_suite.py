@@ -32,10 +32,11 @@ IMPLS = ("hf_generate", "memory_off", "always", "prompt_only", "head", "lora", "
 
 
 def weaving_steps(augmentation_mask: torch.Tensor, trigger_mode: str, device_type: str = "cpu",
-                  in_step: bool = False) -> int:
+                  in_step: bool = False, joint: bool | None = None) -> int:
     """The engine's steps at which some row's weaver read (in a call of its own, or in the reasoner's call:
     `memgen.generation.JOINT_WEAVER_MODES`), from a run's augmentation mask [B, T] on a device of `device_type`,
-    the weaver an adapter on the reasoner's base. in_step: rows kept in step (a streamer, synced ranks).
+    the weaver an adapter on the reasoner's base. in_step: rows kept in step (a streamer, synced ranks); joint:
+    whether the weaver read in the reasoner's calls running ahead (None: as the device's table says).
 
     Prompt weaves read at step -1. An inference weave before token c of a row whose j earlier inference weaves
     each held it back `lag` steps reads at step c - 1 + j * lag, a step later when the decision that asks for it
@@ -44,7 +45,7 @@ def weaving_steps(augmentation_mask: torch.Tensor, trigger_mode: str, device_typ
     in the next step's call), two when the weaver reads in the reasoner's calls (then the latents); an `always`
     row one when its weaver reads in the reasoner's calls (beside its token; the latents next step), none
     otherwise (token and latents in one call after the weaver's)."""
-    joint = not in_step and trigger_mode in JOINT_WEAVER_MODES.get(device_type, ())
+    joint = _joint(trigger_mode, device_type, in_step, joint)
     learned = trigger_mode in ("head", "lora")
     lag = 0 if in_step else (2 if joint else 1) if learned else (1 if joint else 0)
     woven = (augmentation_mask == 1).cpu()
@@ -56,12 +57,19 @@ def weaving_steps(augmentation_mask: torch.Tensor, trigger_mode: str, device_typ
 
 
 def weaver_calls(augmentation_mask: torch.Tensor, trigger_mode: str, device_type: str = "cpu",
-                 in_step: bool = False) -> int:
+                 in_step: bool = False, joint: bool | None = None) -> int:
     """The weaver's calls of its own among `weaving_steps` (same arguments): all of them, or only the prompt's
     when its inference reads go in the reasoner's calls."""
-    if not in_step and trigger_mode in JOINT_WEAVER_MODES.get(device_type, ()):
+    if _joint(trigger_mode, device_type, in_step, joint):
         return int((augmentation_mask[:, 0] == 1).any())
-    return weaving_steps(augmentation_mask, trigger_mode, device_type, in_step)
+    return weaving_steps(augmentation_mask, trigger_mode, device_type, in_step, joint)
+
+
+def _joint(trigger_mode: str, device_type: str, in_step: bool, joint: bool | None) -> bool:
+    """Whether the weaver read in the reasoner's calls (`weaving_steps`' arguments)."""
+    if in_step:
+        return False
+    return trigger_mode in JOINT_WEAVER_MODES.get(device_type, ()) if joint is None else joint
 
 
 def _facts(impl: str, result: Any) -> dict[str, float]:
