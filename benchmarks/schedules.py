@@ -77,7 +77,7 @@ def cases(preset: str, device: str, dtype: torch.dtype, batch: int, new_tokens: 
         impls[f"{mode} in step"] = lambda mode=mode: generate(models[mode], trigger_mode=mode, streamer=_InStep())
         impls[f"{mode} run ahead"] = lambda mode=mode: generate(models[mode], trigger_mode=mode)
         if other_weaver:
-            joint = mode not in generation.JOINT_WEAVER_MODES.get(device_type, ())
+            joint = not generation.weaves_in_reasoner_calls(mode, device_type, batch)
 
             def flipped(mode=mode, joint=joint):
                 with _weaver_placement(device_type, mode, joint):

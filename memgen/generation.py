@@ -261,9 +261,7 @@ class _Engine:
         self.lora = trigger_mode == "lora" and self.memory
         trigger_model = model.trigger.model if self.lora else None
         self.joint = self.lora and _shares_base(model.reasoner, trigger_model, model.trigger.adapter_name)
-        # (With one row nothing runs beside a weave: it would take two calls either way.)
-        self.joint_weaver = (self.memory and run_ahead and batch > 1
-                             and trigger_mode in JOINT_WEAVER_MODES.get(device.type, ())
+        self.joint_weaver = (self.memory and run_ahead and weaves_in_reasoner_calls(trigger_mode, device.type, batch)
                              and _shares_base(model.reasoner, model.weaver.model, model.weaver.adapter_name))
         blocks = ((model.trigger.adapter_name,) if self.joint else ()) + (
             (model.weaver.adapter_name,) if self.joint_weaver else ())
@@ -499,8 +497,7 @@ class _Engine:
         (plus `ahead` items put there by `record_tokens`), then the queries, whose cache entries are rolled back.
         Their mean norm goes to latent_norms[rows, column] (column: one for every row, or host int64 [G])."""
         cache_rows = rows + self.weaver_offset
-        seen = self.weaver.lengths[cache_rows]
-        pending = self.stream_lengths[rows] + ahead - seen
+        seen, pending = self._unseen(rows, ahead)
         k = self.k[kind]
         width = int(pending.max())
         rows_device, cache_rows_device, seen_device, pending_device = self.to_device(rows, cache_rows, seen, pending)
@@ -517,8 +514,7 @@ class _Engine:
         """The joint weaver's rows in a reasoner call, and their pending counts (host int32 [W]): each row's unseen
         stream items (plus `ahead` put there by `record_tokens`), projected, then the queries, whose cache entries
         are not kept."""
-        seen = self.weaver.lengths[rows + self.weaver_offset]
-        pending = self.stream_lengths[rows] + ahead - seen
+        seen, pending = self._unseen(rows, ahead)
         k = self.k[kind]
         counts = pending + k
         width = int(counts.max())
@@ -529,6 +525,12 @@ class _Engine:
         queries = self.queries[kind][(column - pending_device[:, None]).clamp(0, k - 1)]
         items = torch.where((column < pending_device[:, None])[..., None], read, queries)
         return _Part(rows, counts, items, kept=pending), pending
+
+    def _unseen(self, rows: torch.Tensor, ahead: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weaver's cache lengths of rows (host [G]) and the stream items it has not read (host int32 [G]),
+        `ahead` more of them put there by `record_tokens`."""
+        seen = self.weaver.lengths[rows + self.weaver_offset]
+        return seen, self.stream_lengths[rows] + ahead - seen
 
     def _latents(self, hidden: torch.Tensor, rows: torch.Tensor, column: int | torch.Tensor) -> torch.Tensor:
         """The weaver's query outputs [G, K, d_W] for rows (host [G]) as latents in the reasoner's space, their mean
@@ -583,6 +585,13 @@ class _Engine:
             return
         self.record_tokens(invoking, tokens[self.to_device(invoking)[0]])
         self.read(active, tokens, invoking, self.weave(invoking, kind, column, ahead=1))
+
+
+def weaves_in_reasoner_calls(trigger_mode: str, device_type: str, batch: int) -> bool:
+    """Whether rows running ahead have their weaver (an adapter on the reasoner's base) read in the reasoner's
+    calls: per device (`JOINT_WEAVER_MODES`), from batch 2 (with one row nothing runs beside a weave, which then
+    takes two calls either way)."""
+    return batch > 1 and trigger_mode in JOINT_WEAVER_MODES.get(device_type, ())
 
 
 def _shares_base(reasoner, model, adapter: str) -> bool:

@@ -22,7 +22,7 @@ import torch
 from memgen.adapters import BareBase
 from memgen.bench.harness import Case
 from memgen.bench.workload import Workload, prompt_batch
-from memgen.generation import JOINT_WEAVER_MODES
+from memgen.generation import weaves_in_reasoner_calls
 from memgen.reference import reference_generate
 
 BATCHES = (1, 16)
@@ -45,7 +45,7 @@ def weaving_steps(augmentation_mask: torch.Tensor, trigger_mode: str, device_typ
     in the next step's call), two when the weaver reads in the reasoner's calls (then the latents); an `always`
     row one when its weaver reads in the reasoner's calls (beside its token; the latents next step), none
     otherwise (token and latents in one call after the weaver's)."""
-    joint = _joint(trigger_mode, device_type, in_step, joint)
+    joint = _joint(augmentation_mask, trigger_mode, device_type, in_step, joint)
     learned = trigger_mode in ("head", "lora")
     lag = 0 if in_step else (2 if joint else 1) if learned else (1 if joint else 0)
     woven = (augmentation_mask == 1).cpu()
@@ -60,16 +60,19 @@ def weaver_calls(augmentation_mask: torch.Tensor, trigger_mode: str, device_type
                  in_step: bool = False, joint: bool | None = None) -> int:
     """The weaver's calls of its own among `weaving_steps` (same arguments): all of them, or only the prompt's
     when its inference reads go in the reasoner's calls."""
-    if _joint(trigger_mode, device_type, in_step, joint):
+    if _joint(augmentation_mask, trigger_mode, device_type, in_step, joint):
         return int((augmentation_mask[:, 0] == 1).any())
     return weaving_steps(augmentation_mask, trigger_mode, device_type, in_step, joint)
 
 
-def _joint(trigger_mode: str, device_type: str, in_step: bool, joint: bool | None) -> bool:
-    """Whether the weaver read in the reasoner's calls (`weaving_steps`' arguments)."""
+def _joint(augmentation_mask: torch.Tensor, trigger_mode: str, device_type: str, in_step: bool,
+           joint: bool | None) -> bool:
+    """Whether the weaver read in the reasoner's calls (`weaving_steps`' arguments), as the engine decides."""
     if in_step:
         return False
-    return trigger_mode in JOINT_WEAVER_MODES.get(device_type, ()) if joint is None else joint
+    if joint is None:
+        return weaves_in_reasoner_calls(trigger_mode, device_type, augmentation_mask.shape[0])
+    return joint
 
 
 def _facts(impl: str, result: Any) -> dict[str, float]:
