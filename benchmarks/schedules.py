@@ -4,7 +4,7 @@ Kept in step (as the engine runs with a streamer or synced ranks), every weaving
 call, and with `head` and `lora` (a row decides after the reasoner has read its token) also a
 reasoner call for the invoking rows' latents alone. By default rows run ahead of each other instead
 (`memgen.generation`): a row that weaves reads its latents in a later step's call, beside the other
-rows' tokens, and falls behind; where `JOINT_WEAVER_MODES` says so (`always` on a CPU) the weaver's
+rows' tokens, and falls behind; where `JOINT_WEAVER_MODES` says so (`always` and `head` on a CPU) the weaver's
 items go in the reasoner's calls too, so the weaver makes no call of its own after the prompt's.
 Both schedules draw the same samples (one uniform per row and column), so their outputs are
 identical and only the calls differ. This script times them side by side, with memory off as the
@@ -14,7 +14,9 @@ baseline, in interleaved rounds:
         [--other-weaver] [--device cuda] --out DIR
 
 `--other-weaver` also times each mode running ahead with its weaver placed the other way than the
-device's default (in the reasoner's calls, or in calls of its own), to check that default.
+device's default (in the reasoner's calls, or in calls of its own), to check that default. `--copies`
+also times each mode running ahead with the calls of one item per batch row giving each item a copy
+of its row's cache, instead of attending to each row's cache in place (`BY_ROW_ATTENTION`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
+from unittest import mock
 
 import torch
 
@@ -34,6 +36,7 @@ from memgen.bench.workload import load_workload, prompt_batch
 
 MODES = ("always", "head", "lora")
 OTHER = {True: "weaver in the reasoner's calls", False: "weaver's own calls"}  # placements, named in reports
+COPIES = "a cache copy per item"  # the variant without in-place attention, named in reports
 
 
 class _InStep:
@@ -46,22 +49,17 @@ class _InStep:
         pass
 
 
-@contextlib.contextmanager
-def _weaver_placement(device_type: str, mode: str, joint: bool) -> Iterator[None]:
+def _weaver_placement(device_type: str, mode: str, joint: bool) -> contextlib.AbstractContextManager:
     """Runs the enclosed calls with `mode`'s weaver reading in the reasoner's calls (joint) or in its own."""
-    table = generation.JOINT_WEAVER_MODES
-    saved = table.get(device_type, ())
-    table[device_type] = tuple(m for m in saved if m != mode) + ((mode,) if joint else ())
-    try:
-        yield
-    finally:
-        table[device_type] = saved
+    others = tuple(m for m in generation.JOINT_WEAVER_MODES.get(device_type, ()) if m != mode)
+    return mock.patch.dict(generation.JOINT_WEAVER_MODES, {device_type: others + ((mode,) if joint else ())})
 
 
 def cases(preset: str, device: str, dtype: torch.dtype, batch: int, new_tokens: int,
-          modes: tuple[str, ...] = MODES, other_weaver: bool = False) -> Case:
+          modes: tuple[str, ...] = MODES, other_weaver: bool = False, copies: bool = False) -> Case:
     """Memory off, then each trigger mode in step and running ahead, on the decode suite's workload; with
-    other_weaver, also running ahead with the weaver placed the other way than the device's default."""
+    other_weaver, also running ahead with the weaver placed the other way than the device's default; with copies,
+    also running ahead with a cache copy per item instead of in-place attention."""
     workload = load_workload(preset, device=device, dtype=dtype)
     device_type = torch.device(device).type
     input_ids, mask = prompt_batch(workload, batch)
@@ -84,42 +82,50 @@ def cases(preset: str, device: str, dtype: torch.dtype, batch: int, new_tokens: 
                     return generate(models[mode], trigger_mode=mode)
 
             impls[f"{mode} run ahead, {OTHER[joint]}"] = flipped
+        if copies:
+            def copying(mode=mode):
+                # without in-place attention: each item's batch row gets a copy of its row's cache
+                with mock.patch.object(generation, "BY_ROW_ATTENTION", ()):
+                    return generate(models[mode], trigger_mode=mode)
+
+            impls[f"{mode} run ahead, {COPIES}"] = copying
 
     def describe(impl: str, result) -> dict:
         mode, schedule = (impl.split(" ", 1) + [""])[:2]
         if mode not in modes:
             return {}
-        joint = next((flag for flag, name in OTHER.items() if schedule.endswith(name)), None)
+        joint = next((flag for flag, name in OTHER.items() if schedule.endswith(name)), None)  # None: the default
         calls = weaver_calls(result.augmentation_mask, mode, device_type, in_step=schedule == "in step", joint=joint)
         return {"weaver_calls": calls,
                 "insertions_per_row": float((result.augmentation_mask == 1).sum(1).float().mean())}
 
     return Case("decode", f"schedules-B{batch}", dict(batch=batch, new_tokens=new_tokens), impls,
                 baselines=("memory off", *(f"{mode} in step" for mode in modes),
-                           *((f"{mode} run ahead" for mode in modes) if other_weaver else ())), work=batch * new_tokens,
+                           *((f"{mode} run ahead" for mode in modes) if other_weaver or copies else ())),
+                work=batch * new_tokens,
                 unit="tokens", describe=describe)
 
 
 def comparison(records: list[dict]) -> str:
-    """A Markdown section: per mode, its run-ahead time over its in-step time, and the other weaver placement's
-    over the default's when timed, paired per round (95% CI)."""
+    """A Markdown section: per mode, its run-ahead time over its in-step time, and each variant's (the other weaver
+    placement, cache copies) over the default's when timed, paired per round (95% CI)."""
     by_impl = {r["impl"]: r for r in records}
     timed = [mode for mode in MODES if f"{mode} in step" in by_impl]
-    other = {mode: next((impl for impl in by_impl if impl.startswith(f"{mode} run ahead, ")), None) for mode in timed}
+    variants = {mode: [impl for impl in by_impl if impl.startswith(f"{mode} run ahead, ")] for mode in timed}
     lines = ["## Run ahead over in step", ""]
-    if any(other.values()):
-        lines += ["| mode | weaver calls (in step, run ahead, other placement) | run ahead / in step | "
-                  "other placement / run ahead |", "|---|---|---|---|"]
+    if any(variants.values()):
+        lines += ["| mode | weaver calls (in step, run ahead, variants) | run ahead / in step | "
+                  "variant / run ahead |", "|---|---|---|---|"]
     else:
         lines += ["| mode | weaver calls (in step, run ahead) | paired ratio (95% CI) |", "|---|---|---|"]
     for mode in timed:
         in_step, run_ahead = by_impl[f"{mode} in step"], by_impl[f"{mode} run ahead"]
         calls = [in_step["facts"]["weaver_calls"], run_ahead["facts"]["weaver_calls"]]
         cells = [paired_cell(run_ahead["paired_ratios"][f"{mode} in step"])]
-        if other[mode]:
-            calls.append(by_impl[other[mode]]["facts"]["weaver_calls"])
-            cells.append(f"{paired_cell(by_impl[other[mode]]['paired_ratios'][f'{mode} run ahead'])} "
-                         f"({other[mode].split(', ', 1)[1]})")
+        if variants[mode]:
+            calls += [by_impl[impl]["facts"]["weaver_calls"] for impl in variants[mode]]
+            cells.append("; ".join(f"{paired_cell(by_impl[impl]['paired_ratios'][f'{mode} run ahead'])} "
+                                   f"({impl.split(', ', 1)[1]})" for impl in variants[mode]))
         lines.append(f"| `{mode}` | {', '.join(str(c) for c in calls)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -137,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--other-weaver", action="store_true",
                         help="also run ahead with each mode's weaver placed the other way than the device's "
                              "default (memgen.generation.JOINT_WEAVER_MODES)")
+    parser.add_argument("--copies", action="store_true",
+                        help="also run ahead with a cache copy per item in calls of one item per batch row, instead "
+                             "of attending to each row's cache in place (memgen.generation.BY_ROW_ATTENTION)")
     parser.add_argument("--out", help="write results.json, results.md and results.png here")
     args = parser.parse_args(argv)
     for name in ("batch", "new_tokens", "rounds"):
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--device {args.device}: no CUDA device is available")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     case = cases(args.preset, args.device, getattr(torch, dtype), args.batch, args.new_tokens, tuple(args.modes),
-                 args.other_weaver)
+                 args.other_weaver, args.copies)
     records = measure(case, args.rounds, args.device)
     add_ratios(records)
     command = "python benchmarks/schedules.py " + " ".join(argv if argv is not None else sys.argv[1:])

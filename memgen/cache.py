@@ -6,7 +6,9 @@ cache entries to the others. The caller packs the call with `memgen.ops.pack_ste
 `pack_ragged`, which give the explicit position ids, the write slots and the additive 4D mask
 over the first `visible` slots; attention then reads only those slots. Padding items write the
 scratch slot `capacity`, which no mask exposes. With this layout a row's logits equal those of
-the row run alone (DESIGN.md section 3).
+the row run alone (DESIGN.md section 3). A call whose batch rows map to cache rows by index gets
+each batch row's copy of its cache row, or (`prepare(..., by_row=True)`) every cache row as it is,
+for an attention that reads each item's row itself (`memgen.attention`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from memgen.ops import write_kv
 
 class _Call:
     """The current call: its rows (device int64 [G], or an int n: the first n rows in order), write slots
-    [G, T] and mask width."""
+    [G, T], mask width, and whether its attention reads every row's cache by row (`memgen.attention`)."""
 
     rows: torch.Tensor | int = 0
     slots: torch.Tensor
     visible: int
+    by_row: bool = False
 
 
 class RaggedLayer(CacheLayerMixin):
@@ -48,6 +51,8 @@ class RaggedLayer(CacheLayerMixin):
             return self.keys[: call.rows, :, : call.visible], self.values[: call.rows, :, : call.visible]
         write_kv(self.keys, self.values, call.rows, call.slots, key_states, value_states)
         keys, values = self.keys[:, :, : call.visible], self.values[:, :, : call.visible]
+        if call.by_row:  # every cache row, viewed: the attention picks each item's row
+            return keys, values
         return keys.index_select(0, call.rows), values.index_select(0, call.rows)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -73,7 +78,9 @@ class RaggedCache(Cache):
         super().__init__(layers=[RaggedLayer(batch, capacity + 1, self._call, all_rows) for _ in range(num_layers)])
         self.lengths = torch.zeros(batch, dtype=torch.int32)
 
-    def prepare(self, rows: torch.Tensor | int, slots: torch.Tensor, visible: int) -> None:
+    def prepare(self, rows: torch.Tensor | int, slots: torch.Tensor, visible: int, by_row: bool = False) -> None:
         """Set up the next forward: rows [G] on the device (or an int n: the first n rows, in order), write
-        slots [G, T], mask width."""
-        self._call.rows, self._call.slots, self._call.visible = rows, slots, visible
+        slots [G, T], mask width; by_row: the layers return every cache row's keys and values, for an attention
+        that reads each item's row itself (`memgen.attention.ragged_attention`)."""
+        call = self._call
+        call.rows, call.slots, call.visible, call.by_row = rows, slots, visible, by_row

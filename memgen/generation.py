@@ -19,7 +19,7 @@
   needs a hidden state of it). By default rows run ahead of each other, each at its own column:
   a row that weaves chooses no token while its latents are made and read, and falls behind the
   others. The weaver, an adapter on the reasoner's own base, reads in the reasoner's calls
-  (`JOINT_WEAVER_MODES`: `always` on a CPU, every mode on a GPU): an `always` row's weaver reads
+  (`JOINT_WEAVER_MODES`: `always` and `head` on a CPU, every mode on a GPU): an `always` row's weaver reads
   beside its token and the row reads its latents in the next step's call, beside the others'
   tokens; a `head`/`lora` row's weaver reads in the call after its decision and the latents in
   the one after that. Otherwise the weaver makes a call of its own after the decisions, and a
@@ -29,7 +29,9 @@
 - A call over rows of several kinds (tokens, latents, the trigger's and the weaver's items) is
   laid out one batch row per row when the padding this adds stays under a per-device bound
   (`PACKED_PADDING_ITEMS`), else one batch row per item (an item's batch row reads its row's
-  cache, which the same layer call has just written), so no row pads.
+  cache, which the same layer call has just written), so no row pads. There attention groups the
+  items back by cache row and reads each row's cache in place (`memgen.attention`), rather than
+  copying it for every item (`BY_ROW_ATTENTION`).
 - Sampling draws one uniform per row and column up front (tokens, then `head`/`lora` decisions),
   so a row's draws do not depend on the schedule: in step or not, the same seed samples the same.
 - A one-item call whose rows are all equally long (every plain step at batch 1) attends without a
@@ -54,6 +56,7 @@ from torch.nn import functional as F
 from transformers.utils import ModelOutput
 
 from memgen.adapters import BareBase, SplitBatch, active_adapter, tuner_layers
+from memgen.attention import RaggedGroups, grouped_calls
 from memgen.cache import RaggedCache
 from memgen.layer_stack import direct_call, forward_call
 from memgen.ops import pack_ragged, pack_step, trigger_scoring
@@ -68,10 +71,15 @@ PACKED_PADDING_ITEMS = {"cuda": 512, "cpu": 0}
 
 # Trigger modes whose weaver, running ahead, reads in the reasoner's calls (per device) rather than in calls of its
 # own. `head` and `lora` rows decide after reading their token, so their weaver reads a step later and each weave
-# holds the row back two steps, not one; and a call's weaver items each copy their row's cache on the CPU (one
-# batch row per item there). The CPU measures a gain for `always` only (benchmarks/results/small-cpu-schedules*);
-# on a GPU every weaver call saved is a step's kernel launches.
-JOINT_WEAVER_MODES = {"cuda": ("always", "head", "lora"), "cpu": ("always",)}
+# holds the row back two steps, not one. On the CPU (one batch row per item in such calls) `always` and `head` gain
+# (benchmarks/results/small-cpu-schedules*); `lora`, whose trigger rows already double each call, does not. On a GPU
+# every weaver call saved is a step's kernel launches.
+JOINT_WEAVER_MODES = {"cuda": ("always", "head", "lora"), "cpu": ("always", "head")}
+
+# The models' attention implementations under which a call of one item per batch row attends to each item's cache
+# row in place (`memgen.attention`), where the engine drives the layers itself; under any other each item's batch
+# row gets a copy of its row's cache.
+BY_ROW_ATTENTION = ("sdpa",)
 
 
 @dataclass
@@ -100,6 +108,10 @@ class _RaggedDecoder:
         decoder = model.get_decoder()
         direct = direct_call(decoder)
         self.call, self.direct = direct or forward_call(decoder), direct is not None
+        self.config = decoder.config
+        self.by_row = self.direct and self.config._attn_implementation in BY_ROW_ATTENTION
+        # query heads per key/value head (the direct decoders' configs name both)
+        self.gqa = self.config.num_attention_heads // self.config.num_key_value_heads if self.by_row else 1
         self.layers = tuner_layers(model) if adapter is not None else None
         self.bare = BareBase(model) if adapter is None else None
         self.blocks = blocks
@@ -111,7 +123,8 @@ class _RaggedDecoder:
         self.width, self.device = model.config.hidden_size, device
 
     def run(self, rows: torch.Tensor | int | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
-            n_items: torch.Tensor, starts: tuple[int, ...] | None = None) -> torch.Tensor:
+            n_items: torch.Tensor, starts: tuple[int, ...] | None = None,
+            groups: RaggedGroups | None = None) -> torch.Tensor:
         """Feed a packed call (items, positions, slots, mask) to cache rows `rows` (device [G], repeats
         allowed; an int n: the first n cache rows in order; None: the batch's rows in order); returns hidden
         [G, W, d].
@@ -119,9 +132,11 @@ class _RaggedDecoder:
         advance: host int64 cache rows (no repeats; None: the batch's rows) whose lengths grow by n_items (host
         int32). starts: the call's first batch row read through each block's adapter (one per block,
         non-decreasing; the rows before the first run on the bare base), None: every row through `adapter`.
+        groups: for a call of one item per batch row (only where `by_row`), the items grouped by cache row, for an
+        attention that reads each row's cache in place.
         """
         items, positions, slots, mask = packed
-        self.cache.prepare(self.batch if rows is None else rows, slots, mask.shape[-1])
+        self.cache.prepare(self.batch if rows is None else rows, slots, mask.shape[-1], by_row=groups is not None)
         if self.direct and items.shape[1] == 1 and self._sees_only_own_slots(advance, items.shape[0], mask.shape[-1]):
             # The mask hides nothing, and without one Hugging Face's SDPA attention takes plain decoding's path
             # (grouped-query heads passed to SDPA as they are, not packed around a mask). A decoder's own forward
@@ -131,8 +146,12 @@ class _RaggedDecoder:
             context = self.split(*starts)
         else:
             context = self.bare() if self.bare is not None else active_adapter(self.model, self.adapter, self.layers)
-        with context:
-            hidden = self.call(items, mask, positions, self.cache)
+        if groups is not None:
+            with context, grouped_calls(self.config):
+                hidden = self.call(items, mask, positions, self.cache, ragged=groups)
+        else:
+            with context:
+                hidden = self.call(items, mask, positions, self.cache)
         if advance is None:
             self.lengths[: self.batch] += n_items
         else:
@@ -316,7 +335,8 @@ class _Engine:
 
         Laid out one batch row per row, padded to the longest, when that adds at most `padding` items; else one
         batch row per item, mapped to its row's cache, which the same layer call has just written (the row's
-        earlier items): then nothing pads.
+        earlier items): then nothing pads, and where `by_row` attention reads each row's cache once for all of its
+        items.
         """
         decoder = self.reasoner
         names = [name for name in (None, *decoder.blocks) if name in parts]
@@ -354,7 +374,10 @@ class _Engine:
                 starts.append(following)
             starts = tuple(reversed(starts))
         kept = torch.cat([parts[name].counts if parts[name].kept is None else parts[name].kept for name in names])
-        hidden = decoder.run(n_batch if in_order else rows_device, packed, cache_rows, kept, starts)
+        groups = None
+        if decoder.by_row and n_batch > n_rows:  # one batch row per item, some rows with several
+            groups = RaggedGroups(cache_rows, counts, packed[3], decoder.gqa, self.to_device)
+        hidden = decoder.run(n_batch if in_order else rows_device, packed, cache_rows, kept, starts, groups)
         flat = hidden.flatten(0, 1)
         firsts, at = {}, 0
         for name in names:

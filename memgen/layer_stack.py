@@ -21,7 +21,7 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 # layers -> norm when no layer has a sliding window.
 DIRECT_DECODERS = ("LlamaModel", "Qwen2Model", "Qwen3Model")
 
-Call = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
+Call = Callable[..., torch.Tensor]  # (items, mask, positions, cache, **attention keyword arguments) -> hidden
 
 
 def sliding_window(config) -> int | None:
@@ -40,9 +40,9 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def direct_call(decoder: nn.Module) -> Call | None:
-    """(items, mask, positions, cache) -> last hidden state, through `decoder`'s layers directly; None
-    when `decoder` must run through its own forward (unknown class, sliding-window layers, hooks on
-    the decoder, sharded units)."""
+    """(items, mask, positions, cache, **attention) -> last hidden state, through `decoder`'s layers directly
+    (`attention`: keyword arguments for the attention function); None when `decoder` must run through its own
+    forward (unknown class, sliding-window layers, hooks on the decoder, sharded units)."""
     config = decoder.config
     if (type(decoder).__name__ not in DIRECT_DECODERS or not type(decoder).__module__.startswith("transformers.")
             or sliding_window(config) is not None or _hooked(decoder)):
@@ -52,12 +52,12 @@ def direct_call(decoder: nn.Module) -> Call | None:
         return None  # the sharded layers' collectives stay under the decoder's forward, as FSDP arranged them
     rotary, norm = decoder.rotary_emb, decoder.norm
 
-    def call(items: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def call(items: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, **attention) -> torch.Tensor:
         hidden = items
         position_embeddings = rotary(hidden, positions)
         for layer in layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                           position_ids=positions, past_key_values=cache, use_cache=True)
+                           position_ids=positions, past_key_values=cache, use_cache=True, **attention)
         return norm(hidden)
 
     return call

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memgen import bench, build_delimiter_table
+from memgen import bench, build_delimiter_table, generation
 from memgen.bench.harness import Case, measure
 from memgen.bench.decode_suite import weaver_calls, weaving_steps
 from memgen.bench.report import add_ratios, markdown, median_interval, suite_table, write
@@ -333,18 +333,27 @@ def test_schedules_script_times_both_schedules_of_each_trigger_mode(cache, tmp_p
     for mode in ("always", "head", "lora"):
         in_step, run_ahead = records[f"{mode} in step"]["facts"], records[f"{mode} run ahead"]["facts"]
         assert in_step["insertions_per_row"] == run_ahead["insertions_per_row"] > 0  # the same samples
-        assert in_step["weaver_calls"] > 1 and run_ahead["weaver_calls"] > 0
-        assert records[f"{mode} run ahead"]["ratios"][f"{mode} in step"] > 0
-    # on a CPU `always`'s weaver reads in the reasoner's calls: only the prompt weave is a call of its own
-    assert records["always run ahead"]["facts"]["weaver_calls"] == 1
-    schedules.main(["--preset", "tiny", "--batch", "2", "--new-tokens", "40", "--rounds", "1", "--modes", "head",
-                    "--other-weaver", "--out", str(tmp_path / "head")])
+        assert in_step["weaver_calls"] > 1 and records[f"{mode} run ahead"]["ratios"][f"{mode} in step"] > 0
+        if generation.weaves_in_reasoner_calls(mode, "cpu", 3):  # only the prompt weave is a call of its own
+            assert run_ahead["weaver_calls"] <= 1
+        else:
+            assert run_ahead["weaver_calls"] > 1
+    assert records["always run ahead"]["facts"]["weaver_calls"] == 1  # `always` weaves at the prompt
+    schedules.main(["--preset", "tiny", "--batch", "3", "--new-tokens", "60", "--rounds", "1", "--modes", "head",
+                    "--other-weaver", "--copies", "--out", str(tmp_path / "head")])
     results = json.loads((tmp_path / "head" / "results.json").read_text())
-    joint = "head run ahead, weaver in the reasoner's calls"  # on a CPU `head`'s weaver has calls of its own
+    joint_by_default = generation.weaves_in_reasoner_calls("head", "cpu", 3)
+    other = f"head run ahead, {schedules.OTHER[not joint_by_default]}"
+    copies = "head run ahead, a cache copy per item"
     records = {r["impl"]: r for r in results["records"]}
-    assert list(records) == ["memory off", "head in step", "head run ahead", joint]
-    assert records[joint]["facts"]["insertions_per_row"] == records["head run ahead"]["facts"]["insertions_per_row"]
-    assert records[joint]["facts"]["weaver_calls"] <= 1 < records["head run ahead"]["facts"]["weaver_calls"]
-    assert "other placement / run ahead" in (tmp_path / "head" / "results.md").read_text()
+    assert list(records) == ["memory off", "head in step", "head run ahead", other, copies]
+    for variant in (other, copies):
+        facts = records[variant]["facts"]
+        assert facts["insertions_per_row"] == records["head run ahead"]["facts"]["insertions_per_row"]
+        assert records[variant]["ratios"]["head run ahead"] > 0
+    joint, own = (records["head run ahead"], records[other])[:: 1 if joint_by_default else -1]
+    assert joint["facts"]["weaver_calls"] <= 1 < own["facts"]["weaver_calls"]
+    assert records[copies]["facts"]["weaver_calls"] == records["head run ahead"]["facts"]["weaver_calls"]
+    assert "variant / run ahead" in (tmp_path / "head" / "results.md").read_text()
     report = (tmp_path / "results.md").read_text()
     assert "| head run ahead |" in report and "## Run ahead over in step" in report and "| `lora` |" in report

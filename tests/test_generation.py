@@ -7,6 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from memgen import MemGenConfig, MemGenModel, generation
+from memgen.attention import RaggedGroups
 from memgen.bench.decode_suite import weaver_calls
 from memgen.reference import reference_generate
 from memgen.sharding import gathered_for_decoding
@@ -523,3 +524,22 @@ def test_steps_whose_rows_are_equally_long_attend_without_a_mask(arch, batch):
     theirs = model.reasoner.generate(input_ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     assert torch.equal(ours, theirs[:, : ours.shape[1]])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("trigger_mode", ["always", "head"])
+def test_calls_of_several_items_per_row_attend_to_each_rows_cache_in_place(attention, trigger_mode, monkeypatch):
+    """Over SDPA attention a call of one item per batch row attends per cache row (`memgen.attention`); under any
+    other attention each item's batch row gets a copy of its row's cache. Both weave what the reference weaves."""
+    monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", ("always", "head", "lora"))
+    model = chatty_model("qwen2", trigger_mode)
+    monkeypatch.setattr(model.reasoner.get_decoder().config, "_attn_implementation", attention)
+    grouped = []
+    monkeypatch.setattr(generation, "RaggedGroups", lambda *args: grouped.append(RaggedGroups(*args)) or grouped[-1])
+    input_ids, mask, _ = make_batch(model, [0] * 5, "left", seed=3)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=32)
+    assert (out.augmentation_mask[:, 1:] == 1).sum() >= 3
+    if attention == "sdpa":
+        assert any(len(g.groups) == 2 for g in grouped), "calls should mix rows of one item and of several"
+    else:
+        assert not grouped

@@ -1,0 +1,169 @@
+"""Ragged attention: a call's items, one per batch row, attend to their rows' caches without a copy per item.
+
+A ragged call laid out one item per batch row (`memgen.generation`'s `_Engine._call`) maps each item to
+its cache row; plain attention then needs the keys and values as one batch row per item, a copy of
+the row's whole cache for every item (`RaggedLayer`'s `index_select`). On a CPU that copy is most of
+an item's cost in such a call. Here the items are grouped back by cache row, and each group's
+queries attend to its row's cache at once:
+
+- rows with one item: their queries attend to a view of the cache rows [lo, hi) that covers them
+  (one query for each row of that range; the rows of the range the call does not read get a dummy
+  query, whose output is dropped), so no key is copied;
+- rows with several items: their rows' caches are gathered once per row (not per item), and their
+  queries padded to the longest row's count.
+
+Each group's mask rows are the items' own (the call's additive mask), so every item attends to
+exactly what it would in the one-item-per-row layout: the result is that of `ragged_attention_reference`.
+Grouped-query heads stay packed (the query heads of one key/value head ride along the query axis), so keys
+and values are never repeated.
+
+The engine selects this function through Hugging Face's `AttentionInterface` for its grouped calls only
+(`grouped_calls`); without a `ragged` argument it is SDPA attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+RAGGED_ATTENTION = "memgen_ragged"
+
+
+@dataclass
+class _Group:
+    """Rows whose items attend together: cache rows (a range (lo, hi) viewed in place, or device int64 [R]
+    gathered), the call's items in it (device int64 [N]), each item's place in the group's padded
+    [R * T] query axis (device int64 [N]), T, and the group's mask [R, 1, T * heads per key head, visible]."""
+
+    rows: tuple[int, int] | torch.Tensor
+    items: torch.Tensor
+    places: torch.Tensor
+    width: int
+    mask: torch.Tensor
+
+
+class RaggedGroups:
+    """How one call's items (one per batch row, each row's items consecutive) group by cache row.
+
+    rows: host int64 [R] the call's distinct cache rows; counts: host int32 [R] their items, in the call's
+    order; mask: the call's additive mask [N, 1, 1, visible] (device); gqa: query heads per key/value head;
+    to_device: host tensors -> the same on the call's device (`_Engine.to_device`).
+    """
+
+    def __init__(self, rows: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, gqa: int, to_device) -> None:
+        first = torch.cumsum(counts, 0) - counts
+        self.n_items = int(counts.sum())
+        self.groups = []
+        single = counts == 1
+        if single.any():
+            self.groups.append(self._singles(rows[single], first[single], mask, gqa, to_device))
+        several = counts > 1
+        if several.any():
+            self.groups.append(self._several(rows[several], counts[several], first[several], mask, gqa, to_device))
+
+    @staticmethod
+    def _singles(rows: torch.Tensor, items: torch.Tensor, mask: torch.Tensor, gqa: int, to_device) -> _Group:
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if hi - lo <= 2 * rows.shape[0]:  # a view, with at most one dummy query per read row
+            places, span = rows - lo, (lo, hi)
+        else:
+            places, span = torch.arange(rows.shape[0]), None
+        n_rows = hi - lo if span is not None else rows.shape[0]
+        items_device, places_device, rows_device = to_device(items, places, rows)
+        group_mask = mask.new_zeros(n_rows, 1, 1, mask.shape[-1])  # dummy queries see every slot: finite
+        group_mask[places_device] = mask[items_device]
+        return _Group(span if span is not None else rows_device, items_device, places_device, 1,
+                      _per_head(group_mask, gqa))
+
+    @staticmethod
+    def _several(rows: torch.Tensor, counts: torch.Tensor, first: torch.Tensor, mask: torch.Tensor, gqa: int,
+                 to_device) -> _Group:
+        width = int(counts.max())
+        real = (torch.arange(width) < counts[:, None]).nonzero()  # (group row, item) of every item
+        items = first[real[:, 0]] + real[:, 1]
+        places = real[:, 0] * width + real[:, 1]
+        items_device, places_device, rows_device = to_device(items, places, rows)
+        group_mask = mask.new_zeros(rows.shape[0] * width, 1, mask.shape[-1])  # padding queries: finite
+        group_mask[places_device] = mask[items_device, :, 0]
+        group_mask = group_mask.view(rows.shape[0], width, 1, mask.shape[-1]).transpose(1, 2)
+        return _Group(rows_device, items_device, places_device, width, _per_head(group_mask, gqa))
+
+
+def _per_head(mask: torch.Tensor, gqa: int) -> torch.Tensor:
+    """A mask [R, 1, T, visible] for the query axis of `_packed`: each of T's rows once per query head of a
+    key/value head."""
+    n, _, width, visible = mask.shape
+    return mask[:, :, :, None].expand(n, 1, width, gqa, visible).reshape(n, 1, width * gqa, visible)
+
+
+def _packed(query: torch.Tensor, n_rows: int, width: int, gqa: int) -> torch.Tensor:
+    """Queries [R * T, H, D] (padded per row) as [R, H / gqa, T * gqa, D]: a key/value head's query heads along
+    the query axis (T major)."""
+    heads, dim = query.shape[1:]
+    return query.view(n_rows, width, heads // gqa, gqa, dim).transpose(1, 2).reshape(n_rows, heads // gqa,
+                                                                                       width * gqa, dim)
+
+
+def _unpacked(out: torch.Tensor, n_rows: int, width: int, gqa: int) -> torch.Tensor:
+    """`_packed`'s inverse: [R, H / gqa, T * gqa, D] as [R * T, H, D]."""
+    kv_heads, _, dim = out.shape[1:]
+    return out.view(n_rows, kv_heads, width, gqa, dim).transpose(1, 2).reshape(n_rows * width, kv_heads * gqa, dim)
+
+
+def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     ragged: RaggedGroups | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Hugging Face attention-interface function. With `ragged`: query [N, H, 1, D] (item n of the call in batch
+    row n), key and value every cache row's [rows, H_kv, visible, D] (the mask is in `ragged`); returns
+    [N, 1, H, D]. Without: SDPA attention."""
+    if ragged is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    heads, dim = query.shape[1], query.shape[-1]
+    gqa = heads // key.shape[1]
+    flat = query[:, :, 0]
+    out = flat.new_empty(ragged.n_items, heads, dim)
+    for group in ragged.groups:
+        n_rows = group.mask.shape[0]
+        queries = flat.new_zeros(n_rows * group.width, heads, dim)
+        queries[group.places] = flat[group.items]
+        if isinstance(group.rows, tuple):
+            keys, values = key[group.rows[0]:group.rows[1]], value[group.rows[0]:group.rows[1]]
+        else:
+            keys, values = key.index_select(0, group.rows), value.index_select(0, group.rows)
+        result = F.scaled_dot_product_attention(_packed(queries, n_rows, group.width, gqa), keys, values,
+                                                attn_mask=group.mask, scale=scaling)
+        out[group.items] = _unpacked(result, n_rows, group.width, gqa)[group.places]
+    return out[:, None], None
+
+
+def ragged_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                               rows: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The plain computation `ragged_attention` replaces: each item (query [N, H, 1, D]) attends to its cache row
+    (rows: device int64 [N], into key/value [rows, H_kv, visible, D]) under its mask row [N, 1, 1, visible];
+    returns [N, 1, H, D]."""
+    gqa = query.shape[1] // key.shape[1]
+    keys = key.index_select(0, rows).repeat_interleave(gqa, dim=1)
+    values = value.index_select(0, rows).repeat_interleave(gqa, dim=1)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling).transpose(1, 2)
+
+
+@contextlib.contextmanager
+def grouped_calls(config) -> Iterator[None]:
+    """Within: the decoder configured by `config` attends through `ragged_attention` (which is SDPA attention
+    for calls without a `ragged` argument)."""
+    previous = config._attn_implementation
+    config._attn_implementation = RAGGED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+AttentionInterface.register(RAGGED_ATTENTION, ragged_attention)

@@ -1,0 +1,78 @@
+"""Ragged attention (items grouped by cache row) equals each item attending to a copy of its row's cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memgen.attention import RAGGED_ATTENTION, RaggedGroups, grouped_calls, ragged_attention, ragged_attention_reference
+from test_modeling import make_model
+
+
+def _call(seed: int, counts: list[int], rows: list[int], n_cache_rows: int, heads: int, kv_heads: int,
+          dtype: torch.dtype):
+    """A call of one item per batch row: cache rows `rows` read counts[i] items each, after a random number of
+    earlier items; (query, key, value, additive mask [N, 1, 1, visible], the item's cache row [N], groups)."""
+    g = torch.Generator().manual_seed(seed)
+    counts_t, rows_t = torch.tensor(counts, dtype=torch.int32), torch.tensor(rows)
+    lengths = torch.randint(0, 9, (len(rows),), generator=g)
+    visible = int((lengths + counts_t).max())
+    dim = 8
+    query = torch.randn(int(counts_t.sum()), heads, 1, dim, generator=g).to(dtype)
+    key = torch.randn(n_cache_rows, kv_heads, visible, dim, generator=g).to(dtype)
+    value = torch.randn(n_cache_rows, kv_heads, visible, dim, generator=g).to(dtype)
+    item_rows = rows_t.repeat_interleave(counts_t.long())
+    item = torch.cat([torch.arange(c) for c in counts])
+    sees = lengths.repeat_interleave(counts_t.long()) + item + 1  # item j of a row sees its earlier slots and its own
+    mask = torch.zeros(query.shape[0], 1, 1, visible, dtype=dtype)
+    mask.masked_fill_(torch.arange(visible) >= sees[:, None, None, None], torch.finfo(dtype).min)
+    groups = RaggedGroups(rows_t, counts_t, mask, heads // kv_heads, lambda *t: list(t))
+    return query, key, value, mask, item_rows, groups
+
+
+LAYOUTS = {
+    "singles in a range": ([1, 1, 1, 1, 1], [0, 1, 2, 4, 5], 7),
+    "singles spread": ([1, 1], [0, 13], 16),
+    "several": ([3, 5, 2], [2, 9, 4], 12),
+    "mixed": ([1, 4, 1, 1, 9, 1], [0, 7, 1, 3, 11, 2], 14),
+    "one row": ([6], [3], 5),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ragged_attention_equals_reference(layout, heads, kv_heads, dtype):
+    counts, rows, n_cache_rows = LAYOUTS[layout]
+    for seed in range(3):
+        query, key, value, mask, item_rows, groups = _call(seed, counts, rows, n_cache_rows, heads, kv_heads, dtype)
+        module = torch.nn.Module()
+        got, _ = ragged_attention(module, query, key, value, None, scaling=0.3, ragged=groups)
+        want = ragged_attention_reference(query, key, value, mask, item_rows, 0.3)
+        assert got.shape == want.shape == (query.shape[0], 1, heads, query.shape[-1])
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+def test_ragged_attention_uses_views_for_nearby_single_rows_and_gathers_the_rest():
+    *_, near = _call(0, [1, 1, 1], [0, 1, 3], 4, 2, 2, torch.float32)
+    *_, spread = _call(0, [1, 1, 4], [0, 9, 5], 10, 2, 2, torch.float32)
+    assert [g.rows for g in near.groups] == [(0, 4)]
+    assert isinstance(spread.groups[0].rows, torch.Tensor) and spread.groups[0].rows.tolist() == [0, 9]
+    assert spread.groups[1].rows.tolist() == [5] and spread.groups[1].width == 4
+
+
+def test_grouped_calls_switch_the_attention_only_within_and_leave_other_calls_to_sdpa():
+    model = make_model("qwen2")
+    base = model.reasoner
+    config = base.get_decoder().config
+    ids = torch.randint(0, base.config.vocab_size, (2, 7))
+    want = base(input_ids=ids).logits
+    with grouped_calls(config):
+        assert config._attn_implementation == RAGGED_ATTENTION
+        got = base(input_ids=ids).logits  # no `ragged` argument: SDPA attention
+    assert config._attn_implementation == "sdpa"
+    torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError), grouped_calls(config):
+        raise RuntimeError("a failing call")
+    assert config._attn_implementation == "sdpa"
