@@ -5,7 +5,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainingArguments
 
@@ -14,6 +13,7 @@ from memgen.training.grpo import GRPOConfig, GRPOTrainer
 from test_grpo import _prompts
 from test_modeling import make_model
 from test_sft import _rows
+from worker_exit import end_worker
 
 
 def main(stage: str, out: str) -> None:
@@ -31,8 +31,7 @@ def main(stage: str, out: str) -> None:
     assert trainer.args.world_size == 2, trainer.args.world_size
     state = {k: v.detach().contiguous() for k, v in model.stage_parameters("weaver").items()}
     save_file(state, os.path.join(out, f"rank{trainer.args.process_index}.safetensors"))
-    dist.barrier()  # a rank tearing gloo down while the other still talks to it aborts
-    dist.destroy_process_group()
+    end_worker()
 
 
 if __name__ == "__main__":

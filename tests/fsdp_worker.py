@@ -20,6 +20,7 @@ from memgen.training.grpo import GRPOConfig, GRPOTrainer
 from test_grpo import _prompts
 from test_modeling import make_batch, make_model
 from test_reference_generation import chatty_model
+from worker_exit import end_worker
 
 # sampling at temperature 0.1: the ranks' rows still reach decision points, weave and finish at other steps
 RUNS = [("always", {"max_prompt_aug_num": 0}), ("lora", {}), ("head", {}), ("lora", {"do_sample": True, "temperature": 0.1}),
@@ -132,8 +133,7 @@ def main(out_dir: str) -> None:
     report.append(training_step(out_dir, rank))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"runs": report, "mismatch_refused": mismatch_refused(rank)}, f)
-    dist.barrier()  # a rank tearing gloo down while the other still talks to it aborts
-    dist.destroy_process_group()
+    end_worker()
 
 
 if __name__ == "__main__":

@@ -27,15 +27,16 @@ def _free_port() -> int:
 
 
 def _torchrun(worker: str, *args) -> None:
-    """Run tests/<worker> on two CPU processes; a hang (ranks out of step) fails by the timeout."""
+    """Run tests/<worker> on two CPU processes; a hang (ranks out of step) fails by the timeout. A worker that
+    crashes prints where (faulthandler), at the start of stderr, before torchrun's own report."""
     here = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+           "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                            str(here / worker), *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[:4000] + "\n...\n" + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("stage", ["sft", "grpo"])

@@ -13,7 +13,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainingArguments
 
@@ -25,6 +24,7 @@ from test_grpo import _prompts
 from test_modeling import make_batch, make_model
 from test_reference_generation import chatty_model
 from test_sft import _rows
+from worker_exit import end_worker
 
 STAGES = ("sft", "grpo", "trigger", "trigger_head")  # trigger RL with the `lora` and the `head` trigger
 
@@ -127,8 +127,7 @@ def main(mode: str, out: str) -> None:
         resume(out)
     else:
         stages(mode, out)
-    dist.barrier()  # a rank tearing gloo down while the other still talks to it aborts
-    dist.destroy_process_group()
+    end_worker()
 
 
 if __name__ == "__main__":
