@@ -88,12 +88,13 @@ def _tiny_config(vocab_size: int, **overrides) -> Qwen2Config:
 
 
 def _train_tiny(steps: int = 300, seed: int = 0) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """A few seconds of next-token training on the synthetic text (AdamW, batches of 16 x 64 tokens)."""
+    """A few seconds of next-token training on the synthetic text (AdamW, batches of 16 x 64 tokens). The
+    caller's global generator is left as it was (the first `load_preset` on a machine trains this)."""
     text = synthetic_text(3000, seed)
     tokenizer = _train_tokenizer(text)
     ids = torch.tensor(tokenizer(text)["input_ids"])
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(_tiny_config(len(tokenizer)))
+    with fixed_seed(torch.device("cpu"), seed):
+        model = Qwen2ForCausalLM(_tiny_config(len(tokenizer)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     model.train()

@@ -13,10 +13,16 @@ from memgen import MemGenConfig, MemGenModel, presets
 def tiny(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEMGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        reasoner, tokenizer = presets.load_preset("tiny")
+        state = torch.random.get_rng_state()
+        reasoner, tokenizer = presets.load_preset("tiny")  # trained here, into the empty cache
+        generator_left_alone = torch.equal(torch.random.get_rng_state(), state)
         assert presets.tiny_path().joinpath("config.json").is_file()
         again, _ = presets.load_preset("tiny")  # from the cache, not trained again
-    return reasoner, tokenizer, again
+    return reasoner, tokenizer, again, generator_left_alone
+
+
+def test_training_the_tiny_preset_leaves_the_callers_generator_alone(tiny):
+    assert tiny[3]
 
 
 def test_synthetic_text_is_punctuated():
@@ -26,7 +32,7 @@ def test_synthetic_text_is_punctuated():
 
 
 def test_tiny_model_emits_delimiters_at_a_realistic_rate_and_weaves(tiny):
-    reasoner, tokenizer, again = tiny
+    reasoner, tokenizer, again, _ = tiny
     assert all(torch.equal(a, b) for a, b in zip(reasoner.state_dict().values(), again.state_dict().values()))
     model = MemGenModel.from_reasoner(reasoner, tokenizer, MemGenConfig()).eval()
     prompts = tokenizer(["The model reads", "A user checks the sum,", "Each step"], return_tensors="pt",
