@@ -106,11 +106,11 @@ class BareBase:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.sites = _tuner_sites(model)
-        self.swaps = [layer.get_base_layer() for _, _, layer in self.sites]
+        sites = _tuner_sites(model)
+        self.swap = _Swap(sites, [layer.get_base_layer() for _, _, layer in sites])
 
     def __call__(self) -> contextlib.AbstractContextManager[None]:
-        return _swapped(self.sites, self.swaps)
+        return self.swap
 
 
 def _tuner_sites(model: nn.Module) -> list[tuple[nn.Module, str, BaseTunerLayer]]:
@@ -119,16 +119,25 @@ def _tuner_sites(model: nn.Module) -> list[tuple[nn.Module, str, BaseTunerLayer]
             if isinstance(child, BaseTunerLayer)]
 
 
-@contextlib.contextmanager
-def _swapped(sites: list[tuple[nn.Module, str, BaseTunerLayer]], swaps: list[nn.Module]) -> Iterator[None]:
-    """Each site's LoRA layer replaced by its swap for the enclosed calls, then put back (also on an error)."""
-    for (parent, name, _), swap in zip(sites, swaps):
-        setattr(parent, name, swap)
-    try:
-        yield
-    finally:
-        for parent, name, layer in sites:
-            setattr(parent, name, layer)
+class _Swap:
+    """A reusable `with` block in which each site's LoRA layer is replaced by its swap, put back on exit (also on
+    an error). The swaps go straight into the parents' `_modules`, where `nn.Module` looks its children up: the
+    sites are registered children already, and `setattr` checks each name against the parent's parameters and
+    buffers on the way in and out. For the 32 sites of the `small` preset that took 55 us a call on a CPU, against
+    2 us this way (timed alone, ad hoc)."""
+
+    def __init__(self, sites: list[tuple[nn.Module, str, BaseTunerLayer]], swaps: list[nn.Module]) -> None:
+        self.children = [(parent._modules, name) for parent, name, _ in sites]
+        self.layers = [layer for _, _, layer in sites]
+        self.swaps = swaps
+
+    def __enter__(self) -> None:
+        for (children, name), swap in zip(self.children, self.swaps):
+            children[name] = swap
+
+    def __exit__(self, *exc_info) -> None:
+        for (children, name), layer in zip(self.children, self.layers):
+            children[name] = layer
 
 
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -170,12 +179,14 @@ class SplitBatch:
     """
 
     def __init__(self, model: nn.Module, *names: str) -> None:
-        self.sites = _tuner_sites(model)
+        sites = _tuner_sites(model)
         self.names = names
-        self.swaps = []
-        for _, _, layer in self.sites:
+        swaps = []
+        for _, _, layer in sites:
             here = [i for i, name in enumerate(names) if name in getattr(layer, "lora_A", {})]
-            self.swaps.append(_SplitLoRA(layer, [names[i] for i in here], here) if here else layer.get_base_layer())
+            swaps.append(_SplitLoRA(layer, [names[i] for i in here], here) if here else layer.get_base_layer())
+        self.split = [swap for swap in swaps if isinstance(swap, _SplitLoRA)]
+        self.swap = _Swap(sites, swaps)
 
     @staticmethod
     def supported(model: nn.Module, name: str) -> bool:
@@ -193,7 +204,6 @@ class SplitBatch:
         if len(starts) != len(self.names) or any(b < a for a, b in zip(starts, starts[1:])):
             raise ValueError(f"SplitBatch over {self.names} takes one non-decreasing start per adapter, got {starts}")
         bounds = [*starts, 2**62]
-        for swap in self.swaps:
-            if isinstance(swap, _SplitLoRA):
-                swap.ranges = [(bounds[i], bounds[i + 1]) for i in swap.indices]
-        return _swapped(self.sites, self.swaps)
+        for swap in self.split:
+            swap.ranges = [(bounds[i], bounds[i + 1]) for i in swap.indices]
+        return self.swap
