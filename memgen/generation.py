@@ -122,22 +122,23 @@ class _RaggedDecoder:
         self.dtype = model.get_input_embeddings().weight.dtype
         self.width, self.device = model.config.hidden_size, device
 
-    def run(self, rows: torch.Tensor | int | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | None,
+    def run(self, rows: torch.Tensor | int | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | int | None,
             n_items: torch.Tensor, starts: tuple[int, ...] | None = None,
             groups: RaggedGroups | None = None) -> torch.Tensor:
         """Feed a packed call (items, positions, slots, mask) to cache rows `rows` (device [G], repeats
         allowed; an int n: the first n cache rows in order; None: the batch's rows in order); returns hidden
         [G, W, d].
 
-        advance: host int64 cache rows (no repeats; None: the batch's rows) whose lengths grow by n_items (host
-        int32). starts: the call's first batch row read through each block's adapter (one per block,
+        advance: host int64 cache rows (no repeats; an int n: the first n; None: the batch's rows) whose lengths grow
+        by n_items (host int32). starts: the call's first batch row read through each block's adapter (one per block,
         non-decreasing; the rows before the first run on the bare base), None: every row through `adapter`.
         groups: for a call of one item per batch row (only where `by_row`), the items grouped by cache row, for an
         attention that reads each row's cache in place.
         """
         items, positions, slots, mask = packed
+        advanced = self._advanced(advance)
         self.cache.prepare(self.batch if rows is None else rows, slots, mask.shape[-1], by_row=groups is not None)
-        if self.direct and items.shape[1] == 1 and self._sees_only_own_slots(advance, items.shape[0], mask.shape[-1]):
+        if self.direct and items.shape[1] == 1 and self._sees_only_own_slots(advanced, items.shape[0], mask.shape[-1]):
             # The mask hides nothing, and without one Hugging Face's SDPA attention takes plain decoding's path
             # (grouped-query heads passed to SDPA as they are, not packed around a mask). A decoder's own forward
             # would build a mask of its own, so only direct calls drop it.
@@ -152,20 +153,26 @@ class _RaggedDecoder:
         else:
             with context:
                 hidden = self.call(items, mask, positions, self.cache)
-        if advance is None:
-            self.lengths[: self.batch] += n_items
+        if isinstance(advanced, slice):
+            self.lengths[advanced].add_(n_items)  # in place on a view
         else:
-            self.lengths[advance] += n_items
+            self.lengths.index_add_(0, advanced, n_items)  # one op, not a gather, an add and a scatter
         return hidden
 
     def only(self, block: str) -> tuple[int, ...]:
         """`run`'s starts for a call whose rows are all `block`'s."""
         return tuple(0 if self.blocks.index(name) <= self.blocks.index(block) else 2**62 for name in self.blocks)
 
-    def _sees_only_own_slots(self, advance: torch.Tensor | None, n_rows: int, visible: int) -> bool:
+    def _advanced(self, advance: torch.Tensor | int | None) -> torch.Tensor | slice:
+        """`run`'s advance as an index into the lengths: the rows, or a slice for the first n."""
+        if advance is None:
+            return slice(0, self.batch)
+        return slice(0, advance) if isinstance(advance, int) else advance
+
+    def _sees_only_own_slots(self, advanced: torch.Tensor | slice, n_rows: int, visible: int) -> bool:
         """Whether a call of one item per batch row, its batch rows being the advanced rows (`run`'s contract), has
         every row attend to exactly its own valid slots: every row equally long, with `visible` slots after it."""
-        lengths = self.lengths[: self.batch] if advance is None else self.lengths[advance]
+        lengths = self.lengths[advanced]
         return lengths.shape[0] == n_rows and bool((lengths == visible - 1).all())
 
     def lengths_of(self, rows: torch.Tensor | None) -> torch.Tensor:
@@ -183,13 +190,18 @@ class _RaggedDecoder:
                  torch.zeros(0, dtype=torch.int32))
 
 
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of `tensors`, without its copy when there is only one."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                    top_p: float | None, uniforms: torch.Tensor | None) -> torch.Tensor:
     """Next tokens [B] from float logits [B, V]: argmax, or a draw after temperature, top-k and top-p: the
     token in whose share of the cumulative distribution the row's uniform (float [B] in [0, 1)) falls."""
     if not do_sample:
         return logits.argmax(-1)
-    scores = logits / temperature
+    scores = logits / temperature if temperature != 1.0 else logits  # x / 1.0 is x: skip the op
     if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -288,6 +300,7 @@ class _Engine:
         weaver_capacity = capacity + max(self.k.values())  # room for the queries
         self.reasoner = _RaggedDecoder(model.reasoner, None, batch, weaver_capacity if self.joint_weaver else capacity,
                                        device, blocks)
+        self.cache_rows = torch.arange(self.reasoner.lengths.shape[0])  # host: the reasoner cache's row ids
         self.embed = model.reasoner.get_input_embeddings()
         self.lm_head = model.reasoner.get_output_embeddings()
         self.last_hidden = torch.zeros(batch, self.embed.weight.shape[1], dtype=self.reasoner.dtype, device=device)
@@ -341,17 +354,18 @@ class _Engine:
         decoder = self.reasoner
         names = [name for name in (None, *decoder.blocks) if name in parts]
         offsets = [decoder.offsets.get(name, 0) for name in names]
-        cache_rows = torch.cat([parts[name].rows + offset for name, offset in zip(names, offsets)])
-        counts = torch.cat([parts[name].counts for name in names])
+        cache_rows = _joined([parts[name].rows + offset if offset else parts[name].rows
+                              for name, offset in zip(names, offsets)])
+        counts = _joined([parts[name].counts for name in names])
         lengths = decoder.lengths[cache_rows]
         width = max(parts[name].items.shape[1] for name in names)
         n_rows, n_items = cache_rows.shape[0], int(counts.sum())
         visible = int((lengths + counts).max())
-        items = parts[names[0]].items if len(names) == 1 else torch.cat(
-            [F.pad(parts[name].items, (0, 0, 0, width - parts[name].items.shape[1])) for name in names])
+        items = _joined([parts[name].items if parts[name].items.shape[1] == width
+                         else F.pad(parts[name].items, (0, 0, 0, width - parts[name].items.shape[1])) for name in names])
         if n_rows * width - n_items <= padding:  # one batch row per row
             call_rows, call_lengths, call_counts = cache_rows, lengths, counts
-            first = torch.arange(n_rows) * width
+            first = torch.arange(0, n_rows * width, width)
             sizes = [parts[name].rows.shape[0] for name in names]
         else:  # one batch row per item
             real = (torch.arange(width) < counts[:, None]).nonzero()  # (row, item) of every real item
@@ -364,7 +378,8 @@ class _Engine:
         rows_device, counts_device, lengths_device = self.to_device(call_rows, call_counts, call_lengths)
         packed = pack_step(None, self.embed.weight, items, counts_device, lengths_device, decoder.capacity, visible)
         n_batch = call_rows.shape[0]
-        in_order = torch.equal(call_rows, torch.arange(n_batch))  # the cache's leading rows: views, no copies
+        # the cache's leading rows: views, no copies (batch rows beyond the cache's repeat some row)
+        in_order = n_batch <= self.cache_rows.shape[0] and torch.equal(call_rows, self.cache_rows[:n_batch])
         starts = None  # the reasoner's rows alone: the bare base (no per-site split, whose Python costs add up)
         if names != [None]:  # each block's first batch row; one absent from the call starts where the next does
             bounds = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
@@ -373,11 +388,12 @@ class _Engine:
                 following = bounds.get(name, following)
                 starts.append(following)
             starts = tuple(reversed(starts))
-        kept = torch.cat([parts[name].counts if parts[name].kept is None else parts[name].kept for name in names])
+        kept = _joined([parts[name].counts if parts[name].kept is None else parts[name].kept for name in names])
         groups = None
         if decoder.by_row and n_batch > n_rows:  # one batch row per item, some rows with several
             groups = RaggedGroups(cache_rows, counts, packed[3], decoder.gqa, self.to_device)
-        hidden = decoder.run(n_batch if in_order else rows_device, packed, cache_rows, kept, starts, groups)
+        advance = n_rows if in_order and n_batch == n_rows else cache_rows  # then cache_rows are the first n_rows
+        hidden = decoder.run(n_batch if in_order else rows_device, packed, advance, kept, starts, groups)
         flat = hidden.flatten(0, 1)
         firsts, at = {}, 0
         for name in names:
@@ -397,11 +413,15 @@ class _Engine:
         rows_device, last_device = self.to_device(part.rows, first + part.counts.long() - 1)
         self.last_hidden[rows_device] = flat[last_device]
         if self.recording:
-            real = (torch.arange(part.items.shape[1]) < part.counts[:, None]).nonzero()
-            real_device, rows_at, slots = self.to_device(real, part.rows[real[:, 0]], lengths.long()[real[:, 0]]
-                                                         + real[:, 1])
-            self.stream[rows_at, slots] = part.items[real_device[:, 0], real_device[:, 1]].to(self.stream.dtype)
-            self.stream_lengths[part.rows] += part.counts
+            if part.items.shape[1] == 1:  # one item a row (every plain step): at each row's next slot
+                slots, = self.to_device(lengths.long())
+                self.stream[rows_device, slots] = part.items[:, 0].to(self.stream.dtype)
+            else:
+                real = (torch.arange(part.items.shape[1]) < part.counts[:, None]).nonzero()
+                real_device, rows_at, slots = self.to_device(real, part.rows[real[:, 0]], lengths.long()[real[:, 0]]
+                                                             + real[:, 1])
+                self.stream[rows_at, slots] = part.items[real_device[:, 0], real_device[:, 1]].to(self.stream.dtype)
+            self.stream_lengths.index_add_(0, part.rows, part.counts)  # rows are distinct
 
     def read_prompts(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor) -> None:
         """The reasoner reads the prompts, and so does the `lora` trigger (in the same call when joint)."""
@@ -703,6 +723,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     active = all_rows  # host: rows unfinished at the last synchronisation, short of max_new_tokens
     weaves_left = torch.full((batch,), budget, dtype=torch.int32)  # host: inference weaves each row may still make
     lag = torch.zeros(batch, dtype=torch.long)  # host: steps each row spent on weaving, choosing no token
+    lags_equal = True  # every row has the same lag (checked when lags change, not every step)
     nothing = all_rows[:0]
     waiting, woven = nothing, None  # host rows whose latents [G, K, d], woven at the last call, this step reads
     weavers, weave_columns = nothing, None  # host rows (and columns) whose joint weaver reads in this step's call
@@ -717,8 +738,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         behind = woven is not None or weavers.numel() > 0  # some rows have latents or weaver items to read
         first = reads_first and (weaving or behind or (sync is not None and engine.memory))
         # every row at one column (always so with rows in step, and at batch 1): whole-column writes
-        uniform = not behind and bool((lag == lag[0]).all())
-        stepping = active[~torch.isin(active, torch.cat([waiting, weavers]))]
+        uniform = not behind and lags_equal
+        stepping = active[~torch.isin(active, torch.cat([waiting, weavers]))] if behind else active
         if not stepping.numel():  # every running row is weaving: a call of latents and weaver items only
             woven_next = engine.read(nothing, None, waiting, woven, weavers=weavers, columns=weave_columns)
             waiting, woven, weavers, step = weavers, woven_next, nothing, step + 1
@@ -745,7 +766,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             width = max(width, int(columns.max()) + 1)
         if penalize:
             seen_tokens[rows_t, tokens] |= ~idle
-        finished = finished | (torch.isin(tokens, eos) & ~idle)
+        ended = torch.isin(tokens, eos)
+        finished = finished | (ended if uniform else ended & ~idle)  # uniform: the idle rows are the finished
         if stop is not None:
             if uniform:
                 finished = finished | stop(new_tokens[:, : at + 1])
@@ -776,14 +798,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                 excluded |= finished
             decisions = engine.decide(tokens, excluded, counts, False,
                                       at + 1 if uniform else (at + 1).clamp(max=max_new_tokens - 1))
-        host_decisions = decisions.long() if decisions is not None else torch.full_like(tokens, -100)
-        host = torch.stack([host_decisions, finished.long(), tokens]).cpu()  # the step's synchronisation
+        # the step's synchronisation: the finished flags, the tokens and the decisions (if any)
+        host = torch.stack([finished.long(), tokens] + ([decisions.long()] if decisions is not None else [])).cpu()
+        host_finished, host_invoking = host[0], host[2] == 1 if decisions is not None else None
         if streamer is not None:
-            streamer.put(host[2])
-        unfinished = (host[1] == 0).nonzero().flatten()
+            streamer.put(host[1])
         company = False
         if sync is not None:
-            running, company = sync.any(unfinished.numel() > 0, bool((host[0] == 1).any()))  # some rank weaves
+            unfinished = (host_finished == 0).nonzero().flatten()
+            running, company = sync.any(unfinished.numel() > 0,  # and whether some rank weaves
+                                        host_invoking is not None and bool(host_invoking.any()))
             if not unfinished.numel():
                 if running:
                     _follow(engine, sync, reads_first, step, max_new_tokens, company)
@@ -794,29 +818,34 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             else:
                 decided_columns = engine.to_device(step + 1 - lag[readers])[0]
                 aug_mask[readers_device, decided_columns] = decisions[readers_device].long()
-        continuing = continuing[host[1][continuing] == 0]
+        continuing = continuing[host_finished[continuing] == 0]
         if not continuing.numel():
             break
-        invoking = (host[0] == 1).nonzero().flatten()
+        invoking = host_invoking.nonzero().flatten() if host_invoking is not None else nothing
+        columns_next = None  # host: the column each invoking row's latents precede
         if invoking.numel():
             weaves_left[invoking] -= 1
-        columns_next = step + 1 - lag[invoking]  # host: the column each invoking row's latents precede
+            columns_next = step + 1 - lag[invoking]
+        held = 0  # steps the invoking rows spend without a token for this weave
         if engine.joint_weaver and first:  # `head`, `lora` (tokens read): the weaver reads in the next step's call,
             weavers, weave_columns = invoking, columns_next  # the reasoner the latents in the one after: two steps
-            lag[invoking] += 2  # without a token
+            held = 2  # without a token
         elif engine.joint_weaver and not reads_first:  # `always`: the weaver reads beside the token, the reasoner
             # the latents in the next step's call
-            readers = continuing[~torch.isin(continuing, waiting)]
+            readers = continuing[~torch.isin(continuing, waiting)] if waiting.numel() else continuing
             woven_next = engine.read(readers, tokens, waiting, woven, weavers=invoking, columns=columns_next)
             waiting, woven = invoking, woven_next
-            lag[invoking] += 1
+            held = 1
         elif run_ahead and invoking.numel():  # `head`, `lora`: the reasoner reads the latents in the next step's call
             waiting, woven = invoking, engine.weave(invoking, INFERENCE, columns_next)
-            lag[invoking] += 1
+            held = 1
         elif first:
             engine.insert(active, invoking, None, INFERENCE, step + 1, company)
         else:
             engine.insert(continuing, invoking, tokens, INFERENCE, step + 1, company)
+        if held and invoking.numel():
+            lag[invoking] += held
+            lags_equal = bool((lag == lag[0]).all())
         active = continuing
         step += 1
     if streamer is not None:
