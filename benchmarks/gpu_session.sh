@@ -2,7 +2,7 @@
 # Build, check and time memgen on a CUDA machine in one go, for a lent GPU whose image already has
 # torch, transformers, peft, triton, pytest and cmake (nothing is installed or downloaded):
 #
-#   bash benchmarks/gpu_session.sh build tests ops calls:small:16 schedules:small:16 decode:small:1 decode:qwen2.5-1.5b:16 train
+#   bash benchmarks/gpu_session.sh build tests ops step-ops:small:1 calls:small:16 schedules:small:16 decode:small:1 train
 #
 # On an H100 host (2026-11-22): build 30 s, tests 140 s, ops 40 s; a decode stage runs 6
 # implementations x 4 generate calls of 256 tokens, and at about 12 ms per step on that host (bound
@@ -76,6 +76,10 @@ for stage in "$@"; do
             IFS=: read -r _ preset batch <<<"$stage"
             run_stage "$stage" 400 python3 benchmarks/schedules.py --device cuda --preset "$preset" --batch "$batch" \
                 --rounds 3 --other-weaver --out "$bench_dir/schedules-$preset-b$batch" ;;
+        step-ops:*)  # step-ops:PRESET:BATCH: ops, kernel launches and copies per token (benchmarks/step_ops.py)
+            IFS=: read -r _ preset batch <<<"$stage"
+            run_stage "$stage" 200 python3 benchmarks/step_ops.py --device cuda --preset "$preset" --batch "$batch" \
+                --out "$bench_dir/step-ops-$preset-b$batch" ;;
         lora-vs-reference)
             run_stage lora-vs-reference 400 "${BENCH[@]}" --out "$bench_dir/decode-small-ref" --suite decode \
                 --preset small --batch 1 --new-tokens 512 --rounds 3 --skip hf_generate always prompt_only head ;;

@@ -360,3 +360,35 @@ def test_schedules_script_times_both_schedules_of_each_trigger_mode(cache, tmp_p
     assert "variant / run ahead" in (tmp_path / "head" / "results.md").read_text()
     report = (tmp_path / "results.md").read_text()
     assert "| head run ahead |" in report and "## Run ahead over in step" in report and "| `lora` |" in report
+
+
+def test_step_ops_script_counts_each_configurations_ops_outside_and_inside_the_decoder(cache, tmp_path, capsys):
+    step_ops = _script("step_ops")
+    with pytest.raises(SystemExit):
+        step_ops.main(["--new-tokens", "0"])
+    assert "--new-tokens must be >= 1, got 0" in capsys.readouterr().err
+    step_ops.main(["--preset", "tiny", "--batch", "2", "--new-tokens", "12", "--impls", "hf_generate", "memory_off",
+                   "always", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    counts = results["step_ops"]
+    assert list(counts) == ["hf_generate", "memory_off", "always"]
+    for impl, figures in counts.items():
+        assert figures["ops_outside"] > 0 and figures["ops_inside"] > 0, impl
+        assert figures["launches_outside"] == figures["copies_inside"] == 0  # no CUDA here
+    # memory adds work outside the layers: the trigger's decisions, the stream, the weaves
+    assert counts["always"]["ops_outside"] > counts["memory_off"]["ops_outside"]
+    assert "| memory_off |" in (tmp_path / "results.md").read_text()
+    assert "ops outside" in capsys.readouterr().out
+
+
+def test_step_ops_counts_leaves_that_do_work_and_places_them_by_the_decoders_ranges():
+    step_ops = _script("step_ops")
+    layer = torch.nn.Linear(4, 4)
+    with torch.profiler.profile() as prof:
+        x = torch.ones(3, 4)
+        y = x.view(12).add(1)  # outside: a view (not counted) and an add
+        with torch.profiler.record_function(step_ops.DECODER):
+            layer(y.view(3, 4))  # inside: linear counts as the ops it runs
+    counts = step_ops.count(prof.events())
+    assert counts["ops_outside"] == 2  # ones' fill_ and the add
+    assert counts["ops_inside"] >= 1 and counts["launches_inside"] == 0
