@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on the CPU, bfloat16 on CUDA")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="default: float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))

@@ -362,7 +362,8 @@ class _Engine:
         n_rows, n_items = cache_rows.shape[0], int(counts.sum())
         visible = int((lengths + counts).max())
         items = _joined([parts[name].items if parts[name].items.shape[1] == width
-                         else F.pad(parts[name].items, (0, 0, 0, width - parts[name].items.shape[1])) for name in names])
+                         else F.pad(parts[name].items, (0, 0, 0, width - parts[name].items.shape[1]))
+                         for name in names])
         if n_rows * width - n_items <= padding:  # one batch row per row
             call_rows, call_lengths, call_counts = cache_rows, lengths, counts
             first = torch.arange(0, n_rows * width, width)
