@@ -801,7 +801,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                                       at + 1 if uniform else (at + 1).clamp(max=max_new_tokens - 1))
         # the step's synchronisation: the finished flags, the tokens and the decisions (if any)
         host = torch.stack([finished.long(), tokens] + ([decisions.long()] if decisions is not None else [])).cpu()
-        host_finished, host_invoking = host[0], host[2] == 1 if decisions is not None else None
+        host_finished, host_invoking = host[0], (host[2] == 1 if decisions is not None else None)
         if streamer is not None:
             streamer.put(host[1])
         company = False
