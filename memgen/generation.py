@@ -781,8 +781,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                 streamer.put(tokens.cpu())
             break
         # rows with a token still to come read this one and decide; the others are complete
-        readers = active if uniform else stepping[columns + 1 < max_new_tokens]
-        continuing = active if uniform else active[~torch.isin(active, stepping[columns + 1 == max_new_tokens])]
+        readers = continuing = active
+        if not uniform:
+            complete = columns + 1 == max_new_tokens  # stepping rows that chose their last token
+            if complete.any():
+                readers = stepping[~complete]
+                continuing = active[~torch.isin(active, stepping[complete])]
+            else:
+                readers = stepping
         decisions = None
         if first and (readers.numel() or behind):  # the rows still decoding read the token (the `lora` trigger's
             # rows: those that may weave), beside the latents woven at the last call and the joint weaver's items
