@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from memgen.bench import decode_suite
@@ -86,6 +87,8 @@ def count(events) -> dict[str, int]:
             if event.name in METADATA or any(_is_op(child) for child in event.cpu_children):
                 continue
             kind = "ops"
+        elif event.device_type != DeviceType.CPU:  # the GPU's own records of kernels and copies: counted at launch
+            continue
         elif "LaunchKernel" in event.name:
             kind = "launches"
         elif "Memcpy" in event.name:
