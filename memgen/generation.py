@@ -195,6 +195,13 @@ def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
+def _without(rows: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """Host rows less those in any of `others` (host, int64); `rows` themselves, with no search, when every one of
+    `others` is empty (the common case in a decode step)."""
+    present = [other for other in others if other.numel()]
+    return rows[~torch.isin(rows, _joined(present))] if present else rows
+
+
 def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                    top_p: float | None, uniforms: torch.Tensor | None) -> torch.Tensor:
     """Next tokens [B] from float logits [B, V]: argmax, or a draw after temperature, top-k and top-p: the
@@ -489,7 +496,7 @@ class _Engine:
             return _Part(readers, torch.ones(readers.shape[0], dtype=torch.int32),
                          self.embed(tokens[readers_device])[:, None])
         a, (g, k) = readers.shape[0], latents.shape[:2]
-        alone = waiting[~torch.isin(waiting, readers)]
+        alone = _without(waiting, readers)
         rows = torch.cat([readers, alone])
         place = torch.full((self.batch,), -1)
         place[waiting] = torch.arange(g)
@@ -740,7 +747,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         first = reads_first and (weaving or behind or (sync is not None and engine.memory))
         # every row at one column (always so with rows in step, and at batch 1): whole-column writes
         uniform = not behind and lags_equal
-        stepping = active[~torch.isin(active, torch.cat([waiting, weavers]))] if behind else active
+        stepping = _without(active, waiting, weavers)
         if not stepping.numel():  # every running row is weaving: a call of latents and weaver items only
             woven_next = engine.read(nothing, None, waiting, woven, weavers=weavers, columns=weave_columns)
             waiting, woven, weavers, step = weavers, woven_next, nothing, step + 1
@@ -786,7 +793,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             complete = columns + 1 == max_new_tokens  # stepping rows that chose their last token
             if complete.any():
                 readers = stepping[~complete]
-                continuing = active[~torch.isin(active, stepping[complete])]
+                continuing = _without(active, stepping[complete])
             else:
                 readers = stepping
         decisions = None
@@ -839,7 +846,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             held = 2  # without a token
         elif engine.joint_weaver and not reads_first:  # `always`: the weaver reads beside the token, the reasoner
             # the latents in the next step's call
-            readers = continuing[~torch.isin(continuing, waiting)] if waiting.numel() else continuing
+            readers = _without(continuing, waiting)
             woven_next = engine.read(readers, tokens, waiting, woven, weavers=invoking, columns=columns_next)
             waiting, woven = invoking, woven_next
             held = 1
