@@ -64,6 +64,9 @@ class RaggedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.capacity
 
+    def get_max_cache_shape(self) -> int:  # get_max_length's name before transformers 5.13
+        return self.capacity
+
 
 class RaggedCache(Cache):
     """Per-row KV buffers for `num_layers` layers; `lengths[b]` counts row b's valid items.

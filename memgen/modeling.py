@@ -15,14 +15,16 @@ that every trainable tensor gets a gradient on every rank (zero where unused), a
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, StopStringCriteria
 from transformers.utils import ModelOutput
 
@@ -75,6 +77,13 @@ def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrain
     if not isinstance(model_or_name, PreTrainedModel) or not hasattr(model_or_name, "get_decoder"):
         raise ValueError(f"{what} must be a Hugging Face causal LM or its name/path, got {type(model_or_name).__name__}")
     return model_or_name
+
+
+def _checkpointing_method(base: PreTrainedModel, action: str) -> Callable[..., None]:
+    """`base`'s activation_checkpointing_{action} (transformers >= 5.23), else its gradient_checkpointing_{action}:
+    the same method under the name older releases give it."""
+    method = getattr(base, f"activation_checkpointing_{action}", None)
+    return method if method is not None else getattr(base, f"gradient_checkpointing_{action}")
 
 
 def _predicting_items(real: torch.Tensor, item_index: torch.Tensor, n_latents: torch.Tensor) -> torch.Tensor:
@@ -184,12 +193,26 @@ class MemGenModel(nn.Module):
                              "restore which adapter ran, which only non-reentrant checkpointing allows)")
         kwargs.update(use_reentrant=False,
                       context_fn=adapter_state_context([layer for b in self._bases() for layer in tuner_layers(b)]))
-        for base in self._bases():
-            base.activation_checkpointing_enable(kwargs, every_n_layers, offload)
+        spread = {} if every_n_layers == 1 and not offload else {"every_n_layers": every_n_layers, "offload": offload}
+        enables = [_checkpointing_method(base, "enable") for base in self._bases()]
+        if spread and any("every_n_layers" not in inspect.signature(enable).parameters for enable in enables):
+            raise ValueError(f"every_n_layers={every_n_layers}, offload={offload}: checkpointing only some layers or "
+                             f"offloading needs transformers >= 5.17 (installed: {transformers.__version__})")
+        for enable in enables:
+            enable(kwargs, **spread)
 
     def activation_checkpointing_disable(self) -> None:
         for base in self._bases():
-            base.activation_checkpointing_disable()
+            _checkpointing_method(base, "disable")()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """`activation_checkpointing_enable` under its former name, the one `Trainer` calls in transformers < 5.23
+        (`TrainingArguments(gradient_checkpointing=True)`)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
 
     # ------------------------------------------------------------------ what trains
 

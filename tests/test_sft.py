@@ -3,12 +3,14 @@ checkpoints, which resume exactly where they stopped."""
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
 import torch
 from transformers import TrainingArguments
 
+from memgen.modeling import _checkpointing_method
 from memgen.training import MemGenCollator, encode_dataset, encode_example, sft_trainer
 from test_modeling import make_model
 
@@ -141,6 +143,13 @@ def test_checkpoints_hold_no_pickles_and_resuming_continues_exactly(tmp_path):
             resume_from_checkpoint=str(tmp_path))
 
 
+def _checkpointing(model) -> bool:
+    """Whether `model` (a Hugging Face model) recomputes its layers in the backward pass, under the name its
+    transformers release gives the flag."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return model.is_gradient_checkpointing if flag is None else flag
+
+
 def test_activation_checkpointing_keeps_the_loss_and_gradients(tmp_path):
     model = make_model("qwen2", k_prompt=4, k_inference=2).train()
     batch = MemGenCollator(model.tokenizer.pad_token_id)(encode_dataset(model.tokenizer, _rows(3)))
@@ -154,15 +163,32 @@ def test_activation_checkpointing_keeps_the_loss_and_gradients(tmp_path):
 
     plain_loss, plain_grads = loss_and_grads()
     model.activation_checkpointing_enable()
-    assert model.reasoner.is_activation_checkpointing
+    assert _checkpointing(model.reasoner)
     checkpointed_loss, checkpointed_grads = loss_and_grads()
     torch.testing.assert_close(checkpointed_loss, plain_loss)
     assert checkpointed_grads.keys() == plain_grads.keys()
     for key, grad in plain_grads.items():
         torch.testing.assert_close(checkpointed_grads[key], grad, rtol=1e-5, atol=1e-7, msg=key)
     model.activation_checkpointing_disable()
-    assert not model.reasoner.is_activation_checkpointing
-    trainer = sft_trainer(make_model("qwen2").train(), _rows(8), _args(tmp_path, max_steps=2,
-                                                                       activation_checkpointing=True))
-    trainer.train()  # Trainer turns it on through MemGenModel.activation_checkpointing_enable
-    assert trainer.model.reasoner.is_activation_checkpointing and trainer.state.global_step == 2
+    assert not _checkpointing(model.reasoner)
+    model.gradient_checkpointing_enable()  # the former name, which Trainer calls in transformers < 5.23
+    assert _checkpointing(model.reasoner)
+    model.gradient_checkpointing_disable()
+    assert not _checkpointing(model.reasoner)
+    # TrainingArguments names the switch activation_checkpointing from transformers 5.23 on
+    names = inspect.signature(TrainingArguments).parameters
+    switch = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    trainer = sft_trainer(make_model("qwen2").train(), _rows(8), _args(tmp_path, max_steps=2, **{switch: True}))
+    trainer.train()  # Trainer turns it on through MemGenModel's method of that name
+    assert _checkpointing(trainer.model.reasoner) and trainer.state.global_step == 2
+
+
+def test_checkpointing_some_layers_is_passed_to_every_base():
+    model = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    if "every_n_layers" not in inspect.signature(_checkpointing_method(model.reasoner, "enable")).parameters:
+        with pytest.raises(ValueError, match="every_n_layers=2, offload=False: .* needs transformers >= 5.17"):
+            model.activation_checkpointing_enable(every_n_layers=2)
+        return
+    model.activation_checkpointing_enable(every_n_layers=2)
+    layers = model.reasoner.get_decoder().layers
+    assert [layer.gradient_checkpointing for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
