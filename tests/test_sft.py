@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 
 from memgen.modeling import _checkpointing_method
 from memgen.training import MemGenCollator, encode_dataset, encode_example, sft_trainer
+from offline import chat_tokenizer, tiny_causal_lm
 from test_modeling import make_model
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
@@ -184,11 +185,13 @@ def test_activation_checkpointing_keeps_the_loss_and_gradients(tmp_path):
 
 
 def test_checkpointing_some_layers_is_passed_to_every_base():
-    model = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    weaver_base = tiny_causal_lm("qwen2", len(chat_tokenizer()), seed=5)  # a base of its own: two bases
+    model = make_model("qwen2", k_prompt=4, k_inference=2, weaver_base=weaver_base).train()
     if "every_n_layers" not in inspect.signature(_checkpointing_method(model.reasoner, "enable")).parameters:
         with pytest.raises(ValueError, match="every_n_layers=2, offload=False: .* needs transformers >= 5.17"):
             model.activation_checkpointing_enable(every_n_layers=2)
         return
     model.activation_checkpointing_enable(every_n_layers=2)
-    layers = model.reasoner.get_decoder().layers
-    assert [layer.gradient_checkpointing for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
+    for base in (model.reasoner, weaver_base):
+        layers = base.get_decoder().layers
+        assert [layer.gradient_checkpointing for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
