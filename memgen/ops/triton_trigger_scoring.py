@@ -1,7 +1,9 @@
 """Triton kernel of fused trigger scoring (kernel and launcher only; semantics in trigger_scoring.py).
 
 Each program takes BLOCK_B rows; in `head` mode it walks the hidden dimension in BLOCK_H chunks,
-accumulating both logits in float32.
+accumulating both logits in float32. The hidden size is a compile-time constant (a model has one): the
+loop's bound is then static, which Triton's CPU interpreter before 3.3 also needs (it cannot take a
+runtime scalar as a range bound under NumPy 2).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ _MODE = {"always": 0, "lora": 1, "head": 2}
 @triton.jit
 def _trigger_scoring_kernel(
     last_tokens, table, counts, finished, logits, hidden, weight, bias, uniforms, decisions,
-    batch, hidden_size, budget, temperature,
-    PROMPT_STEP: tl.constexpr, MODE: tl.constexpr, DO_SAMPLE: tl.constexpr,
+    batch, budget, temperature,
+    PROMPT_STEP: tl.constexpr, MODE: tl.constexpr, DO_SAMPLE: tl.constexpr, HIDDEN: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -39,13 +41,13 @@ def _trigger_scoring_kernel(
         else:
             acc_skip = tl.zeros((BLOCK_B,), dtype=tl.float32)
             acc_invoke = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            for start in range(0, hidden_size, BLOCK_H):
+            for start in range(0, HIDDEN, BLOCK_H):
                 cols = start + tl.arange(0, BLOCK_H)
-                in_cols = cols < hidden_size
-                h = tl.load(hidden + rows[:, None] * hidden_size + cols[None, :],
+                in_cols = cols < HIDDEN
+                h = tl.load(hidden + rows[:, None] * HIDDEN + cols[None, :],
                             mask=point[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
                 w_skip = tl.load(weight + cols, mask=in_cols, other=0.0).to(tl.float32)
-                w_invoke = tl.load(weight + hidden_size + cols, mask=in_cols, other=0.0).to(tl.float32)
+                w_invoke = tl.load(weight + HIDDEN + cols, mask=in_cols, other=0.0).to(tl.float32)
                 acc_skip += tl.sum(h * w_skip[None, :], axis=1)
                 acc_invoke += tl.sum(h * w_invoke[None, :], axis=1)
             skip_logit = acc_skip + tl.load(bias).to(tl.float32)
@@ -82,8 +84,8 @@ def trigger_scoring_triton(
         head_weight.contiguous() if head_weight is not None else placeholder,
         head_bias.contiguous() if head_bias is not None else placeholder,
         uniforms.contiguous() if uniforms is not None else placeholder,
-        decisions, batch, hidden_size, budget, float(temperature),
+        decisions, batch, budget, float(temperature),
         PROMPT_STEP=bool(prompt_step), MODE=_MODE[trigger_mode], DO_SAMPLE=bool(do_sample) and trigger_mode != "always",
-        BLOCK_B=block_b, BLOCK_H=128,
+        HIDDEN=hidden_size, BLOCK_B=block_b, BLOCK_H=128,
     )
     return decisions
