@@ -67,8 +67,8 @@ def _native_extensions():
 def _cuda_toolkit_problem(cuda_home: str, torch_cuda: str) -> str | None:
     """Why the toolkit at `cuda_home` cannot build kernels for a torch built with CUDA `torch_cuda` (None: it
     can). torch finds CUDA_HOME from `nvcc` on the PATH when it is not set, which misses the headers where
-    nvcc is a link outside the toolkit; a toolkit of another major version than torch's fails deep in the
-    build."""
+    nvcc is a wrapper or link outside the toolkit; a toolkit of another major version than torch's fails
+    deep in the build."""
     header = os.path.join(cuda_home, "include", "cuda_runtime.h")
     if not os.path.isfile(header):
         return f"CUDA_HOME={cuda_home} has no include/cuda_runtime.h"
