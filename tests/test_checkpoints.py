@@ -202,7 +202,7 @@ def test_reference_pickles_are_read_with_weights_only(tmp_path):
     model = fresh(seed=0)
     write_reference_dir(model, tmp_path)
     with open(tmp_path / "trigger.bin", "wb") as f:
-        pickle.dump({"output_layer": Payload()}, f)
+        pickle.dump({"output_layer": Payload()}, f, protocol=2)  # torch.save's protocol
     tok = chat_tokenizer()
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
