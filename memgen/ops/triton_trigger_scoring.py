@@ -2,8 +2,8 @@
 
 Each program takes BLOCK_B rows; in `head` mode it walks the hidden dimension in BLOCK_H chunks,
 accumulating both logits in float32. The hidden size is a compile-time constant (a model has one): the
-loop's bound is then static, which Triton's CPU interpreter before 3.3 also needs (it cannot take a
-runtime scalar as a range bound under NumPy 2).
+loop's bound is then static, which Triton's CPU interpreter in 3.2 and 3.3 also needs (it cannot take
+a runtime scalar as a range bound under NumPy 2).
 """
 
 from __future__ import annotations
