@@ -12,6 +12,10 @@ under the torch profiler, after one call that is not profiled, and counts per ge
   operations it runs) issued by the engine or by Hugging Face `generate`, not within a decoder layer,
   the rotary embedding or the final norm;
 - ops inside: the same within those modules;
+- transfers: the host tensors the engine sends to the device (the rows, counts and cache lengths it
+  keeps on the host). On a GPU each is a copy into pinned memory and an asynchronous copy; on a CPU
+  they stay where they are and no op counts them, so this is the part of a GPU step's fixed cost that
+  a CPU's op counts miss. Hugging Face `generate` keeps its books on the device: none;
 - on CUDA, also the kernel launches and the host-device copies outside and inside.
 
     python benchmarks/step_ops.py --preset tiny --batch 1 --new-tokens 64 [--impls memory_off always]
@@ -21,6 +25,7 @@ under the torch profiler, after one call that is not profiled, and counts per ge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -29,6 +34,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from memgen import generation
 from memgen.bench import decode_suite
 from memgen.bench.harness import run_meta, synchronize
 from memgen.bench.report import machine_line
@@ -99,6 +105,24 @@ def count(events) -> dict[str, int]:
     return counts
 
 
+@contextlib.contextmanager
+def counting_transfers():
+    """Counts the host tensors every generate call in the block sends to the device (`_Engine.to_device`):
+    yields a one-key dict whose "transfers" grows as they are sent."""
+    seen = {"transfers": 0}
+    original = generation._Engine.to_device
+
+    def counted(engine, *host):
+        seen["transfers"] += len(host)
+        return original(engine, *host)
+
+    generation._Engine.to_device = counted
+    try:
+        yield seen
+    finally:
+        generation._Engine.to_device = original
+
+
 def step_ops(preset: str, device: str, dtype: torch.dtype, batch: int, new_tokens: int,
              impls: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Per implementation, each of `count`'s figures per generated token (one profiled generate call)."""
@@ -112,10 +136,11 @@ def step_ops(preset: str, device: str, dtype: torch.dtype, batch: int, new_token
             fn = case.impls[impl]
             fn()
             synchronize(device)
-            with profile(activities=activities) as prof:
+            with profile(activities=activities) as prof, counting_transfers() as transfers:
                 fn()
                 synchronize(device)
-            out[impl] = {name: value / new_tokens for name, value in count(prof.events()).items()}
+            counts = {**count(prof.events()), **transfers}
+            out[impl] = {name: value / new_tokens for name, value in counts.items()}
     finally:
         for handle in handles:
             handle.remove()
@@ -124,13 +149,14 @@ def step_ops(preset: str, device: str, dtype: torch.dtype, batch: int, new_token
 
 def markdown(results: dict) -> str:
     cuda = results["meta"]["device"].startswith("cuda")
-    columns = ["ops outside", "ops inside"] + (["launches outside", "launches inside", "copies outside",
+    columns = ["ops outside", "ops inside", "transfers"] + (["launches outside", "launches inside", "copies outside",
                                                  "copies inside"] if cuda else [])
     lines = [f"# memgen step ops: {machine_line(results['meta'])}", "",
              f"Per generated token, batch {results['batch']}, {results['new_tokens']} new tokens; one generate call "
              "each, under the torch profiler. Outside: issued by the engine (or Hugging Face `generate`) itself; "
              "inside: within a decoder layer, the rotary embedding or the final norm. Ops: the operations that do "
-             "work (views and allocations left out).", "",
+             "work (views and allocations left out). Transfers: host tensors the engine sends to the device (on "
+             "a GPU a copy into pinned memory and an asynchronous copy each; on a CPU none happens).", "",
              "| implementation | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for impl, counts in results["step_ops"].items():
         cells = [f"{counts[name.replace(' ', '_')]:.1f}" for name in columns]

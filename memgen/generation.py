@@ -308,6 +308,10 @@ class _Engine:
         self.reasoner = _RaggedDecoder(model.reasoner, None, batch, weaver_capacity if self.joint_weaver else capacity,
                                        device, blocks)
         self.cache_rows = torch.arange(self.reasoner.lengths.shape[0])  # host: the reasoner cache's row ids
+        # The same ids on the device, and device ones (the counts of a call of one item per batch row), so that a
+        # call over the leading rows in order, one item each (every plain step), copies no rows or counts there.
+        self.row_ids = self.cache_rows.to(device)
+        self.ones = torch.ones(max(64, self.cache_rows.shape[0]), dtype=torch.int32, device=device)
         self.embed = model.reasoner.get_input_embeddings()
         self.lm_head = model.reasoner.get_output_embeddings()
         self.last_hidden = torch.zeros(batch, self.embed.weight.shape[1], dtype=self.reasoner.dtype, device=device)
@@ -343,6 +347,12 @@ class _Engine:
             return list(host)
         return [t.pin_memory().to(self.device, non_blocking=True) for t in host]
 
+    def _ones(self, n: int) -> torch.Tensor:
+        """Device int32 ones [n] (grown on demand)."""
+        if self.ones.shape[0] < n:
+            self.ones = torch.ones(2 * n, dtype=self.ones.dtype, device=self.device)
+        return self.ones[:n]
+
     # -- the reasoner's calls -------------------------------------------------------------------
 
     def _call(self, parts: dict[str | None, _Part],
@@ -372,7 +382,8 @@ class _Engine:
                          else F.pad(parts[name].items, (0, 0, 0, width - parts[name].items.shape[1]))
                          for name in names])
         if n_rows * width - n_items <= padding:  # one batch row per row
-            call_rows, call_lengths, call_counts = cache_rows, lengths, counts
+            call_rows, call_lengths = cache_rows, lengths
+            call_counts = None if width == 1 else counts  # None: one item each
             first = torch.arange(0, n_rows * width, width)
             sizes = [parts[name].rows.shape[0] for name in names]
         else:  # one batch row per item
@@ -380,14 +391,15 @@ class _Engine:
             real_device, = self.to_device(real)
             items = items[real_device[:, 0], real_device[:, 1]][:, None]
             call_rows, call_lengths = cache_rows[real[:, 0]], (lengths[real[:, 0]] + real[:, 1]).to(torch.int32)
-            call_counts = torch.ones(n_items, dtype=torch.int32)
+            call_counts = None
             first = torch.cumsum(counts, 0) - counts
             sizes = [int(parts[name].counts.sum()) for name in names]
-        rows_device, counts_device, lengths_device = self.to_device(call_rows, call_counts, call_lengths)
-        packed = pack_step(None, self.embed.weight, items, counts_device, lengths_device, decoder.capacity, visible)
         n_batch = call_rows.shape[0]
         # the cache's leading rows: views, no copies (batch rows beyond the cache's repeat some row)
         in_order = n_batch <= self.cache_rows.shape[0] and torch.equal(call_rows, self.cache_rows[:n_batch])
+        lengths_device, = self.to_device(call_lengths)
+        counts_device = self._ones(n_batch) if call_counts is None else self.to_device(call_counts)[0]
+        packed = pack_step(None, self.embed.weight, items, counts_device, lengths_device, decoder.capacity, visible)
         starts = None  # the reasoner's rows alone: the bare base (no per-site split, whose Python costs add up)
         if names != [None]:  # each block's first batch row; one absent from the call starts where the next does
             bounds = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
@@ -401,14 +413,18 @@ class _Engine:
         if decoder.by_row and n_batch > n_rows:  # one batch row per item, some rows with several
             groups = RaggedGroups(cache_rows, counts, packed[3], decoder.gqa, self.to_device)
         advance = n_rows if in_order and n_batch == n_rows else cache_rows  # then cache_rows are the first n_rows
-        hidden = decoder.run(n_batch if in_order else rows_device, packed, advance, kept, starts, groups)
+        hidden = decoder.run(n_batch if in_order else self.to_device(call_rows)[0], packed, advance, kept, starts,
+                             groups)
         flat = hidden.flatten(0, 1)
         firsts, at = {}, 0
         for name in names:
             firsts[name] = first[at:at + parts[name].rows.shape[0]]
             at += parts[name].rows.shape[0]
         if None in parts:
-            self._after_reasoner(parts[None], lengths[: parts[None].rows.shape[0]], firsts[None], flat)
+            n = parts[None].rows.shape[0]
+            # one item a row, laid out one batch row per row, in the cache's order: row r's item is flat[r]
+            leading = lengths_device[:n] if in_order and width == 1 else None
+            self._after_reasoner(parts[None], lengths[:n], firsts[None], flat, leading)
         if self.joint and self.model.trigger.adapter_name in parts:
             trigger = parts[self.model.trigger.adapter_name]
             rows_device, last_device = self.to_device(trigger.rows, firsts[self.model.trigger.adapter_name]
@@ -416,13 +432,23 @@ class _Engine:
             self.trigger_hidden[rows_device] = flat[last_device]
         return flat, firsts
 
-    def _after_reasoner(self, part: _Part, lengths: torch.Tensor, first: torch.Tensor, flat: torch.Tensor) -> None:
-        """The reasoner's rows after a call: their last hidden states, and their items in the stream."""
-        rows_device, last_device = self.to_device(part.rows, first + part.counts.long() - 1)
-        self.last_hidden[rows_device] = flat[last_device]
+    def _after_reasoner(self, part: _Part, lengths: torch.Tensor, first: torch.Tensor, flat: torch.Tensor,
+                        leading: torch.Tensor | None) -> None:
+        """The reasoner's rows after a call: their last hidden states, and their items in the stream.
+
+        lengths: the rows' cache lengths before the call (host int32 [R]). leading: when the rows are the first R
+        batch rows in order, one item each, at flat[:R], the same lengths on the device (nothing to copy there).
+        """
+        n = part.rows.shape[0]
+        if leading is not None:
+            rows_device = self.row_ids[:n]
+            self.last_hidden[:n] = flat[:n]
+        else:
+            rows_device, last_device = self.to_device(part.rows, first + part.counts.long() - 1)
+            self.last_hidden[rows_device] = flat[last_device]
         if self.recording:
             if part.items.shape[1] == 1:  # one item a row (every plain step): at each row's next slot
-                slots, = self.to_device(lengths.long())
+                slots = leading if leading is not None else self.to_device(lengths)[0]
                 self.stream[rows_device, slots] = part.items[:, 0].to(self.stream.dtype)
             else:
                 real = (torch.arange(part.items.shape[1]) < part.counts[:, None]).nonzero()
@@ -489,12 +515,13 @@ class _Engine:
                        latents: torch.Tensor | None) -> _Part | None:
         """`read`'s reasoner rows: the readers, each with its token then its latents if it waits too, then the
         waiting rows that read latents only."""
-        readers_device, = self.to_device(readers)
         if waiting is None or not waiting.numel():
             if not readers.numel():
                 return None
+            every_row = readers.shape[0] == self.batch and torch.equal(readers, self.all_rows)
             return _Part(readers, torch.ones(readers.shape[0], dtype=torch.int32),
-                         self.embed(tokens[readers_device])[:, None])
+                         self.embed(tokens if every_row else tokens[self.to_device(readers)[0]])[:, None])
+        readers_device, = self.to_device(readers)
         a, (g, k) = readers.shape[0], latents.shape[:2]
         alone = _without(waiting, readers)
         rows = torch.cat([readers, alone])

@@ -379,6 +379,10 @@ def test_step_ops_script_counts_each_configurations_ops_outside_and_inside_the_d
         assert figures["launches_outside"] == figures["copies_inside"] == 0  # no CUDA here
     # memory adds work outside the layers: the trigger's decisions, the stream, the weaves
     assert counts["always"]["ops_outside"] > counts["memory_off"]["ops_outside"]
+    # HF keeps its books on the device; a plain step of the engine sends only its rows' cache lengths there (the
+    # prompt's read a few more, once: 15 over 12 tokens)
+    assert counts["hf_generate"]["transfers"] == 0
+    assert 0 < counts["memory_off"]["transfers"] < 1.5 < counts["always"]["transfers"]
     assert "| memory_off |" in (tmp_path / "results.md").read_text()
     assert "ops outside" in capsys.readouterr().out
 
