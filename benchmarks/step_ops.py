@@ -12,10 +12,11 @@ under the torch profiler, after one call that is not profiled, and counts per ge
   operations it runs) issued by the engine or by Hugging Face `generate`, not within a decoder layer,
   the rotary embedding or the final norm;
 - ops inside: the same within those modules;
-- transfers: the host tensors the engine sends to the device (the rows, counts and cache lengths it
-  keeps on the host). On a GPU each is a copy into pinned memory and an asynchronous copy; on a CPU
-  they stay where they are and no op counts them, so this is the part of a GPU step's fixed cost that
-  a CPU's op counts miss. Hugging Face `generate` keeps its books on the device: none;
+- transfers: the copies by which the engine sends host tensors (the rows, counts and cache lengths it
+  keeps on the host) to the device, several tensors packed in one (`memgen.transfers`). On a GPU each
+  is a host copy into pinned memory and an asynchronous copy; on a CPU the tensors stay where they are
+  and no op counts them, so this is the part of a GPU step's fixed cost that a CPU's op counts miss.
+  Hugging Face `generate` keeps its books on the device: none;
 - on CUDA, also the kernel launches and the host-device copies outside and inside.
 
     python benchmarks/step_ops.py --preset tiny --batch 1 --new-tokens 64 [--impls memory_off always]
@@ -107,13 +108,13 @@ def count(events) -> dict[str, int]:
 
 @contextlib.contextmanager
 def counting_transfers():
-    """Counts the host tensors every generate call in the block sends to the device (`_Engine.to_device`):
-    yields a one-key dict whose "transfers" grows as they are sent."""
+    """Counts the copies to the device (`_Engine.to_device`, each of one or several host tensors) that generate
+    calls in the block make: yields a one-key dict whose "transfers" grows as they are made."""
     seen = {"transfers": 0}
     original = generation._Engine.to_device
 
     def counted(engine, *host):
-        seen["transfers"] += len(host)
+        seen["transfers"] += bool(host)
         return original(engine, *host)
 
     generation._Engine.to_device = counted
@@ -155,8 +156,9 @@ def markdown(results: dict) -> str:
              f"Per generated token, batch {results['batch']}, {results['new_tokens']} new tokens; one generate call "
              "each, under the torch profiler. Outside: issued by the engine (or Hugging Face `generate`) itself; "
              "inside: within a decoder layer, the rotary embedding or the final norm. Ops: the operations that do "
-             "work (views and allocations left out). Transfers: host tensors the engine sends to the device (on "
-             "a GPU a copy into pinned memory and an asynchronous copy each; on a CPU none happens).", "",
+             "work (views and allocations left out). Transfers: copies of host tensors the engine sends to the "
+             "device (on a GPU a copy into pinned memory and an asynchronous copy each; on a CPU none happens).",
+             "",
              "| implementation | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for impl, counts in results["step_ops"].items():
         cells = [f"{counts[name.replace(' ', '_')]:.1f}" for name in columns]

@@ -55,6 +55,7 @@ import torch
 from torch.nn import functional as F
 from transformers.utils import ModelOutput
 
+from memgen import transfers
 from memgen.adapters import BareBase, SplitBatch, active_adapter, tuner_layers
 from memgen.attention import RaggedGroups, grouped_calls
 from memgen.cache import RaggedCache
@@ -340,12 +341,11 @@ class _Engine:
                                               dtype=trigger_model.get_input_embeddings().weight.dtype, device=device)
 
     def to_device(self, *host: torch.Tensor) -> list[torch.Tensor]:
-        """Host tensors on the engine's device without a synchronisation: a copy from pageable memory
-        makes the host wait for the copy (and so for the stream's queued work), one from pinned memory
-        does not. On the CPU they are returned as they are."""
+        """Host tensors on the engine's device, in one copy without a synchronisation (`memgen.transfers`). On the
+        CPU they are returned as they are."""
         if self.device.type == "cpu":
             return list(host)
-        return [t.pin_memory().to(self.device, non_blocking=True) for t in host]
+        return transfers.to_device(host, self.device)
 
     def _ones(self, n: int) -> torch.Tensor:
         """Device int32 ones [n] (grown on demand)."""
@@ -397,8 +397,11 @@ class _Engine:
         n_batch = call_rows.shape[0]
         # the cache's leading rows: views, no copies (batch rows beyond the cache's repeat some row)
         in_order = n_batch <= self.cache_rows.shape[0] and torch.equal(call_rows, self.cache_rows[:n_batch])
-        lengths_device, = self.to_device(call_lengths)
-        counts_device = self._ones(n_batch) if call_counts is None else self.to_device(call_counts)[0]
+        # one copy: the lengths, the counts unless all are one, the rows unless they are the cache's leading rows
+        lengths_device, *sent = self.to_device(call_lengths, *([] if call_counts is None else [call_counts]),
+                                               *([] if in_order else [call_rows]))
+        counts_device = self._ones(n_batch) if call_counts is None else sent.pop(0)
+        rows_device = None if in_order else sent.pop(0)
         packed = pack_step(None, self.embed.weight, items, counts_device, lengths_device, decoder.capacity, visible)
         starts = None  # the reasoner's rows alone: the bare base (no per-site split, whose Python costs add up)
         if names != [None]:  # each block's first batch row; one absent from the call starts where the next does
@@ -413,8 +416,7 @@ class _Engine:
         if decoder.by_row and n_batch > n_rows:  # one batch row per item, some rows with several
             groups = RaggedGroups(cache_rows, counts, packed[3], decoder.gqa, self.to_device)
         advance = n_rows if in_order and n_batch == n_rows else cache_rows  # then cache_rows are the first n_rows
-        hidden = decoder.run(n_batch if in_order else self.to_device(call_rows)[0], packed, advance, kept, starts,
-                             groups)
+        hidden = decoder.run(n_batch if in_order else rows_device, packed, advance, kept, starts, groups)
         flat = hidden.flatten(0, 1)
         firsts, at = {}, 0
         for name in names:
