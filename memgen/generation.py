@@ -422,16 +422,20 @@ class _Engine:
         for name in names:
             firsts[name] = first[at:at + parts[name].rows.shape[0]]
             at += parts[name].rows.shape[0]
+        # One item a row, laid out one batch row per row, in the cache's order: each block's rows are its first
+        # rows in order (all B of them where a later block follows), its items a run of flat: no index to copy.
+        leading = in_order and width == 1
         if None in parts:
             n = parts[None].rows.shape[0]
-            # one item a row, laid out one batch row per row, in the cache's order: row r's item is flat[r]
-            leading = lengths_device[:n] if in_order and width == 1 else None
-            self._after_reasoner(parts[None], lengths[:n], firsts[None], flat, leading)
+            self._after_reasoner(parts[None], lengths[:n], firsts[None], flat, lengths_device[:n] if leading else None)
         if self.joint and self.model.trigger.adapter_name in parts:
-            trigger = parts[self.model.trigger.adapter_name]
-            rows_device, last_device = self.to_device(trigger.rows, firsts[self.model.trigger.adapter_name]
-                                                      + trigger.counts.long() - 1)
-            self.trigger_hidden[rows_device] = flat[last_device]
+            trigger, first = parts[self.model.trigger.adapter_name], firsts[self.model.trigger.adapter_name]
+            if leading:
+                start, n = int(first[0]), trigger.rows.shape[0]
+                self.trigger_hidden[:n] = flat[start:start + n]
+            else:
+                rows_device, last_device = self.to_device(trigger.rows, first + trigger.counts.long() - 1)
+                self.trigger_hidden[rows_device] = flat[last_device]
         return flat, firsts
 
     def _after_reasoner(self, part: _Part, lengths: torch.Tensor, first: torch.Tensor, flat: torch.Tensor,
@@ -488,15 +492,18 @@ class _Engine:
         Laid out one batch row per row while the padding stays under the device's bound (`_call`).
         """
         parts = {}
-        if trigger_rows is not None and not self.joint:
-            self._trigger_reads(trigger_rows, tokens)
-        elif trigger_rows is not None and trigger_rows.numel():
-            parts[self.model.trigger.adapter_name] = _Part(
-                trigger_rows, torch.ones(trigger_rows.shape[0], dtype=torch.int32),
-                self.embed(tokens[self.to_device(trigger_rows)[0]])[:, None])
         reasoner = self._reasoner_part(readers, tokens, waiting, latents)
         if reasoner is not None:
             parts[None] = reasoner
+        if trigger_rows is not None and not self.joint:
+            self._trigger_reads(trigger_rows, tokens)
+        elif trigger_rows is not None and trigger_rows.numel():
+            # the trigger reads the embeddings the reasoner reads, when the two read the same tokens
+            same = (reasoner is not None and reasoner.items.shape[1] == 1
+                    and torch.equal(reasoner.rows, trigger_rows))
+            parts[self.model.trigger.adapter_name] = _Part(
+                trigger_rows, torch.ones(trigger_rows.shape[0], dtype=torch.int32),
+                reasoner.items if same else self.embed(tokens[self.to_device(trigger_rows)[0]])[:, None])
         pending = None
         if weavers is not None and weavers.numel():
             ahead = torch.isin(weavers, readers)
