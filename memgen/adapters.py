@@ -26,10 +26,16 @@ def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def _linear_names(model: nn.Module) -> list[str]:
+    """The distinct names (last component) of `model`'s linear layers, for an error that must suggest targets."""
+    return sorted({path.rsplit(".", 1)[-1] for path, module in model.named_modules() if isinstance(module, nn.Linear)})
+
+
 def add_lora_adapter(model: nn.Module, name: str, settings: dict[str, Any]) -> None:
     """Inject LoRA adapter `name` into `model` in place (float32 weights), leaving adapters off."""
     no_match = ValueError(f"{name}_lora['target_modules'] = {settings['target_modules']} match no module of "
-                          f"{type(model).__name__}; name modules that exist in the model (e.g. q_proj, v_proj)")
+                          f"{type(model).__name__}; name modules that exist in the model (its linear layers: "
+                          f"{', '.join(_linear_names(model))})")
     with warnings.catch_warnings():
         # a second adapter on a shared base is the point here, not an accident
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

@@ -309,7 +309,9 @@ def test_bad_construction():
     tok.pad_token = None
     with pytest.raises(ValueError, match="tokenizer.pad_token = tokenizer.eos_token"):
         MemGenModel.from_reasoner(tiny_causal_lm("qwen2", len(tok)), tok)
-    with pytest.raises(ValueError, match="match no module"):
+    # the message lists the model's own linear layers as the names to pick from
+    with pytest.raises(ValueError, match="match no module.*its linear layers: down_proj, gate_proj, k_proj, lm_head, "
+                                         "o_proj, q_proj, up_proj, v_proj"):
         MemGenModel.from_reasoner(tiny_causal_lm("qwen2", len(chat_tokenizer())), chat_tokenizer(),
                                   MemGenConfig(weaver_lora={"target_modules": ["no_such_proj"]}))
 

@@ -1,0 +1,69 @@
+"""Decoders of other classes than the engine drives directly (Qwen2, Qwen3, Llama) run through their own forward
+with memgen's ragged cache: generation and the training forward equal the reference there too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from memgen import MemGenConfig, MemGenModel
+from memgen.layer_stack import direct_call
+from offline import chat_tokenizer
+from test_generation import assert_same_as_reference
+from test_modeling import assert_matches_reference, make_batch
+
+# class name prefix, extra config fields, the LoRA targets (attention projections under the model's own names)
+ARCHITECTURES = {
+    "mistral": ("Mistral", {}, ["q_proj", "v_proj"]),
+    "gemma2": ("Gemma2", {"head_dim": 16, "sliding_window": 4096}, ["q_proj", "v_proj"]),  # soft-capped logits
+    "phi3": ("Phi3", {}, ["qkv_proj"]),  # fused projections
+    "gpt_neox": ("GPTNeoX", {}, ["query_key_value"]),  # other module names, parallel residual
+    "qwen3_moe": ("Qwen3Moe", {"head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
+                               "num_experts_per_tok": 2}, ["q_proj", "v_proj"]),
+}
+
+
+def other_model(arch: str, trigger_mode: str = "always") -> MemGenModel:
+    """A tiny random model of `arch` whose LM head favours delimiters (so that generation weaves) and whose
+    adapters matter (LoRA B starts at zero)."""
+    prefix, extra, targets = ARCHITECTURES[arch]
+    tok = chat_tokenizer()
+    config = getattr(transformers, f"{prefix}Config")(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=None,
+        bos_token_id=None, eos_token_id=None, **extra)
+    torch.manual_seed(0)
+    reasoner = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    lora = {"lora_dropout": 0.0, "target_modules": targets}
+    model = MemGenModel.from_reasoner(reasoner, tok, MemGenConfig(
+        prompt_latents_len=3, inference_latents_len=2, max_inference_aug_num=4, trigger_mode=trigger_mode,
+        weaver_lora=lora, trigger_lora=lora)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for stage in ("weaver", "trigger"):
+            for name, p in model.stage_parameters(stage).items():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        model.reasoner.get_output_embeddings().weight[model.delimiter_table.nonzero().flatten()] *= 2.5
+        if model.trigger is not None:
+            model.trigger.output_layer.weight.normal_(0, 1.0, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("trigger_mode", ["always", "lora"])
+def test_greedy_generation_equals_the_reference(arch, trigger_mode):
+    model = other_model(arch, trigger_mode)
+    assert direct_call(model.reasoner.get_decoder()) is None  # the forward's path, not the direct one
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
+    assert (out.augmentation_mask[:, 1:] == 1).any(), "some row should weave after its prompt"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_training_forward_equals_the_reference(arch):
+    model = other_model(arch)
+    input_ids, mask, labels = make_batch(model, [2, 0, 4], "right", seed=5)
+    out = assert_matches_reference(model, input_ids, mask, labels)
+    assert (out.augmentation_points != 0).sum() == 3 + 2 + 4
