@@ -18,8 +18,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 # Decoders whose forward, given inputs_embeds, a 4D mask and position ids, is rotary embedding ->
-# layers -> norm when no layer has a sliding window.
-DIRECT_DECODERS = ("LlamaModel", "Qwen2Model", "Qwen3Model")
+# layers -> norm when no layer has a sliding window (each checked against its forward in the tests).
+DIRECT_DECODERS = ("LlamaModel", "MistralModel", "Olmo2Model", "Phi3Model", "Qwen2Model", "Qwen2MoeModel", "Qwen3Model",
+                   "Qwen3MoeModel")
 
 Call = Callable[..., torch.Tensor]  # (items, mask, positions, cache, **attention keyword arguments) -> hidden
 

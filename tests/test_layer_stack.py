@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from memgen.adapters import active_adapter
 from memgen.cache import RaggedCache
 from memgen.layer_stack import direct_call, forward_call
 from memgen.ops import pack_ragged
+from test_architectures import ARCHITECTURES, THROUGH_FORWARD, other_model
 from test_modeling import make_model
 
 
@@ -30,10 +32,10 @@ def _ragged_calls(decoder, call, stream, seed):
     return outputs
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama", *(a for a in ARCHITECTURES if a not in THROUGH_FORWARD)])
 @pytest.mark.parametrize("adapter", [None, "weaver"])
 def test_direct_call_equals_forward(arch, adapter):
-    model = make_model(arch)
+    model = make_model(arch) if arch in ("qwen2", "qwen3", "llama") else other_model(arch)
     base = model.weaver.model
     decoder = base.get_decoder()
     direct = direct_call(decoder)
@@ -52,9 +54,12 @@ def test_direct_call_is_declined_where_the_forward_does_more():
                                            num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                                            sliding_window=8, max_window_layers=0))
     assert direct_call(sliding.get_decoder()) is None, "sliding-window layers need the forward's second mask"
-    other = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2))
+    other = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4))
     assert direct_call(other.get_decoder()) is None, "a class not known to be a plain layer stack"
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, sliding_window=16))
+    assert direct_call(windowed.get_decoder()) is None, "a known class, with a sliding window"
     hooked = make_model("qwen2").reasoner.get_decoder()
     hooked.register_forward_pre_hook(lambda module, args: None)
     assert direct_call(hooked) is None, "a hook on the decoder must still run"
