@@ -100,14 +100,15 @@ class _RaggedDecoder:
 
     blocks: adapters on the same base whose rows share the cache (the `lora` trigger's, the weaver's): cache rows
     [(i + 1) B, (i + 2) B) are rows 0..B-1 read through adapter blocks[i], so one call can serve them all (`run`'s
-    starts).
+    starts). longest: the most positions a row's items span (default: the capacity); a sliding window at least
+    that long cannot bind, so the layers can still be driven directly (`direct_call`).
     """
 
     def __init__(self, model, adapter: str | None, batch: int, capacity: int, device: torch.device,
-                 blocks: tuple[str, ...] = ()) -> None:
+                 blocks: tuple[str, ...] = (), longest: int | None = None) -> None:
         self.model, self.adapter, self.capacity, self.batch = model, adapter, capacity, batch
         decoder = model.get_decoder()
-        direct = direct_call(decoder)
+        direct = direct_call(decoder, capacity if longest is None else longest)
         self.call, self.direct = direct or forward_call(decoder), direct is not None
         self.config = decoder.config
         self.by_row = self.direct and self.config._attn_implementation in BY_ROW_ATTENTION
@@ -306,8 +307,9 @@ class _Engine:
             (model.weaver.adapter_name,) if self.joint_weaver else ())
         capacity = width + max_new_tokens + (self.k[PROMPT] if prompt_budget else 0) + self.k[INFERENCE] * budget
         weaver_capacity = capacity + max(self.k.values())  # room for the queries
+        # (a row's positions stay under `capacity`: the weaver's queries follow a stream short of this weave's latents)
         self.reasoner = _RaggedDecoder(model.reasoner, None, batch, weaver_capacity if self.joint_weaver else capacity,
-                                       device, blocks)
+                                       device, blocks, longest=capacity)
         self.cache_rows = torch.arange(self.reasoner.lengths.shape[0])  # host: the reasoner cache's row ids
         # The same ids on the device, and device ones (the counts of a call of one item per batch row), so that a
         # call over the leading rows in order, one item each (every plain step), copies no rows or counts there.
@@ -323,7 +325,7 @@ class _Engine:
                 self.weaver, self.weaver_offset = self.reasoner, self.reasoner.offsets[model.weaver.adapter_name]
             else:
                 self.weaver = _RaggedDecoder(model.weaver.model, model.weaver.adapter_name, batch, weaver_capacity,
-                                             device)
+                                             device, longest=capacity)
                 self.weaver_offset = 0
             self.queries = {kind: model.weaver.queries(kind).to(self.weaver.dtype) for kind in (PROMPT, INFERENCE)}
             # Every row's stream of reasoner inputs (slot i: its i-th item); the weaver projects what it reads.

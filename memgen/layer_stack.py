@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 # Decoders whose forward, given inputs_embeds, a 4D mask and position ids, is rotary embedding ->
-# layers -> norm when no layer has a sliding window (each checked against its forward in the tests).
+# layers -> norm when no layer's sliding window binds (each checked against its forward in the tests).
 DIRECT_DECODERS = ("LlamaModel", "MistralModel", "Olmo2Model", "Phi3Model", "Qwen2Model", "Qwen2MoeModel", "Qwen3Model",
                    "Qwen3MoeModel")
 
@@ -40,13 +40,19 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None))
 
 
-def direct_call(decoder: nn.Module) -> Call | None:
+def direct_call(decoder: nn.Module, longest: int | None = None) -> Call | None:
     """(items, mask, positions, cache, **attention) -> last hidden state, through `decoder`'s layers directly
     (`attention`: keyword arguments for the attention function); None when `decoder` must run through its own
-    forward (unknown class, sliding-window layers, hooks on the decoder, sharded units)."""
+    forward (unknown class, sliding-window layers whose window may bind, hooks on the decoder, sharded units).
+
+    longest: the most positions any sequence of the calls spans. A window at least that long never binds (a
+    query sees the keys less than a window before it): every layer then takes the one causal mask. None: any
+    window may bind.
+    """
     config = decoder.config
+    window = sliding_window(config)
     if (type(decoder).__name__ not in DIRECT_DECODERS or not type(decoder).__module__.startswith("transformers.")
-            or sliding_window(config) is not None or _hooked(decoder)):
+            or (window is not None and (longest is None or longest > window)) or _hooked(decoder)):
         return None
     layers = list(decoder.layers[: config.num_hidden_layers])
     if any(isinstance(layer, (FSDPModule, FullyShardedDataParallel)) for layer in layers):

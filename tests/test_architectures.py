@@ -22,12 +22,12 @@ ARCHITECTURES = {
                                "num_experts_per_tok": 2}, ["q_proj", "v_proj"]),
     "qwen3_moe": ("Qwen3Moe", {"head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
                                "num_experts_per_tok": 2}, ["q_proj", "v_proj"]),
+    "mistral_window": ("Mistral", {}, ["q_proj", "v_proj"]),  # a sliding window (longer than any sequence here)
     # through their forward
     "gemma2": ("Gemma2", {"head_dim": 16, "sliding_window": 4096}, ["q_proj", "v_proj"]),  # soft-capped logits
     "gpt_neox": ("GPTNeoX", {}, ["query_key_value"]),  # other module names, parallel residual
-    "mistral_window": ("Mistral", {}, ["q_proj", "v_proj"]),  # a sliding window (longer than any sequence here)
 }
-THROUGH_FORWARD = ("gemma2", "gpt_neox", "mistral_window")
+THROUGH_FORWARD = ("gemma2", "gpt_neox")
 
 
 def other_model(arch: str, trigger_mode: str = "always") -> MemGenModel:
@@ -66,7 +66,8 @@ def other_model(arch: str, trigger_mode: str = "always") -> MemGenModel:
 @pytest.mark.parametrize("trigger_mode", ["always", "lora"])
 def test_greedy_generation_equals_the_reference(arch, trigger_mode):
     model = other_model(arch, trigger_mode)
-    assert (direct_call(model.reasoner.get_decoder()) is None) == (arch in THROUGH_FORWARD)
+    # (the sequences here span under 512 positions, the engine's bound on them, and each window is longer)
+    assert (direct_call(model.reasoner.get_decoder(), longest=512) is None) == (arch in THROUGH_FORWARD)
     input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
     out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
     assert (out.augmentation_mask[:, 1:] == 1).any(), "some row should weave after its prompt"

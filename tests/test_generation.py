@@ -9,6 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from memgen import MemGenConfig, MemGenModel, generation
 from memgen.attention import RaggedGroups
 from memgen.bench.decode_suite import weaver_calls
+from memgen.layer_stack import direct_call
 from memgen.reference import reference_generate
 from memgen.sharding import gathered_for_decoding
 from offline import chat_tokenizer, tiny_causal_lm
@@ -400,6 +401,8 @@ def test_sequences_longer_than_a_sliding_window_are_refused():
     room = 64 - int(mask.sum(1).max()) - 2 - 2 * model.config.max_inference_aug_num
     with pytest.raises(ValueError, match="the reasoner's sliding attention window of 64"):
         model.generate(input_ids, mask, max_new_tokens=room + 1)
+    # as long as the window: it cannot bind, and the engine drives the layers directly
+    assert direct_call(reasoner.get_decoder(), longest=64) is not None
     assert_same_as_reference(model, input_ids, mask, max_new_tokens=room)
     # the room counts the latents this call can weave: its budgets, none with memory off
     for kwargs, latents in ((dict(max_inference_aug_num=1), 2 + 2), (dict(max_prompt_aug_num=0), 2 * 5),

@@ -38,7 +38,7 @@ def test_direct_call_equals_forward(arch, adapter):
     model = make_model(arch) if arch in ("qwen2", "qwen3", "llama") else other_model(arch)
     base = model.weaver.model
     decoder = base.get_decoder()
-    direct = direct_call(decoder)
+    direct = direct_call(decoder, longest=13 + 4)  # (a window, where there is one, is longer)
     assert direct is not None, f"{type(decoder).__name__} should be driven directly"
     stream = torch.randn(5, 13, decoder.config.hidden_size, generator=torch.Generator().manual_seed(7))
     name = model.weaver.adapter_name if adapter else None
@@ -54,6 +54,8 @@ def test_direct_call_is_declined_where_the_forward_does_more():
                                            num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                                            sliding_window=8, max_window_layers=0))
     assert direct_call(sliding.get_decoder()) is None, "sliding-window layers need the forward's second mask"
+    assert direct_call(sliding.get_decoder(), longest=9) is None, "a window shorter than the sequences binds"
+    assert direct_call(sliding.get_decoder(), longest=8) is not None, "a window as long as the sequences does not"
     other = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4))
     assert direct_call(other.get_decoder()) is None, "a class not known to be a plain layer stack"
