@@ -456,7 +456,7 @@ class _Engine:
             self.last_hidden[rows_device] = flat[last_device]
         if self.recording:
             if part.items.shape[1] == 1:  # one item a row (every plain step): at each row's next slot
-                slots = leading if leading is not None else self.to_device(lengths)[0]
+                slots = leading.long() if leading is not None else self.to_device(lengths.long())[0]
                 self.stream[rows_device, slots] = part.items[:, 0].to(self.stream.dtype)
             else:
                 real = (torch.arange(part.items.shape[1]) < part.counts[:, None]).nonzero()
