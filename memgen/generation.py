@@ -851,13 +851,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             decisions = engine.decide(tokens, excluded, counts, False,
                                       at + 1 if uniform else (at + 1).clamp(max=max_new_tokens - 1))
         # the step's synchronisation: the finished flags, the tokens and the decisions (if any)
-        host = torch.stack([finished.long(), tokens] + ([decisions.long()] if decisions is not None else [])).cpu()
-        host_finished, host_invoking = host[0], (host[2] == 1 if decisions is not None else None)
+        host = transfers.to_host([tokens, finished] + ([decisions] if decisions is not None else []))
+        host_finished, host_invoking = host[1], (host[2] == 1 if decisions is not None else None)
         if streamer is not None:
-            streamer.put(host[1])
+            streamer.put(host[0])
         company = False
         if sync is not None:
-            unfinished = (host_finished == 0).nonzero().flatten()
+            unfinished = (~host_finished).nonzero().flatten()
             running, company = sync.any(unfinished.numel() > 0,  # and whether some rank weaves
                                         host_invoking is not None and bool(host_invoking.any()))
             if not unfinished.numel():
@@ -870,7 +870,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             else:
                 decided_columns = engine.to_device(step + 1 - lag[readers])[0]
                 aug_mask[readers_device, decided_columns] = decisions[readers_device].long()
-        continuing = continuing[host_finished[continuing] == 0]
+        continuing = continuing[~host_finished[continuing]]
         if not continuing.numel():
             break
         invoking = host_invoking.nonzero().flatten() if host_invoking is not None else nothing

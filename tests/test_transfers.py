@@ -41,8 +41,18 @@ def test_tensors_arrive_with_their_values_dtypes_and_shapes_as_views_of_one_copy
     assert all(torch.equal(a, b) for a, b in zip(out, before))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_results_come_back_to_the_host_as_views_of_one_copy(seed):
+    sent = _host_tensors(seed)
+    out = transfers.to_host(sent)
+    for want, got in zip(sent, out):
+        assert got.device.type == "cpu" and got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+    assert len({t.untyped_storage().data_ptr() for t in out}) == 1
+
+
 def test_nothing_and_one_tensor():
-    assert transfers.to_device([], "cpu", pin=False) == []
+    assert transfers.to_device([], "cpu", pin=False) == [] and transfers.to_host([]) == []
     one = torch.arange(5)
     got, = transfers.to_device([one], "cpu", pin=False)
     assert torch.equal(got, one) and got.data_ptr() != one.data_ptr()
@@ -50,9 +60,11 @@ def test_nothing_and_one_tensor():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("seed", range(3))
-def test_tensors_arrive_on_cuda_from_pinned_memory(seed):
+def test_tensors_arrive_on_cuda_from_pinned_memory_and_come_back(seed):
     host = _host_tensors(seed)
     out = transfers.to_device(host, "cuda")
     for sent, got in zip(host, out):
         assert got.device.type == "cuda" and got.dtype == sent.dtype and got.shape == sent.shape
         assert torch.equal(got.cpu(), sent)
+    back = transfers.to_host(out)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(back, host))
