@@ -380,7 +380,7 @@ def test_step_ops_script_counts_each_configurations_ops_outside_and_inside_the_d
     # memory adds work outside the layers: the trigger's decisions, the stream, the weaves
     assert counts["always"]["ops_outside"] > counts["memory_off"]["ops_outside"]
     # HF keeps its books on the device; a plain step of the engine sends only its rows' cache lengths there (the
-    # prompt's read a few more, once: 15 over 12 tokens)
+    # prompt's read one more copy, once: 13 over 12 tokens)
     assert counts["hf_generate"]["transfers"] == 0
     assert 0 < counts["memory_off"]["transfers"] < 1.5 < counts["always"]["transfers"]
     assert "| memory_off |" in (tmp_path / "results.md").read_text()
