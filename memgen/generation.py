@@ -60,6 +60,7 @@ from memgen.adapters import BareBase, SplitBatch, active_adapter, tuner_layers
 from memgen.attention import RaggedGroups, grouped_calls
 from memgen.cache import RaggedCache
 from memgen.layer_stack import direct_call, forward_call
+from memgen.logits import logits_function
 from memgen.ops import pack_ragged, pack_step, trigger_scoring
 from memgen.sharding import ranks_max
 from memgen.weaver import INFERENCE, PROMPT
@@ -316,7 +317,7 @@ class _Engine:
         self.row_ids = self.cache_rows.to(device)
         self.ones = torch.ones(max(64, self.cache_rows.shape[0]), dtype=torch.int32, device=device)
         self.embed = model.reasoner.get_input_embeddings()
-        self.lm_head = model.reasoner.get_output_embeddings()
+        self.lm_head = logits_function(model.reasoner)
         self.last_hidden = torch.zeros(batch, self.embed.weight.shape[1], dtype=self.reasoner.dtype, device=device)
         self.packed_padding = PACKED_PADDING_ITEMS.get(device.type, 0)
         self.latent_norms = torch.full((batch, max_new_tokens), float("nan"), device=device)

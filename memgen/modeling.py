@@ -33,6 +33,7 @@ from memgen.adapters import adapter_parameters, adapter_state_context, add_lora_
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
 from memgen.layer_stack import sliding_window
+from memgen.logits import logits_function
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
                            default_points, explicit_points, prompt_turns)
 from memgen.sharding import distributed, ranks_max, root_gathered, sharding_of, zero3_decodable
@@ -533,8 +534,7 @@ class MemGenModel(nn.Module):
     def _interleaved_logits(self, input_ids: torch.Tensor, real: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         hidden, item_index, n_latents = self._interleaved_hidden(input_ids, real, points)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        logits = self.reasoner.get_output_embeddings()(hidden[rows[:, None], _predicting_items(real, item_index,
-                                                                                             n_latents)])
+        logits = logits_function(self.reasoner)(hidden[rows[:, None], _predicting_items(real, item_index, n_latents)])
         return logits * real[..., None].to(logits.dtype)
 
     def _token_logps(self, input_ids: torch.Tensor, real: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
@@ -546,7 +546,7 @@ class MemGenModel(nn.Module):
         scored[:, 1:] = (labels[:, 1:] != -100) & real[:, 1:]
         rows, cols = scored.nonzero(as_tuple=True)
         states, targets = hidden[rows, read_at[rows, cols - 1]], input_ids[rows, cols]
-        head = self.reasoner.get_output_embeddings()
+        head = logits_function(self.reasoner)
 
         def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return torch.log_softmax(head(h).float(), -1).gather(-1, t[:, None]).squeeze(-1)

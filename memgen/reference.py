@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from memgen.logits import logits_function
 from memgen.points import prompt_turns
 from memgen.weaver import INFERENCE, PROMPT
 
@@ -65,7 +66,7 @@ def _row_logits(model, ids: list[int], row_points: dict[int, str]) -> torch.Tens
                                           use_cache=False).last_hidden_state[0]
     # the item just before token j + 1: the last latent woven there, else token j itself
     read = [token_item[j + 1] - 1 if j + 1 < len(ids) else token_item[j] for j in range(len(ids))]
-    return model.reasoner.get_output_embeddings()(hidden[read]).float()
+    return logits_function(model.reasoner)(hidden[read]).float()
 
 
 def _spans(labels: list[int]) -> list[tuple[int, int]]:
@@ -195,7 +196,7 @@ def reference_generate(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         attention_mask = torch.ones_like(input_ids)
     device = input_ids.device
     embed = model.reasoner.get_input_embeddings()
-    head = model.reasoner.get_output_embeddings()
+    head = logits_function(model.reasoner)
 
     def reasoner_hidden(stream: list[torch.Tensor]) -> torch.Tensor:
         items = torch.stack(stream)[None]

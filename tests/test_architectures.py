@@ -9,6 +9,7 @@ import transformers
 
 from memgen import MemGenConfig, MemGenModel
 from memgen.layer_stack import direct_call
+from memgen.logits import logits_function
 from offline import chat_tokenizer
 from test_generation import assert_same_as_reference
 from test_modeling import assert_matches_reference, make_batch
@@ -24,10 +25,13 @@ ARCHITECTURES = {
                                "num_experts_per_tok": 2}, ["q_proj", "v_proj"]),
     "mistral_window": ("Mistral", {}, ["q_proj", "v_proj"]),  # a sliding window (longer than any sequence here)
     # through their forward
-    "gemma2": ("Gemma2", {"head_dim": 16, "sliding_window": 4096}, ["q_proj", "v_proj"]),  # soft-capped logits
+    "gemma2": ("Gemma2", {"head_dim": 16, "sliding_window": 4096, "final_logit_softcapping": 2.0},
+               ["q_proj", "v_proj"]),  # soft-capped logits (a cap low enough to matter here)
     "gpt_neox": ("GPTNeoX", {}, ["query_key_value"]),  # other module names, parallel residual
+    "cohere": ("Cohere", {"logit_scale": 0.25, "tie_word_embeddings": False}, ["q_proj", "v_proj"]),  # scaled logits
+    "granite": ("Granite", {"logits_scaling": 4.0, "embedding_multiplier": 2.0}, ["q_proj", "v_proj"]),  # divided
 }
-THROUGH_FORWARD = ("gemma2", "gpt_neox")
+THROUGH_FORWARD = ("gemma2", "gpt_neox", "cohere", "granite")
 
 
 def other_model(arch: str, trigger_mode: str = "always") -> MemGenModel:
@@ -79,3 +83,21 @@ def test_training_forward_equals_the_reference(arch):
     input_ids, mask, labels = make_batch(model, [2, 0, 4], "right", seed=5)
     out = assert_matches_reference(model, input_ids, mask, labels)
     assert (out.augmentation_points != 0).sum() == 3 + 2 + 4
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "cohere", "granite"])
+def test_logits_are_the_models_own(arch):
+    """The reasoner's logits, in generation and in the training forward, are those of the model's own forward: the
+    output embedding, then whatever its architecture does to them (soft cap, scale, divisor)."""
+    model = other_model(arch)
+    reasoner = model.reasoner
+    input_ids, mask, _ = make_batch(model, [1, 3], "right", seed=6)
+    with torch.no_grad():
+        want = reasoner(input_ids, attention_mask=mask).logits
+        hidden = reasoner.get_decoder()(input_ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(logits_function(reasoner)(hidden), want)
+        got = model(input_ids, mask, memory=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    if arch != "mistral":  # the transform changes the distribution a sampler draws from
+        assert not torch.allclose(reasoner.get_output_embeddings()(hidden)[real], want[real], atol=1e-3)
