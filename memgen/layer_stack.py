@@ -19,8 +19,9 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 # Decoders whose forward, given inputs_embeds, a 4D mask and position ids, is rotary embedding ->
 # layers -> norm when no layer's sliding window binds (each checked against its forward in the tests).
-DIRECT_DECODERS = ("LlamaModel", "MistralModel", "Olmo2Model", "Phi3Model", "Qwen2Model", "Qwen2MoeModel", "Qwen3Model",
-                   "Qwen3MoeModel")
+DIRECT_DECODERS = ("CohereModel", "Exaone4Model", "Glm4Model", "HeliumModel", "LlamaModel", "MistralModel", "OlmoModel",
+                   "Olmo2Model", "Phi3Model", "Qwen2Model", "Qwen2MoeModel", "Qwen3Model", "Qwen3MoeModel", "SeedOssModel",
+                   "SmolLM3Model")
 
 Call = Callable[..., torch.Tensor]  # (items, mask, positions, cache, **attention keyword arguments) -> hidden
 

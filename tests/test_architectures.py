@@ -24,14 +24,21 @@ ARCHITECTURES = {
     "qwen3_moe": ("Qwen3Moe", {"head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
                                "num_experts_per_tok": 2}, ["q_proj", "v_proj"]),
     "mistral_window": ("Mistral", {}, ["q_proj", "v_proj"]),  # a sliding window (longer than any sequence here)
+    "cohere": ("Cohere", {"logit_scale": 0.25, "tie_word_embeddings": False}, ["q_proj", "v_proj"]),  # scaled logits
+    "exaone4": ("Exaone4", {"sliding_window": 4096, "sliding_window_pattern": 2}, ["q_proj", "v_proj"]),  # mixed
+    "glm4": ("Glm4", {"head_dim": 16}, ["q_proj", "v_proj"]),
+    "helium": ("Helium", {"head_dim": 16}, ["q_proj", "v_proj"]),
+    "olmo": ("Olmo", {}, ["q_proj", "v_proj"]),
+    "seed_oss": ("SeedOss", {"head_dim": 16}, ["q_proj", "v_proj"]),
+    "smollm3": ("SmolLM3", {"tie_word_embeddings": False}, ["q_proj", "v_proj"]),  # layers without rotary embedding
     # through their forward
     "gemma2": ("Gemma2", {"head_dim": 16, "sliding_window": 4096, "final_logit_softcapping": 2.0},
                ["q_proj", "v_proj"]),  # soft-capped logits (a cap low enough to matter here)
     "gpt_neox": ("GPTNeoX", {}, ["query_key_value"]),  # other module names, parallel residual
-    "cohere": ("Cohere", {"logit_scale": 0.25, "tie_word_embeddings": False}, ["q_proj", "v_proj"]),  # scaled logits
     "granite": ("Granite", {"logits_scaling": 4.0, "embedding_multiplier": 2.0}, ["q_proj", "v_proj"]),  # divided
+    "stablelm": ("StableLm", {}, ["q_proj", "v_proj"]),  # its layers pass no keyword arguments on to attention
 }
-THROUGH_FORWARD = ("gemma2", "gpt_neox", "cohere", "granite")
+THROUGH_FORWARD = ("gemma2", "gpt_neox", "granite", "stablelm")
 
 
 def other_model(arch: str, trigger_mode: str = "always") -> MemGenModel:
