@@ -108,3 +108,25 @@ def test_logits_are_the_models_own(arch):
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
     if arch != "mistral":  # the transform changes the distribution a sampler draws from
         assert not torch.allclose(reasoner.get_output_embeddings()(hidden)[real], want[real], atol=1e-3)
+
+
+def test_sampling_draws_from_the_models_own_logits():
+    """The engine samples from the logits of the model's own forward (Cohere scales them by 1/4 here, a higher
+    temperature): its first token is the draw those logits give for the generator's uniform."""
+    model = other_model("cohere")
+    input_ids, mask, _ = make_batch(model, [0], "left", seed=7)
+    input_ids, mask = input_ids.expand(64, -1), mask.expand(64, -1)
+    out = model.generate(input_ids, mask, max_new_tokens=1, do_sample=True, memory=False,
+                         generator=torch.Generator().manual_seed(3))
+    uniforms = torch.rand(64, 1, generator=torch.Generator().manual_seed(3))[:, 0]  # the engine's first draw
+
+    def drawn(logits):
+        cumulative = torch.softmax(logits.float(), -1).cumsum(-1)
+        point = (uniforms * cumulative[:, -1]).clamp(min=torch.finfo(cumulative.dtype).tiny)
+        return torch.searchsorted(cumulative, point[:, None]).squeeze(-1)
+
+    with torch.no_grad():
+        own = model.reasoner(input_ids, attention_mask=mask).logits[:, -1]
+        hidden = model.reasoner.get_decoder()(input_ids, attention_mask=mask).last_hidden_state[:, -1]
+    assert torch.equal(out[:, -1], drawn(own))
+    assert not torch.equal(drawn(model.reasoner.get_output_embeddings()(hidden)), drawn(own))
