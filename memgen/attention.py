@@ -47,6 +47,14 @@ class _Group:
     width: int
     mask: torch.Tensor
 
+    def masked(self, mask: torch.Tensor, gqa: int) -> _Group:
+        """The same group under another of the call's masks [N, 1, 1, visible]."""
+        return _Group(self.rows, self.items, self.places, self.width,
+                      _group_mask(mask, self.items, self.places, self._n_rows(), self.width, gqa))
+
+    def _n_rows(self) -> int:
+        return self.rows[1] - self.rows[0] if isinstance(self.rows, tuple) else self.rows.shape[0]
+
 
 class RaggedGroups:
     """How one call's items (one per batch row, each row's items consecutive) group by cache row.
@@ -59,6 +67,7 @@ class RaggedGroups:
     def __init__(self, rows: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, gqa: int, to_device) -> None:
         first = torch.cumsum(counts, 0) - counts
         self.n_items = int(counts.sum())
+        self.gqa = gqa
         self.groups = []
         single = counts == 1
         if single.any():
@@ -66,6 +75,13 @@ class RaggedGroups:
         several = counts > 1
         if several.any():
             self.groups.append(self._several(rows[several], counts[several], first[several], mask, gqa, to_device))
+
+    def masked(self, mask: torch.Tensor) -> RaggedGroups:
+        """The same groups under another of the call's masks [N, 1, 1, visible] (a sliding window's)."""
+        other = object.__new__(RaggedGroups)
+        other.n_items, other.gqa = self.n_items, self.gqa
+        other.groups = [group.masked(mask, self.gqa) for group in self.groups]
+        return other
 
     @staticmethod
     def _singles(rows: torch.Tensor, items: torch.Tensor, mask: torch.Tensor, gqa: int, to_device) -> _Group:
@@ -76,10 +92,8 @@ class RaggedGroups:
             places, span = torch.arange(rows.shape[0]), None
         n_rows = hi - lo if span is not None else rows.shape[0]
         items_device, places_device, rows_device = to_device(items, places, rows)
-        group_mask = mask.new_zeros(n_rows, 1, 1, mask.shape[-1])  # dummy queries see every slot: finite
-        group_mask[places_device] = mask[items_device]
         return _Group(span if span is not None else rows_device, items_device, places_device, 1,
-                      _per_head(group_mask, gqa))
+                      _group_mask(mask, items_device, places_device, n_rows, 1, gqa))
 
     @staticmethod
     def _several(rows: torch.Tensor, counts: torch.Tensor, first: torch.Tensor, mask: torch.Tensor, gqa: int,
@@ -89,10 +103,18 @@ class RaggedGroups:
         items = first[real[:, 0]] + real[:, 1]
         places = real[:, 0] * width + real[:, 1]
         items_device, places_device, rows_device = to_device(items, places, rows)
-        group_mask = mask.new_zeros(rows.shape[0] * width, 1, mask.shape[-1])  # padding queries: finite
-        group_mask[places_device] = mask[items_device, :, 0]
-        group_mask = group_mask.view(rows.shape[0], width, 1, mask.shape[-1]).transpose(1, 2)
-        return _Group(rows_device, items_device, places_device, width, _per_head(group_mask, gqa))
+        return _Group(rows_device, items_device, places_device, width,
+                      _group_mask(mask, items_device, places_device, rows.shape[0], width, gqa))
+
+
+def _group_mask(mask: torch.Tensor, items: torch.Tensor, places: torch.Tensor, n_rows: int, width: int,
+                gqa: int) -> torch.Tensor:
+    """A group's mask [R, 1, T * gqa, visible] from the call's [N, 1, 1, visible]: each item's row at its place;
+    dummy and padding queries see every slot (finite)."""
+    group_mask = mask.new_zeros(n_rows * width, 1, mask.shape[-1])
+    group_mask[places] = mask[items, :, 0]
+    group_mask = group_mask.view(n_rows, width, 1, mask.shape[-1]).transpose(1, 2)
+    return _per_head(group_mask, gqa)
 
 
 def _per_head(mask: torch.Tensor, gqa: int) -> torch.Tensor:
@@ -141,6 +163,15 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                                 attn_mask=group.mask, scale=scaling)
         out[group.items] = _unpacked(result, n_rows, group.width, gqa)[group.places]
     return out[:, None], None
+
+
+def windowed(mask: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """A ragged call's additive mask [G, 1, W, visible] for sliding-window layers: an item at position p (positions:
+    int64 [G, W]) also hides the cache slots at or before p - window. A row's slot s holds its item at position s,
+    so the item sees the keys less than a window before it, as Hugging Face's sliding masks do."""
+    slots = torch.arange(mask.shape[-1], device=mask.device)
+    far = slots <= positions[:, None, :, None] - window
+    return mask.masked_fill(far, torch.finfo(mask.dtype).min)
 
 
 def ragged_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,

@@ -57,9 +57,9 @@ from transformers.utils import ModelOutput
 
 from memgen import transfers
 from memgen.adapters import BareBase, SplitBatch, active_adapter, tuner_layers
-from memgen.attention import RaggedGroups, grouped_calls
+from memgen.attention import RaggedGroups, grouped_calls, windowed
 from memgen.cache import RaggedCache
-from memgen.layer_stack import direct_call, forward_call
+from memgen.layer_stack import FULL, SLIDING, direct_call, forward_call, sliding_window
 from memgen.logits import logits_function
 from memgen.ops import pack_ragged, pack_step, trigger_scoring
 from memgen.sharding import ranks_max
@@ -102,16 +102,19 @@ class _RaggedDecoder:
     blocks: adapters on the same base whose rows share the cache (the `lora` trigger's, the weaver's): cache rows
     [(i + 1) B, (i + 2) B) are rows 0..B-1 read through adapter blocks[i], so one call can serve them all (`run`'s
     starts). longest: the most positions a row's items span (default: the capacity); a sliding window at least
-    that long cannot bind, so the layers can still be driven directly (`direct_call`).
+    that long cannot bind, and its layers then need no mask of their own.
     """
 
     def __init__(self, model, adapter: str | None, batch: int, capacity: int, device: torch.device,
                  blocks: tuple[str, ...] = (), longest: int | None = None) -> None:
         self.model, self.adapter, self.capacity, self.batch = model, adapter, capacity, batch
         decoder = model.get_decoder()
-        direct = direct_call(decoder, capacity if longest is None else longest)
+        direct = direct_call(decoder)
         self.call, self.direct = direct or forward_call(decoder), direct is not None
         self.config = decoder.config
+        window = sliding_window(self.config)
+        # the sliding window, where one may bind: then its layers get a mask of their own (`layer_stack`)
+        self.window = window if window is not None and (capacity if longest is None else longest) > window else None
         self.by_row = self.direct and self.config._attn_implementation in BY_ROW_ATTENTION
         # query heads per key/value head (the direct decoders' configs name both)
         self.gqa = self.config.num_attention_heads // self.config.num_key_value_heads if self.by_row else 1
@@ -140,12 +143,21 @@ class _RaggedDecoder:
         """
         items, positions, slots, mask = packed
         advanced = self._advanced(advance)
-        self.cache.prepare(self.batch if rows is None else rows, slots, mask.shape[-1], by_row=groups is not None)
-        if self.direct and items.shape[1] == 1 and self._sees_only_own_slots(advanced, items.shape[0], mask.shape[-1]):
+        visible = mask.shape[-1]
+        self.cache.prepare(self.batch if rows is None else rows, slots, visible, by_row=groups is not None)
+        full = mask
+        if self.direct and items.shape[1] == 1 and self._sees_only_own_slots(advanced, items.shape[0], visible):
             # The mask hides nothing, and without one Hugging Face's SDPA attention takes plain decoding's path
             # (grouped-query heads passed to SDPA as they are, not packed around a mask). A decoder's own forward
             # would build a mask of its own, so only direct calls drop it.
-            mask = None
+            full = None
+        if self.window is not None and visible > self.window:  # some item is a window past some slot
+            sliding = windowed(mask, positions, self.window)
+            if groups is not None:
+                groups = {FULL: groups, SLIDING: groups.masked(sliding)}
+            mask = {FULL: full, SLIDING: sliding}
+        else:
+            mask = full
         if starts is not None:
             context = self.split(*starts)
         else:

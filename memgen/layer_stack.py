@@ -7,6 +7,11 @@ ready 4D mask and explicit positions and wants only the last hidden state, so fo
 layers are the model's own modules (LoRA wrappers, attention implementation and cache included),
 so the result is the same tensor, without the wrappers' fixed cost on every call (see the decode
 benchmark). Any other decoder, or one with hooks or sharded units, goes through its `forward`.
+
+Sliding-window layers need a mask of their own. A call's mask is then a dict {layer kind: 4D mask}
+(`FULL`, `SLIDING`): direct calls give each layer its kind's mask; through a forward, decoders that
+take such a dict (`MASK_DICT_DECODERS`) get it whole, and decoders whose every layer slides get the
+sliding one (Hugging Face uses a ready 4D mask as it is).
 """
 
 from __future__ import annotations
@@ -17,19 +22,25 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-# Decoders whose forward, given inputs_embeds, a 4D mask and position ids, is rotary embedding ->
-# layers -> norm when no layer's sliding window binds (each checked against its forward in the tests).
+# Decoders whose forward, given inputs_embeds, a 4D mask per layer kind and position ids, is rotary embedding ->
+# layers -> norm (each checked against its forward in the tests).
 DIRECT_DECODERS = ("CohereModel", "Exaone4Model", "Glm4Model", "HeliumModel", "LlamaModel", "MistralModel", "OlmoModel",
                    "Olmo2Model", "Phi3Model", "Qwen2Model", "Qwen2MoeModel", "Qwen3Model", "Qwen3MoeModel", "SeedOssModel",
                    "SmolLM3Model")
 
+# Decoders whose forward takes a dict {layer kind: 4D mask} as its attention mask (in transformers 5.4 and later).
+MASK_DICT_DECODERS = ("Cohere2Model", "Exaone4Model", "Gemma2Model", "Gemma3TextModel", "GptOssModel", "MinistralModel",
+                      "Qwen2Model", "Qwen2MoeModel", "Qwen3Model", "SmolLM3Model")
+
+FULL, SLIDING = "full_attention", "sliding_attention"  # layer kinds, as Hugging Face's `layer_types` names them
+
 Call = Callable[..., torch.Tensor]  # (items, mask, positions, cache, **attention keyword arguments) -> hidden
+Mask = torch.Tensor | dict[str, torch.Tensor] | None  # one additive 4D mask for every layer, or one per layer kind
 
 
 def sliding_window(config) -> int | None:
-    """The attention window of `config`'s sliding-window layers, None when every layer attends to all
-    positions. The engine's explicit 4D masks do not apply a window (Hugging Face builds the sliding mask
-    only from a 2D one), so generation refuses sequences longer than it."""
+    """The attention window of `config`'s sliding-window layers (a query sees the keys less than a window
+    before it), None when every layer attends to all positions."""
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     if layer_types is not None:
@@ -37,43 +48,72 @@ def sliding_window(config) -> int | None:
     return window
 
 
+def layer_kinds(config) -> tuple[str, ...]:
+    """Each layer's kind (`FULL`, `SLIDING` or another that Hugging Face names, e.g. chunked attention)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return tuple(layer_types[: config.num_hidden_layers])
+    return (SLIDING if sliding_window(config) is not None else FULL,) * config.num_hidden_layers
+
+
+def applies_windows(decoder: nn.Module) -> bool:
+    """Whether the engine's calls of `decoder` apply its sliding windows (a mask per layer kind): every layer is
+    `FULL` or `SLIDING`, and the layers are driven directly (`direct_call`), or the forward takes a mask dict, or
+    every layer slides (or none does)."""
+    kinds = set(layer_kinds(decoder.config))
+    if not kinds <= {FULL, SLIDING}:
+        return False
+    return len(kinds) == 1 or _takes_mask_dict(decoder) or direct_call(decoder) is not None
+
+
+def _takes_mask_dict(decoder: nn.Module) -> bool:
+    return type(decoder).__name__ in MASK_DICT_DECODERS and type(decoder).__module__.startswith("transformers.")
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None))
 
 
-def direct_call(decoder: nn.Module, longest: int | None = None) -> Call | None:
-    """(items, mask, positions, cache, **attention) -> last hidden state, through `decoder`'s layers directly
-    (`attention`: keyword arguments for the attention function); None when `decoder` must run through its own
-    forward (unknown class, sliding-window layers whose window may bind, hooks on the decoder, sharded units).
-
-    longest: the most positions any sequence of the calls spans. A window at least that long never binds (a
-    query sees the keys less than a window before it): every layer then takes the one causal mask. None: any
-    window may bind.
-    """
+def direct_call(decoder: nn.Module) -> Call | None:
+    """(items, mask, positions, cache, ragged=None) -> last hidden state, through `decoder`'s layers directly
+    (mask: a `Mask`; ragged: the `memgen.attention` groups of a call of one item per batch row, a dict of them per
+    layer kind where the mask is one); None when `decoder` must run through its own forward (unknown class, hooks on the decoder,
+    sharded units)."""
     config = decoder.config
-    window = sliding_window(config)
-    if (type(decoder).__name__ not in DIRECT_DECODERS or not type(decoder).__module__.startswith("transformers.")
-            or (window is not None and (longest is None or longest > window)) or _hooked(decoder)):
+    if type(decoder).__name__ not in DIRECT_DECODERS or not type(decoder).__module__.startswith("transformers.") \
+            or _hooked(decoder):
         return None
     layers = list(decoder.layers[: config.num_hidden_layers])
     if any(isinstance(layer, (FSDPModule, FullyShardedDataParallel)) for layer in layers):
         return None  # the sharded layers' collectives stay under the decoder's forward, as FSDP arranged them
-    rotary, norm = decoder.rotary_emb, decoder.norm
+    rotary, norm, kinds = decoder.rotary_emb, decoder.norm, layer_kinds(config)
 
-    def call(items: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, **attention) -> torch.Tensor:
+    def call(items: torch.Tensor, mask: Mask, positions: torch.Tensor, cache, ragged=None) -> torch.Tensor:
         hidden = items
         position_embeddings = rotary(hidden, positions)
-        for layer in layers:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                           position_ids=positions, past_key_values=cache, use_cache=True, **attention)
+        if not isinstance(mask, dict):
+            extra = {} if ragged is None else {"ragged": ragged}
+            for layer in layers:
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                               position_ids=positions, past_key_values=cache, use_cache=True, **extra)
+            return norm(hidden)
+        for layer, kind in zip(layers, kinds):
+            extra = {} if ragged is None else {"ragged": ragged[kind]}
+            hidden = layer(hidden, attention_mask=mask[kind], position_embeddings=position_embeddings,
+                           position_ids=positions, past_key_values=cache, use_cache=True, **extra)
         return norm(hidden)
 
     return call
 
 
 def forward_call(decoder: nn.Module) -> Call:
-    """The same signature through `decoder`'s own forward (any decoder)."""
-    def call(items: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """The same signature (without `ragged`) through `decoder`'s own forward (any decoder; a mask dict only where
+    `applies_windows`)."""
+    takes_dict = _takes_mask_dict(decoder)
+
+    def call(items: torch.Tensor, mask: Mask, positions: torch.Tensor, cache) -> torch.Tensor:
+        if isinstance(mask, dict) and not takes_dict:
+            mask = mask[SLIDING]  # every layer slides
         return decoder(inputs_embeds=items, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True).last_hidden_state
 

@@ -32,7 +32,7 @@ from memgen import checkpoints
 from memgen.adapters import adapter_parameters, adapter_state_context, add_lora_adapter, tuner_layers
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
-from memgen.layer_stack import sliding_window
+from memgen.layer_stack import applies_windows, sliding_window
 from memgen.logits import logits_function
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
                            default_points, explicit_points, prompt_turns)
@@ -453,9 +453,9 @@ class MemGenModel(nn.Module):
         limits = [("the reasoner's context", getattr(self.reasoner.config, "max_position_embeddings", None), "")]
         for part, lm in (("reasoner", self.reasoner), ("weaver", self.weaver.model),
                          ("trigger", getattr(self.trigger, "model", None))):
-            if lm is not None:
+            if lm is not None and not applies_windows(lm.get_decoder()):
                 limits.append((f"the {part}'s sliding attention window", sliding_window(lm.config),
-                               ", which the decoding engine does not apply"))
+                               f", which the decoding engine cannot apply to {type(lm.get_decoder()).__name__}"))
         for what, limit, why in limits:
             if limit is not None and int(counts.max()) + max_new_tokens + latents > limit:
                 raise ValueError(f"prompt ({int(counts.max())} tokens) + max_new_tokens ({max_new_tokens}) + latents "

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memgen.attention import RAGGED_ATTENTION, RaggedGroups, grouped_calls, ragged_attention, ragged_attention_reference
+from memgen.attention import (RAGGED_ATTENTION, RaggedGroups, grouped_calls, ragged_attention, ragged_attention_reference,
+                              windowed)
 from test_modeling import make_model
 
 
 def _call(seed: int, counts: list[int], rows: list[int], n_cache_rows: int, heads: int, kv_heads: int,
           dtype: torch.dtype):
     """A call of one item per batch row: cache rows `rows` read counts[i] items each, after a random number of
-    earlier items; (query, key, value, additive mask [N, 1, 1, visible], the item's cache row [N], groups)."""
+    earlier items; (query, key, value, additive mask [N, 1, 1, visible], the item's cache row [N], groups, the
+    item's position [N])."""
     g = torch.Generator().manual_seed(seed)
     counts_t, rows_t = torch.tensor(counts, dtype=torch.int32), torch.tensor(rows)
     lengths = torch.randint(0, 9, (len(rows),), generator=g)
@@ -27,7 +29,22 @@ def _call(seed: int, counts: list[int], rows: list[int], n_cache_rows: int, head
     mask = torch.zeros(query.shape[0], 1, 1, visible, dtype=dtype)
     mask.masked_fill_(torch.arange(visible) >= sees[:, None, None, None], torch.finfo(dtype).min)
     groups = RaggedGroups(rows_t, counts_t, mask, heads // kv_heads, lambda *t: list(t))
-    return query, key, value, mask, item_rows, groups
+    return query, key, value, mask, item_rows, groups, sees - 1
+
+
+def test_windowed_hides_the_slots_a_window_before_each_item():
+    dtype = torch.float32
+    positions = torch.tensor([[0, 3, 4], [6, 7, 7]])  # (the last, a padding item, repeats its row's last position)
+    sees = torch.tensor([[1, 4, 5], [7, 8, 8]])
+    mask = torch.zeros(2, 1, 3, 9, dtype=dtype).masked_fill(torch.arange(9) >= sees[:, None, :, None],
+                                                            torch.finfo(dtype).min)
+    got = windowed(mask, positions, 3)
+    seen = got[:, 0] == 0
+    for g in range(2):
+        for t in range(3):
+            p = int(positions[g, t])
+            assert seen[g, t].nonzero().flatten().tolist() == list(range(max(0, p - 2), p + 1))
+    assert torch.equal(windowed(mask, positions, 9), mask)  # a window past every slot changes nothing
 
 
 LAYOUTS = {
@@ -45,18 +62,22 @@ LAYOUTS = {
 def test_ragged_attention_equals_reference(layout, heads, kv_heads, dtype):
     counts, rows, n_cache_rows = LAYOUTS[layout]
     for seed in range(3):
-        query, key, value, mask, item_rows, groups = _call(seed, counts, rows, n_cache_rows, heads, kv_heads, dtype)
-        module = torch.nn.Module()
-        got, _ = ragged_attention(module, query, key, value, None, scaling=0.3, ragged=groups)
-        want = ragged_attention_reference(query, key, value, mask, item_rows, 0.3)
-        assert got.shape == want.shape == (query.shape[0], 1, heads, query.shape[-1])
-        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+        query, key, value, mask, item_rows, groups, positions = _call(seed, counts, rows, n_cache_rows, heads,
+                                                                      kv_heads, dtype)
+        # and under a sliding window's mask (the same groups, masked again)
+        window_mask = windowed(mask, positions[:, None], 3)
+        for call_mask, call_groups in ((mask, groups), (window_mask, groups.masked(window_mask))):
+            module = torch.nn.Module()
+            got, _ = ragged_attention(module, query, key, value, None, scaling=0.3, ragged=call_groups)
+            want = ragged_attention_reference(query, key, value, call_mask, item_rows, 0.3)
+            assert got.shape == want.shape == (query.shape[0], 1, heads, query.shape[-1])
+            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
 
 
 def test_ragged_attention_uses_views_for_nearby_single_rows_and_gathers_the_rest():
-    *_, near = _call(0, [1, 1, 1], [0, 1, 3], 4, 2, 2, torch.float32)
-    *_, spread = _call(0, [1, 1, 4], [0, 9, 5], 10, 2, 2, torch.float32)
+    *_, near, _ = _call(0, [1, 1, 1], [0, 1, 3], 4, 2, 2, torch.float32)
+    *_, spread, _ = _call(0, [1, 1, 4], [0, 9, 5], 10, 2, 2, torch.float32)
     assert [g.rows for g in near.groups] == [(0, 4)]
     assert isinstance(spread.groups[0].rows, torch.Tensor) and spread.groups[0].rows.tolist() == [0, 9]
     assert spread.groups[1].rows.tolist() == [5] and spread.groups[1].width == 4

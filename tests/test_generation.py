@@ -9,7 +9,6 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from memgen import MemGenConfig, MemGenModel, generation
 from memgen.attention import RaggedGroups
 from memgen.bench.decode_suite import weaver_calls
-from memgen.layer_stack import direct_call
 from memgen.reference import reference_generate
 from memgen.sharding import gathered_for_decoding
 from offline import chat_tokenizer, tiny_causal_lm
@@ -389,20 +388,17 @@ def test_bad_generate_inputs():
         model.generate(input_ids, holes)
 
 
-def test_sequences_longer_than_a_sliding_window_are_refused():
+def test_sequences_longer_than_the_context_are_refused():
     tok = chat_tokenizer()
     torch.manual_seed(0)
     reasoner = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            use_sliding_window=True, sliding_window=64, max_window_layers=1)).eval()
-    assert reasoner.config.layer_types == ["full_attention", "sliding_attention"]
+                                            max_position_embeddings=64)).eval()
     model = MemGenModel.from_reasoner(reasoner, tok, MemGenConfig(prompt_latents_len=2, inference_latents_len=2))
     input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
     room = 64 - int(mask.sum(1).max()) - 2 - 2 * model.config.max_inference_aug_num
-    with pytest.raises(ValueError, match="the reasoner's sliding attention window of 64"):
+    with pytest.raises(ValueError, match="the reasoner's context of 64 positions"):
         model.generate(input_ids, mask, max_new_tokens=room + 1)
-    # as long as the window: it cannot bind, and the engine drives the layers directly
-    assert direct_call(reasoner.get_decoder(), longest=64) is not None
     assert_same_as_reference(model, input_ids, mask, max_new_tokens=room)
     # the room counts the latents this call can weave: its budgets, none with memory off
     for kwargs, latents in ((dict(max_inference_aug_num=1), 2 + 2), (dict(max_prompt_aug_num=0), 2 * 5),
