@@ -103,6 +103,17 @@ def test_rows_of_a_batch_keep_their_own_windows(arch, trigger_mode, in_step, pac
     assert torch.equal(out.augmentation_mask, want_mask)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "exaone4"])
+def test_a_hooked_direct_decoder_gets_the_dict_through_its_forward(arch):
+    """A hook on the decoder sends its calls through its forward, which takes the masks as a dict."""
+    model = windowed_model(arch, "always")
+    decoder = model.reasoner.get_decoder()
+    decoder.register_forward_pre_hook(lambda module, args: None)
+    assert direct_call(decoder) is None and applies_windows(decoder)
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
+    assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2", "mixtral"])
 def test_training_forward_keeps_the_window(arch):
     model = windowed_model(arch)
