@@ -13,7 +13,9 @@ The reference implementation's formats, detected automatically:
 Loading is strict: every tensor the model trains must be present with its shape, and every tensor
 read must land somewhere. The only tensors read and not loaded are the frozen base weights that
 format (b) carries (`reasoner.*`, `*.base_layer.*`, ...), and the trigger's in a model whose trigger
-mode is `always`; both are counted in the log.
+mode is `always`; both are counted in the log. Those base weights are compared with the bases the
+model was built on (`check_base_weights`): adapters trained on another base would load without
+complaint and generate nonsense.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def save(model, path: str, is_main_process: bool = True) -> None:
 
 
 def load(cls, path: str, reasoner: Any, tokenizer: Any, config: MemGenConfig | None = None,
-         weaver_base: Any = None, trigger_base: Any = None):
+         weaver_base: Any = None, trigger_base: Any = None, check_base_weights: bool = True):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path!r}")
     if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
@@ -70,6 +72,8 @@ def load(cls, path: str, reasoner: Any, tokenizer: Any, config: MemGenConfig | N
     if trigger_base is None and config.trigger_name_or_path:
         trigger_base = config.trigger_name_or_path
     model = cls.from_reasoner(reasoner, tokenizer, config, weaver_base=weaver_base, trigger_base=trigger_base)
+    if check_base_weights and ignored:
+        check_bases(model, ignored)
     if config.trigger_mode == "always":
         ignored.update({k: v for k, v in state.items() if k.startswith("trigger.")})
         state = {k: v for k, v in state.items() if not k.startswith("trigger.")}
@@ -78,6 +82,46 @@ def load(cls, path: str, reasoner: Any, tokenizer: Any, config: MemGenConfig | N
     logger.info("memgen: loaded %d tensors from %s; %d tensors not needed (frozen base weights, or the trigger of "
                 "an `always` model)", loaded, path, len(ignored))
     return model
+
+
+def check_bases(model, frozen: dict[str, torch.Tensor]) -> None:
+    """Raise unless format (b)'s frozen base weights (`reasoner.<name>`, `weaver.model.base_model.model.<name>`,
+    `trigger.model.base_model.model.<name>`) equal the model's bases' tensors of those names, compared in the coarser
+    of the two dtypes (a checkpoint saved in bfloat16 matches a float32 base rounded to bfloat16). Names the model's
+    bases lack (a buffer Hugging Face no longer saves, a trigger the model does not build) are not compared."""
+    trigger = getattr(model.trigger, "model", None)
+    owners = {"reasoner.": model.reasoner, "weaver.model.base_model.model.": model.weaver.model,
+              "trigger.model.base_model.model.": trigger}
+    bases = {}
+    differ, compared = [], 0
+    for key, saved in frozen.items():
+        prefix = next((p for p in owners if key.startswith(p)), None)
+        if prefix is None or owners[prefix] is None:
+            continue
+        if prefix not in bases:  # the base's own tensors under their names without PEFT's `base_layer`
+            bases[prefix] = {name.replace(".base_layer.", "."): tensor
+                             for name, tensor in owners[prefix].state_dict().items() if ".lora_" not in name}
+        mine = bases[prefix].get(key[len(prefix):].replace(".base_layer.", "."))
+        if mine is None or mine.is_meta:  # (a base offloaded by accelerate has no values here)
+            continue
+        compared += 1
+        if mine.shape != saved.shape:
+            differ.append(f"{key}: shape {list(saved.shape)} in the checkpoint, {list(mine.shape)} in the model")
+            continue
+        coarse = max((saved.dtype, mine.dtype), key=_resolution)
+        if not torch.equal(saved.to(coarse), mine.detach().to("cpu", coarse)):
+            gap = (saved.float() - mine.detach().to("cpu").float()).abs().max().item()
+            differ.append(f"{key}: values differ by up to {gap:.3g}")
+    if differ:
+        raise ValueError(f"the checkpoint's frozen base weights are not those of the model's bases: {len(differ)} of "
+                         f"{compared} compared tensors differ (e.g. {differ[:3]}); its adapters were trained on "
+                         "another base model. Pass the base it was trained with, or check_base_weights=False to load "
+                         "them anyway")
+
+
+def _resolution(dtype: torch.dtype) -> float:
+    """A floating dtype's relative spacing (the coarser dtype's is larger); 0 for exact dtypes."""
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
 def load_strict(model, state: dict[str, torch.Tensor]) -> int:

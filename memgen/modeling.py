@@ -165,6 +165,9 @@ class MemGenModel(nn.Module):
         """Load a memgen checkpoint, or either checkpoint format of the reference implementation.
 
         The base model comes from `reasoner` or, when not given, from the name recorded in the checkpoint.
+        Keyword arguments: config, weaver_base, trigger_base, and check_base_weights (default True): where the
+        checkpoint carries its frozen base weights (the reference's `model.safetensors`), raise unless they are
+        the bases' own.
         """
         return checkpoints.load(cls, str(path), reasoner, tokenizer, **kwargs)
 

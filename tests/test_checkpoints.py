@@ -150,6 +150,38 @@ def test_reference_formats_load(tmp_path, layout):
     same_model(model, loaded)
 
 
+def test_reference_safetensors_must_match_the_base_it_is_loaded_on(tmp_path):
+    model = fresh(seed=0)
+    randomize(model, 3)
+    write_reference_safetensors(model, tmp_path)
+    tok = chat_tokenizer()
+    with pytest.raises(ValueError, match=r"frozen base weights are not those of the model's bases: \d+ of \d+ compared "
+                                         r"tensors differ .*check_base_weights=False"):
+        MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok), seed=1), tokenizer=tok)
+    # one tensor changed is enough, and the error names it
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "weaver.model.base_model.model.model.layers.1.mlp.up_proj.weight"
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"1 of \d+ compared tensors differ \(e.g. \['weaver.model.base_model.model.model"
+                                         r".layers.1.mlp.up_proj.weight: values differ by up to 0.001"):
+        MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
+    loaded = MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok,
+                                         check_base_weights=False).eval()
+    same_model(model, loaded)
+
+
+def test_reference_safetensors_saved_in_bfloat16_match_a_float32_base(tmp_path):
+    model = fresh(seed=0)
+    tensors = write_reference_safetensors(model, tmp_path)
+    save_file({k: v.to(torch.bfloat16) if "base_model" in k or k.startswith("reasoner.") else v
+               for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    tok = chat_tokenizer()
+    MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
+    with pytest.raises(ValueError, match="frozen base weights"):
+        MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok), seed=1), tokenizer=tok)
+
+
 def test_reference_directory_with_inactive_trigger_loads_as_always(tmp_path):
     model = fresh(seed=0)
     randomize(model, 5)
