@@ -135,3 +135,13 @@ def test_a_decoder_that_cannot_take_window_masks_is_refused_past_its_window():
     with pytest.raises(ValueError, match="the reasoner's sliding attention window of 32 .* cannot apply to GPTNeoXModel"):
         model.generate(input_ids, mask, max_new_tokens=room + 1)
     model.generate(input_ids, mask, max_new_tokens=room)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+def test_cuda_engine_applies_the_window(arch, trigger_mode):
+    """On a GPU: padded layouts, the weaver in the reasoner's calls in every mode."""
+    model = windowed_model(arch, trigger_mode).to("cuda")
+    input_ids, mask, _ = make_batch(model, [0] * 5, "left", seed=4)
+    assert_same_as_reference(model, input_ids.cuda(), mask.cuda(), max_new_tokens=24)
