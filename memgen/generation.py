@@ -572,7 +572,9 @@ class _Engine:
             return
         lengths = self.trigger.lengths_of(trigger_rows)
         trigger_rows_device, lengths_device = self.to_device(trigger_rows, lengths)
-        packed = pack_step(tokens[trigger_rows_device], self.trigger_embed.weight, None, None, lengths_device,
+        # the embedding module, not its weight: some scale their rows (Gemma)
+        embeds = self.trigger_embed(tokens[trigger_rows_device])[:, None]
+        packed = pack_step(None, self.trigger_embed.weight, embeds, self._ones(trigger_rows.shape[0]), lengths_device,
                            self.trigger.capacity, int(lengths.max()) + 1)
         every_row = trigger_rows.shape[0] == self.batch
         hidden = self.trigger.run(None if every_row else trigger_rows_device, packed,

@@ -67,13 +67,13 @@ TINY_FIELDS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    eos_token_id=None)
 
 
-def weaving_model(reasoner, tok, targets: list[str], trigger_mode: str = "always") -> MemGenModel:
-    """A MemGen model on `reasoner` (LoRA on `targets`) whose LM head favours delimiters (so that generation weaves)
-    and whose adapters matter (LoRA B starts at zero)."""
+def weaving_model(reasoner, tok, targets: list[str], trigger_mode: str = "always", trigger_base=None) -> MemGenModel:
+    """A MemGen model on `reasoner` (LoRA on `targets`; the trigger's on `trigger_base` when given) whose LM head
+    favours delimiters (so that generation weaves) and whose adapters matter (LoRA B starts at zero)."""
     lora = {"lora_dropout": 0.0, "target_modules": targets}
     model = MemGenModel.from_reasoner(reasoner.eval(), tok, MemGenConfig(
         prompt_latents_len=3, inference_latents_len=2, max_inference_aug_num=4, trigger_mode=trigger_mode,
-        weaver_lora=lora, trigger_lora=lora)).eval()
+        weaver_lora=lora, trigger_lora=lora), trigger_base=trigger_base).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for stage in ("weaver", "trigger"):
@@ -94,6 +94,23 @@ def test_greedy_generation_equals_the_reference(arch, trigger_mode):
     input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
     out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
     assert (out.augmentation_mask[:, 1:] == 1).any(), "some row should weave after its prompt"
+
+
+def test_a_trigger_on_its_own_base_reads_that_base_s_embeddings():
+    """A `lora` trigger on a base of its own makes calls of its own, which embed the tokens through that base's
+    embedding module: Gemma's scales its rows (the engine had read the raw rows, and decided otherwise)."""
+    prefix, extra, targets = ARCHITECTURES["gemma2"]
+    tok = chat_tokenizer()
+
+    def base(seed):
+        torch.manual_seed(seed)
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**TINY_FIELDS, vocab_size=len(tok), **extra))
+
+    model = weaving_model(base(0), tok, targets, "lora", trigger_base=base(1))
+    assert model.trigger.model is not model.reasoner
+    input_ids, mask, _ = make_batch(model, [0] * 5, "left", seed=0)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=32)
+    assert (out.augmentation_mask[:, 1:] == 0).any() and (out.augmentation_mask[:, 1:] == 1).any()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
