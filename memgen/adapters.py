@@ -32,10 +32,15 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 
 def add_lora_adapter(model: nn.Module, name: str, settings: dict[str, Any]) -> None:
-    """Inject LoRA adapter `name` into `model` in place (float32 weights), leaving adapters off."""
+    """Inject LoRA adapter `name` into `model` in place (float32 weights), leaving adapters off. In a multimodal
+    model only its language decoder gets adapters (its vision tower has attention projections of the same names,
+    which memgen never runs)."""
     no_match = ValueError(f"{name}_lora['target_modules'] = {settings['target_modules']} match no module of "
                           f"{type(model).__name__}; name modules that exist in the model (its linear layers: "
                           f"{', '.join(_linear_names(model))})")
+    outside = _outside_the_decoder(model)
+    if outside and settings.get("exclude_modules") is None:
+        settings = {**settings, "exclude_modules": outside}
     with warnings.catch_warnings():
         # a second adapter on a shared base is the point here, not an accident
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -55,6 +60,15 @@ def add_lora_adapter(model: nn.Module, name: str, settings: dict[str, Any]) -> N
         if not hasattr(layer, "_active_adapter") or not hasattr(layer, "_disable_adapters"):
             raise RuntimeError("this PEFT version keeps adapter state elsewhere; memgen supports peft>=0.15")
     _set_active(layers, None)
+
+
+def _outside_the_decoder(model: nn.Module) -> list[str] | None:
+    """A multimodal model's linear layers outside its language decoder (qualified names), None for a text model."""
+    if model.config.get_text_config() is model.config:
+        return None
+    inside = {id(module) for module in model.get_decoder().modules()}
+    return [path for path, module in model.named_modules() if isinstance(module, nn.Linear) and id(module) not in inside
+            and module is not model.get_output_embeddings()] or None
 
 
 def _set_active(layers: list[BaseTunerLayer], name: str | None) -> None:

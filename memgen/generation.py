@@ -59,7 +59,7 @@ from memgen import transfers
 from memgen.adapters import BareBase, SplitBatch, active_adapter, tuner_layers
 from memgen.attention import RaggedGroups, grouped_calls, windowed
 from memgen.cache import RaggedCache
-from memgen.layer_stack import FULL, SLIDING, direct_call, forward_call, sliding_window
+from memgen.layer_stack import FULL, SLIDING, direct_call, forward_call, sliding_window, text_config
 from memgen.logits import logits_function
 from memgen.ops import pack_ragged, pack_step, trigger_scoring
 from memgen.sharding import ranks_max
@@ -123,10 +123,10 @@ class _RaggedDecoder:
         self.blocks = blocks
         self.offsets = {name: (i + 1) * batch for i, name in enumerate(blocks)}
         self.split = SplitBatch(model, *blocks) if blocks else None
-        self.cache = RaggedCache(model.config.num_hidden_layers, batch * (1 + len(blocks)), capacity, device)
+        self.cache = RaggedCache(self.config.num_hidden_layers, batch * (1 + len(blocks)), capacity, device)
         self.lengths = self.cache.lengths  # host int32 [cache rows]: items each cache row has read
         self.dtype = model.get_input_embeddings().weight.dtype
-        self.width, self.device = model.config.hidden_size, device
+        self.width, self.device = self.config.hidden_size, device
 
     def run(self, rows: torch.Tensor | int | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | int | None,
             n_items: torch.Tensor, starts: tuple[int, ...] | None = None,
@@ -352,7 +352,7 @@ class _Engine:
                 self.trigger = _RaggedDecoder(trigger_model, model.trigger.adapter_name, batch,
                                               width + max_new_tokens, device)
                 self.trigger_embed = trigger_model.get_input_embeddings()
-            self.trigger_hidden = torch.zeros(batch, trigger_model.config.hidden_size,
+            self.trigger_hidden = torch.zeros(batch, text_config(trigger_model).hidden_size,
                                               dtype=trigger_model.get_input_embeddings().weight.dtype, device=device)
 
     def to_device(self, *host: torch.Tensor) -> list[torch.Tensor]:

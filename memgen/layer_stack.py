@@ -48,6 +48,12 @@ def sliding_window(config) -> int | None:
     return window
 
 
+def text_config(model: nn.Module):
+    """The config of `model`'s language part: its own, or a multimodal model's text config (Gemma 3's
+    `Gemma3ForConditionalGeneration`), whose decoder memgen drives."""
+    return model.config.get_text_config()
+
+
 def layer_kinds(config) -> tuple[str, ...]:
     """Each layer's kind (`FULL`, `SLIDING` or another that Hugging Face names, e.g. chunked attention)."""
     layer_types = getattr(config, "layer_types", None)
@@ -77,8 +83,8 @@ def _hooked(module: nn.Module) -> bool:
 def direct_call(decoder: nn.Module) -> Call | None:
     """(items, mask, positions, cache, ragged=None) -> last hidden state, through `decoder`'s layers directly
     (mask: a `Mask`; ragged: the `memgen.attention` groups of a call of one item per batch row, a dict of them per
-    layer kind where the mask is one); None when `decoder` must run through its own forward (unknown class, hooks on the decoder,
-    sharded units)."""
+    layer kind where the mask is one); None when `decoder` must run through its own forward (unknown class, hooks
+    on the decoder, sharded units)."""
     config = decoder.config
     if type(decoder).__name__ not in DIRECT_DECODERS or not type(decoder).__module__.startswith("transformers.") \
             or _hooked(decoder):

@@ -32,7 +32,7 @@ from memgen import checkpoints
 from memgen.adapters import adapter_parameters, adapter_state_context, add_lora_adapter, tuner_layers
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
-from memgen.layer_stack import applies_windows, sliding_window
+from memgen.layer_stack import applies_windows, sliding_window, text_config
 from memgen.logits import logits_function
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
                            default_points, explicit_points, prompt_turns)
@@ -118,12 +118,12 @@ class MemGenModel(nn.Module):
             base.requires_grad_(False)
         add_lora_adapter(weaver_base, MemGenWeaver.adapter_name, config.weaver_lora)
         self.weaver = MemGenWeaver(weaver_base, config.prompt_latents_len, config.inference_latents_len)
-        d_reasoner, d_weaver = reasoner.config.hidden_size, weaver_base.config.hidden_size
+        d_reasoner, d_weaver = text_config(reasoner).hidden_size, text_config(weaver_base).hidden_size
         self.reasoner_to_weaver = nn.Linear(d_reasoner, d_weaver)
         self.weaver_to_reasoner = nn.Linear(d_weaver, d_reasoner)
         if config.trigger_mode == "lora":
             add_lora_adapter(trigger_base, MemGenTrigger.adapter_name, config.trigger_lora)
-            self.trigger = MemGenTrigger("lora", trigger_base.config.hidden_size, trigger_base)
+            self.trigger = MemGenTrigger("lora", text_config(trigger_base).hidden_size, trigger_base)
         elif config.trigger_mode == "head":
             self.trigger = MemGenTrigger("head", d_reasoner)
         else:
@@ -453,11 +453,11 @@ class MemGenModel(nn.Module):
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        limits = [("the reasoner's context", getattr(self.reasoner.config, "max_position_embeddings", None), "")]
+        limits = [("the reasoner's context", getattr(text_config(self.reasoner), "max_position_embeddings", None), "")]
         for part, lm in (("reasoner", self.reasoner), ("weaver", self.weaver.model),
                          ("trigger", getattr(self.trigger, "model", None))):
             if lm is not None and not applies_windows(lm.get_decoder()):
-                limits.append((f"the {part}'s sliding attention window", sliding_window(lm.config),
+                limits.append((f"the {part}'s sliding attention window", sliding_window(text_config(lm)),
                                f", which the decoding engine cannot apply to {type(lm.get_decoder()).__name__}"))
         for what, limit, why in limits:
             if limit is not None and int(counts.max()) + max_new_tokens + latents > limit:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from memgen.adapters import active_adapter
+from memgen.layer_stack import text_config
 
 PROMPT, INFERENCE = "prompt", "inference"
 
@@ -23,7 +24,7 @@ class MemGenWeaver(nn.Module):
     def __init__(self, base: nn.Module, prompt_latents_len: int, inference_latents_len: int) -> None:
         super().__init__()
         self.model = base  # may be the reasoner itself: one copy of the weights
-        hidden = base.config.hidden_size
+        hidden = text_config(base).hidden_size
         self.prompt_query_latents = nn.Parameter(torch.randn(prompt_latents_len, hidden))
         self.inference_query_latents = nn.Parameter(torch.randn(inference_latents_len, hidden))
         self.prompt_latent_ln = nn.LayerNorm(hidden)

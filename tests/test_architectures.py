@@ -159,3 +159,41 @@ def test_sampling_draws_from_the_models_own_logits():
         hidden = model.reasoner.get_decoder()(input_ids, attention_mask=mask).last_hidden_state[:, -1]
     assert torch.equal(out[:, -1], drawn(own))
     assert not torch.equal(drawn(model.reasoner.get_output_embeddings()(hidden)), drawn(own))
+
+
+def gemma3_multimodal(trigger_mode: str) -> MemGenModel:
+    """A tiny `Gemma3ForConditionalGeneration` (what `AutoModelForCausalLM` loads for a Gemma 3 checkpoint of 4B and
+    up): a vision tower whose attention projections bear the names LoRA targets in its language model."""
+    tok = chat_tokenizer()
+    config = transformers.Gemma3Config(
+        text_config=dict(TINY_FIELDS, vocab_size=len(tok), head_dim=16, sliding_window=8, final_logit_softcapping=2.0,
+                         layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14))
+    torch.manual_seed(0)
+    reasoner = transformers.AutoModelForCausalLM.from_config(config)
+    assert type(reasoner).__name__ == "Gemma3ForConditionalGeneration"
+    return weaving_model(reasoner, tok, ["q_proj", "v_proj"], trigger_mode)
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+def test_a_multimodal_model_s_language_part_is_the_reasoner(trigger_mode):
+    """Sizes come from its text config, adapters go to its language decoder only, and generation (past the
+    8-position sliding window) and the training forward equal the reference."""
+    model = gemma3_multimodal(trigger_mode)
+    adapters = [name for stage in ("weaver", "trigger") for name in model.stage_parameters(stage) if ".lora_" in name]
+    assert adapters and all(".language_model." in name for name in adapters)
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
+    assert (out.augmentation_mask[:, 1:] == 1).any()
+    input_ids, mask, labels = make_batch(model, [3, 0, 5], "right", seed=5)
+    assert_matches_reference(model, input_ids, mask, labels)
+
+
+def test_a_multimodal_model_s_logits_are_its_own():
+    model = gemma3_multimodal("always")
+    ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.reasoner(input_ids=ids).logits
+        got = logits_function(model.reasoner)(model.reasoner.get_decoder()(input_ids=ids).last_hidden_state)
+    torch.testing.assert_close(got, want)  # (this forward does not soft-cap; Gemma3ForCausalLM's does)

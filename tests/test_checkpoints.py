@@ -163,8 +163,8 @@ def test_reference_safetensors_must_match_the_base_it_is_loaded_on(tmp_path):
     name = "weaver.model.base_model.model.model.layers.1.mlp.up_proj.weight"
     tensors[name] = tensors[name] + 1e-3
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"1 of \d+ compared tensors differ \(e.g. \['weaver.model.base_model.model.model"
-                                         r".layers.1.mlp.up_proj.weight: values differ by up to 0.001"):
+    with pytest.raises(ValueError, match=r"1 of \d+ compared tensors differ \(e.g. \['weaver.model.base_model.model"
+                                         r".model.layers.1.mlp.up_proj.weight: values differ by up to 0.001"):
         MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
     loaded = MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok,
                                          check_base_weights=False).eval()

@@ -20,17 +20,17 @@ MIXED = {"layer_types": [SLIDING, FULL]}
 
 # config class, model class, config fields, LoRA targets, driven directly
 WINDOWED = {
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, max_window_layers=1), ["q_proj", "v_proj"],
-              True),  # full, then sliding
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, max_window_layers=1),
+              ["q_proj", "v_proj"], True),  # full, then sliding
     "mistral": ("MistralConfig", "MistralForCausalLM", {}, ["q_proj", "v_proj"], True),  # every layer slides
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, ["qkv_proj"], True),
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(sliding_window_pattern=2), ["q_proj", "v_proj"], True),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(use_sliding_window=True, head_dim=16, moe_intermediate_size=32,
-                                                                num_experts=4, num_experts_per_tok=2), ["q_proj", "v_proj"],
-                  True),  # every layer slides (no `layer_types`)
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(use_sliding_window=True, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                       num_experts_per_tok=2), ["q_proj", "v_proj"], True),  # every layer slides (no `layer_types`)
     # through their forward: a dict of masks, or (every layer sliding) one mask
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, final_logit_softcapping=2.0), ["q_proj", "v_proj"],
-               False),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, final_logit_softcapping=2.0),
+               ["q_proj", "v_proj"], False),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, **MIXED), ["q_proj", "v_proj"], False),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                                           **MIXED), ["q_proj", "v_proj"], False),
@@ -132,7 +132,7 @@ def test_a_decoder_that_cannot_take_window_masks_is_refused_past_its_window():
     assert not applies_windows(model.reasoner.get_decoder())
     input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
     room = 32 - int(mask.sum(1).max()) - 2 - 2 * model.config.max_inference_aug_num
-    with pytest.raises(ValueError, match="the reasoner's sliding attention window of 32 .* cannot apply to GPTNeoXModel"):
+    with pytest.raises(ValueError, match="the reasoner's sliding attention window of 32 .* cannot apply to GPTNeoX"):
         model.generate(input_ids, mask, max_new_tokens=room + 1)
     model.generate(input_ids, mask, max_new_tokens=room)
 
