@@ -43,10 +43,13 @@ def _check_lora(name: str, value: Any) -> dict[str, Any]:
     if not (isinstance(merged["lora_dropout"], (int, float)) and 0 <= merged["lora_dropout"] < 1):
         raise ValueError(f"{name}['lora_dropout'] must be in [0, 1), got {merged['lora_dropout']!r}")
     targets = merged["target_modules"]
-    if isinstance(targets, str):
-        targets = [targets]
+    if isinstance(targets, str):  # PEFT's meaning: a regular expression over module paths, or "all-linear"
+        if not targets:
+            raise ValueError(f"{name}['target_modules'] must not be empty")
+        return merged
     if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
-        raise ValueError(f"{name}['target_modules'] must be a non-empty list of module names, got {targets!r}")
+        raise ValueError(f"{name}['target_modules'] must be a non-empty list of module names, a regular expression "
+                         f"or 'all-linear', got {targets!r}")
     merged["target_modules"] = list(targets)
     return merged
 

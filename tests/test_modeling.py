@@ -316,6 +316,23 @@ def test_bad_construction():
                                   MemGenConfig(weaver_lora={"target_modules": ["no_such_proj"]}))
 
 
+@pytest.mark.parametrize("targets,expected", [
+    ("all-linear", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),  # not the LM head
+    (r".*\.layers\.1\.self_attn\.(q|v)_proj", {"q_proj", "v_proj"}),  # a regular expression: layer 1 only
+    (["q_proj", "o_proj"], {"q_proj", "o_proj"}),
+])
+def test_lora_targets_keep_peft_s_meaning(targets, expected):
+    """A string is PEFT's: "all-linear" or a regular expression over module paths, not one module name."""
+    tok = chat_tokenizer()
+    model = MemGenModel.from_reasoner(tiny_causal_lm("qwen2", len(tok)), tok,
+                                      MemGenConfig(weaver_lora={"target_modules": targets}))
+    paths = {name.split(".lora_")[0] for name in model.stage_parameters("weaver") if ".lora_" in name}
+    assert {path.rsplit(".", 1)[-1] for path in paths} == expected
+    if isinstance(targets, str) and targets != "all-linear":
+        assert all(".layers.1." in path for path in paths)
+    assert model.config.weaver_lora["target_modules"] == targets
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(trigger_mode="sometimes"), "trigger_mode must be one of"),
     (dict(prompt_latents_len=0), "prompt_latents_len must be an int >= 1"),
@@ -323,6 +340,8 @@ def test_bad_construction():
     (dict(delimiters=[]), "delimiters must be a non-empty sequence"),
     (dict(weaver_lora={"rank": 8}), r"unsupported LoRA settings \['rank'\]"),
     (dict(trigger_lora={"lora_dropout": 1.5}), r"lora_dropout'\] must be in \[0, 1\)"),
+    (dict(weaver_lora={"target_modules": ""}), r"target_modules'\] must not be empty"),
+    (dict(weaver_lora={"target_modules": []}), r"a non-empty list of module names, a regular expression or 'all-linear'"),
 ])
 def test_config_rejects_invalid_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
