@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 
 from memgen import checkpoints
 from memgen.adapters import adapter_parameters, adapter_state_context, add_lora_adapter, tuner_layers
+from memgen.compatibility import check_engine_support
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
 from memgen.layer_stack import applies_windows, sliding_window, text_config
@@ -426,12 +427,27 @@ class MemGenModel(nn.Module):
             def stop(new_tokens: torch.Tensor) -> torch.Tensor:
                 return criteria(new_tokens, None)
         with root_gathered(self):
+            for role, base in self._decoding_bases(mode if prompt_budget or budget else None).items():
+                check_engine_support(base, role)
             out = run_engine(self, input_ids, real.long(), max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                              eos_ids=eos_ids, trigger_mode=mode, prompt_budget=prompt_budget, budget=budget,
                              repetition_penalty=float(repetition_penalty), streamer=streamer, stop=stop,
                              synced_ranks=bool(synced_ranks))
         return out if return_dict_in_generate else out.sequences
+
+    def _decoding_bases(self, mode: str | None) -> dict[str, PreTrainedModel]:
+        """The distinct base models a generate call with trigger mode `mode` (None: memory off) runs, by role."""
+        bases = {"reasoner": self.reasoner}
+        if mode is not None:
+            bases["weaver's base"] = self.weaver.model
+        if mode == "lora":
+            bases["trigger's base"] = self.trigger.model
+        distinct = {}
+        for role, base in bases.items():
+            if all(base is not other for other in distinct.values()):
+                distinct[role] = base
+        return distinct
 
     def _check_generate_inputs(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                                top_p, generator, latents: int) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""Decoders the engine cannot drive are refused before any work; untested ones that it can are probed once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from memgen import compatibility, generation
+from memgen.compatibility import TESTED_DECODERS, check_engine_support
+from offline import chat_tokenizer
+from test_architectures import TINY_FIELDS, weaving_model
+from test_generation import assert_same_as_reference
+from test_modeling import make_batch
+
+
+def tiny(config_name: str, model_name: str, targets: list[str], trigger_mode: str = "always", **fields):
+    tok = chat_tokenizer()
+    config = getattr(transformers, config_name)(vocab_size=len(tok), **fields)
+    torch.manual_seed(0)
+    return weaving_model(getattr(transformers, model_name)(config), tok, targets, trigger_mode)
+
+
+UNSUPPORTED = {
+    # learned absolute positions, counted from the cache's length
+    "opt": ("OPTConfig", "OPTForCausalLM", ["q_proj", "v_proj"],
+            dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64)),
+    # ALiBi
+    "bloom": ("BloomConfig", "BloomForCausalLM", ["query_key_value"], dict(hidden_size=64, n_layer=2, n_head=4)),
+}
+
+
+@pytest.mark.parametrize("arch", UNSUPPORTED)
+def test_a_decoder_the_engine_cannot_drive_is_refused_before_any_work(arch, monkeypatch):
+    config_name, model_name, targets, fields = UNSUPPORTED[arch]
+    model = tiny(config_name, model_name, targets, **fields)
+    input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
+
+    def engine(*args, **kwargs):
+        raise AssertionError("the engine ran")
+
+    monkeypatch.setattr(generation, "generate", engine)
+    name = type(model.reasoner.get_decoder()).__name__
+    with pytest.raises(ValueError, match=rf"cannot drive the reasoner's decoder {name}: a ragged call raised"):
+        model.generate(input_ids, mask, max_new_tokens=4)
+    model(*make_batch(model, [2, 1], "right", seed=2))  # the training forward runs the decoder's own forward
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "lora"])
+def test_an_untested_decoder_that_passes_the_probe_generates_like_the_reference(trigger_mode, monkeypatch):
+    model = tiny("PersimmonConfig", "PersimmonForCausalLM", ["query_key_value"], trigger_mode, **TINY_FIELDS)
+    assert type(model.reasoner.get_decoder()).__name__ not in TESTED_DECODERS
+    probes = []
+    probe = compatibility._probe
+    monkeypatch.setattr(compatibility, "_probe", lambda *args: probes.append(args) or probe(*args))
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
+    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
+    assert (out.augmentation_mask[:, 1:] == 1).any()
+    model.generate(input_ids, mask, max_new_tokens=4)
+    assert len(probes) == 1, "one probe per decoder"
+
+
+class _RowMixingLlamaModel(transformers.LlamaModel):
+    """A decoder whose rows leak into each other: alone a row gives other hidden states than beside another."""
+
+    def forward(self, inputs_embeds=None, **kwargs):
+        return super().forward(inputs_embeds=inputs_embeds + inputs_embeds.mean(0, keepdim=True), **kwargs)
+
+
+def test_a_decoder_whose_ragged_rows_differ_from_their_own_is_refused():
+    tok = chat_tokenizer()
+    config = transformers.LlamaConfig(**TINY_FIELDS, vocab_size=len(tok))
+    reasoner = transformers.LlamaForCausalLM(config)
+    reasoner.model = _RowMixingLlamaModel(config)
+    with pytest.raises(ValueError, match=r"a row's hidden states differ from the row's alone \(relative difference"):
+        check_engine_support(reasoner, "reasoner")
+
+
+def test_tested_decoders_are_not_probed(monkeypatch):
+    monkeypatch.setattr(compatibility, "_probe", lambda *args: pytest.fail("probed"))
+    model = tiny("Qwen2Config", "Qwen2ForCausalLM", ["q_proj", "v_proj"], **TINY_FIELDS)
+    input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
+    model.generate(input_ids, mask, max_new_tokens=4)
