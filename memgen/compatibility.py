@@ -25,8 +25,8 @@ from memgen.ops import pack_ragged
 
 # Decoder classes whose generation the test suite checks against the reference (tests/test_architectures.py,
 # tests/test_sliding_windows.py, tests/test_generation.py): no probe.
-TESTED_DECODERS = frozenset((*DIRECT_DECODERS, *MASK_DICT_DECODERS, "GemmaModel", "GPTNeoXModel", "GraniteModel",
-                             "MixtralModel", "StableLmModel"))
+TESTED_DECODERS = frozenset((*DIRECT_DECODERS, *MASK_DICT_DECODERS, "DeepseekV3Model", "GemmaModel", "GPTJModel",
+                             "GPTNeoXModel", "GraniteModel", "MixtralModel", "StableLmModel"))
 
 # Relative difference (Frobenius norm) between a probe's ragged and solo hidden states above which they differ: far
 # above rounding (float32 ~1e-6, bfloat16 ~1e-2 over a few layers), far below what a wrong position or a missing key

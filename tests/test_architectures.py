@@ -37,8 +37,14 @@ ARCHITECTURES = {
     "gpt_neox": ("GPTNeoX", {}, ["query_key_value"]),  # other module names, parallel residual
     "granite": ("Granite", {"logits_scaling": 4.0, "embedding_multiplier": 2.0}, ["q_proj", "v_proj"]),  # divided
     "stablelm": ("StableLm", {}, ["q_proj", "v_proj"]),  # its layers pass no keyword arguments on to attention
+    "deepseek_v3": ("DeepseekV3", {"num_key_value_heads": 4, "moe_intermediate_size": 32, "n_routed_experts": 4,
+                                   "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+                                   "kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8,
+                                   "qk_nope_head_dim": 16, "v_head_dim": 16},
+                    ["q_proj", "kv_b_proj"]),  # latent attention: keys and values of different head sizes
+    "gptj": ("GPTJ", {"rotary_dim": 8}, ["q_proj", "v_proj"]),  # rotary on part of each head
 }
-THROUGH_FORWARD = ("gemma2", "gpt_neox", "granite", "stablelm")
+THROUGH_FORWARD = ("gemma2", "gpt_neox", "granite", "stablelm", "deepseek_v3", "gptj")
 
 
 def other_model(arch: str, trigger_mode: str = "always") -> MemGenModel:
@@ -46,7 +52,7 @@ def other_model(arch: str, trigger_mode: str = "always") -> MemGenModel:
     prefix, extra, targets = ARCHITECTURES[arch]
     config_class = skip_unless_buildable(getattr(transformers, f"{prefix}Config"))
     tok = chat_tokenizer()
-    config = config_class(**TINY_FIELDS, vocab_size=len(tok), **extra)
+    config = config_class(**{**TINY_FIELDS, **extra}, vocab_size=len(tok))
     torch.manual_seed(0)
     return weaving_model(getattr(transformers, f"{prefix}ForCausalLM")(config), tok, targets, trigger_mode)
 
