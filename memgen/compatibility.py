@@ -4,8 +4,8 @@ The engine feeds a decoder ragged calls through `memgen.cache.RaggedCache`: expl
 additive mask over per-row cache slots, keys and values written at each row's own offsets. A decoder
 whose attention reads a key/value cache that way gives each row what the row alone would give. Others
 do not: decoders that derive positions from the cache's length (learned absolute positions, ALiBi),
-state-space or linear-attention layers, latent-attention caches. Those fail deep inside a call, or
-could silently compute something else. So a decoder of a class the test suite does not cover
+state-space or linear-attention layers, caches of other kinds (an indexer's). Those fail deep inside
+a call, or could silently compute something else. So a decoder of a class the test suite does not cover
 (`TESTED_DECODERS`) is probed once: a ragged prefill and a ragged step of two rows through the
 engine's cache, compared with each row run alone through the decoder's own forward. A decoder that
 raises or differs is refused with the reason; the training forward, which runs the decoder's own
