@@ -608,7 +608,7 @@ class _Engine:
         items, positions, slots, mask = pack_ragged(self.stream, rows_device, seen_device, pending_device, width,
                                                     self.query_slots[kind], self.weaver.capacity,
                                                     int((seen + pending).max()) + k)
-        inputs = self.model.reasoner_to_weaver(items.float()).to(self.weaver.dtype)
+        inputs = self.model.reasoner_to_weaver(items).to(self.weaver.dtype)
         inputs[:, width:] = self.queries[kind]
         starts = self.weaver.only(self.model.weaver.adapter_name) if self.joint_weaver else None
         hidden = self.weaver.run(cache_rows_device, (inputs, positions, slots, mask), cache_rows, pending, starts)
@@ -625,7 +625,7 @@ class _Engine:
         rows_device, seen_device, pending_device = self.to_device(rows, seen, pending)
         column = torch.arange(width, device=self.device)
         sources = (seen_device[:, None] + column).clamp(max=self.stream.shape[1] - 1)
-        read = self.model.reasoner_to_weaver(self.stream[rows_device[:, None], sources].float()).to(self.weaver.dtype)
+        read = self.model.reasoner_to_weaver(self.stream[rows_device[:, None], sources]).to(self.weaver.dtype)
         queries = self.queries[kind][(column - pending_device[:, None]).clamp(0, k - 1)]
         items = torch.where((column < pending_device[:, None])[..., None], read, queries)
         return _Part(rows, counts, items, kept=pending), pending
@@ -639,11 +639,11 @@ class _Engine:
     def _latents(self, hidden: torch.Tensor, rows: torch.Tensor, column: int | torch.Tensor) -> torch.Tensor:
         """The weaver's query outputs [G, K, d_W] for rows (host [G]) as latents in the reasoner's space, their mean
         norm written to latent_norms[rows, column]."""
-        latents = self.model.weaver_to_reasoner(hidden.float())
+        latents = self.model.weaver_to_reasoner(hidden)
         rows_device, = self.to_device(rows)
         if isinstance(column, torch.Tensor):
             column = self.to_device(column)[0]
-        self.latent_norms[rows_device, column] = latents.norm(dim=-1).mean(-1)
+        self.latent_norms[rows_device, column] = latents.float().norm(dim=-1).mean(-1)
         return latents.to(self.reasoner.dtype)
 
     # -- the trigger ----------------------------------------------------------------------------
@@ -655,7 +655,7 @@ class _Engine:
         token each row's decision comes before (device int64 [B], or one for every row)."""
         kwargs = {}
         if self.trigger_mode == "lora":  # rows it did not read are at no decision point: their logits go unused
-            kwargs["logits"] = self.model.trigger.output_layer(self.trigger_hidden.float())
+            kwargs["logits"] = self.model.trigger.output_layer(self.trigger_hidden)
         elif self.trigger_mode == "head":
             kwargs["hidden"] = self.last_hidden
             kwargs["head_weight"] = self.model.trigger.output_layer.weight

@@ -37,6 +37,7 @@ from memgen.layer_stack import applies_windows, sliding_window, text_config
 from memgen.logits import logits_function
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
                            default_points, explicit_points, prompt_turns)
+from memgen.projection import Projection
 from memgen.sharding import distributed, ranks_max, root_gathered, sharding_of, zero3_decodable
 from memgen.trigger import MemGenTrigger
 from memgen.weaver import INFERENCE, PROMPT, MemGenWeaver
@@ -120,8 +121,8 @@ class MemGenModel(nn.Module):
         add_lora_adapter(weaver_base, MemGenWeaver.adapter_name, config.weaver_lora)
         self.weaver = MemGenWeaver(weaver_base, config.prompt_latents_len, config.inference_latents_len)
         d_reasoner, d_weaver = text_config(reasoner).hidden_size, text_config(weaver_base).hidden_size
-        self.reasoner_to_weaver = nn.Linear(d_reasoner, d_weaver)
-        self.weaver_to_reasoner = nn.Linear(d_weaver, d_reasoner)
+        self.reasoner_to_weaver = Projection(d_reasoner, d_weaver)
+        self.weaver_to_reasoner = Projection(d_weaver, d_reasoner)
         if config.trigger_mode == "lora":
             add_lora_adapter(trigger_base, MemGenTrigger.adapter_name, config.trigger_lora)
             self.trigger = MemGenTrigger("lora", text_config(trigger_base).hidden_size, trigger_base)
@@ -664,10 +665,10 @@ class MemGenModel(nn.Module):
         source = source.clamp(min=0)
         prefix = stream[rows[:, None], source]  # [G, width, d_R]
         weaver_dtype = self.weaver.model.get_input_embeddings().weight.dtype
-        projected = self.reasoner_to_weaver(prefix.float()) * valid[..., None]
+        projected = self.reasoner_to_weaver(prefix) * valid[..., None]
         queries = self.weaver.queries(kind).expand(rows.shape[0], -1, -1)
         inputs = torch.cat([projected, queries], dim=1).to(weaver_dtype)
         mask = torch.cat([valid, valid.new_ones(rows.shape[0], k)], dim=1)
         positions = torch.cat([source, prefix_len[:, None] + torch.arange(k, device=stream.device)], dim=1)
         hidden = self.weaver(inputs, mask.long(), positions)
-        return self.weaver_to_reasoner(hidden[:, -k:].float())
+        return self.weaver_to_reasoner(hidden[:, -k:])

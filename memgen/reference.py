@@ -39,11 +39,11 @@ def _weave(model, stream: list[torch.Tensor], kind: str) -> list[torch.Tensor]:
     items = torch.stack(stream)  # [T, d_R]
     queries = weaver.queries(kind)
     dtype = weaver.model.get_input_embeddings().weight.dtype
-    inputs = torch.cat([model.reasoner_to_weaver(items.float()), queries]).to(dtype)[None]
+    inputs = torch.cat([model.reasoner_to_weaver(items), queries]).to(dtype)[None]
     n = inputs.shape[1]
     hidden = weaver(inputs, torch.ones(1, n, dtype=torch.long, device=inputs.device),
                     torch.arange(n, device=inputs.device)[None])
-    latents = model.weaver_to_reasoner(hidden[0, -queries.shape[0]:].float())
+    latents = model.weaver_to_reasoner(hidden[0, -queries.shape[0]:])
     return list(latents.to(items.dtype))
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from memgen.adapters import active_adapter
+from memgen.projection import Projection
 
 
 class MemGenTrigger(nn.Module):
@@ -26,18 +27,18 @@ class MemGenTrigger(nn.Module):
             if base is None:
                 raise ValueError("a `lora` trigger needs a base model")
             self.model = base
-        self.output_layer = nn.Linear(hidden_size, 2)
+        self.output_layer = Projection(hidden_size, 2)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        """`lora` mode: [SKIP, INVOKE] logits (float32) at every position of `input_ids` [B, T]."""
+        """`lora` mode: [SKIP, INVOKE] logits (in the output layer's dtype, float32 unless cast) at every position of `input_ids` [B, T]."""
         if self.mode != "lora":
             raise RuntimeError(f"the trigger's forward over token ids exists in mode 'lora', not {self.mode!r}")
         with active_adapter(self.model, self.adapter_name):
             hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                               position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.output_layer(hidden.float())
+        return self.output_layer(hidden)
 
     def head_logits(self, reasoner_hidden: torch.Tensor) -> torch.Tensor:
-        """`head` mode: [SKIP, INVOKE] logits (float32) from reasoner hidden states [..., d_R]."""
-        return self.output_layer(reasoner_hidden.float())
+        """`head` mode: [SKIP, INVOKE] logits (the output layer's dtype) from reasoner hidden states [..., d_R]."""
+        return self.output_layer(reasoner_hidden)

@@ -379,3 +379,21 @@ def test_bare_base_computes_the_frozen_model_without_lora_layers_and_restores_th
         raise RuntimeError("restored even so")
     after = dict(model.reasoner.named_modules())  # the very same modules under the same names
     assert after.keys() == before.keys() and all(after[name] is module for name, module in before.items())
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+def test_a_model_cast_whole_to_bfloat16_generates_and_trains(trigger_mode):
+    """DeepSpeed's bf16 mode casts every parameter, the trainable projections too: they then compute in bfloat16
+    (they had failed on their float32 inputs)."""
+    model = make_model("qwen2", trigger_mode=trigger_mode).to(torch.bfloat16)
+    assert model.reasoner_to_weaver.weight.dtype == torch.bfloat16
+    input_ids, mask, labels = make_batch(model, [2, 1], "right", seed=2)
+    out = model.generate(input_ids, mask, max_new_tokens=8, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, input_ids.shape[1] + 8) and out.latent_norms.dtype == torch.float32
+    loss = model(input_ids, mask, labels).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.reasoner_to_weaver.weight.grad is not None
+    if trigger_mode == "lora":  # (`head`'s need the points generation recorded)
+        logits = model(input_ids, mask, labels, trigger_logits=True).trigger_logits
+        assert torch.isfinite(logits.float()).all()

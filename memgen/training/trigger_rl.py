@@ -89,7 +89,7 @@ class TriggerTrainer(GRPOTrainer):
         taken = torch.full_like(batch.decided, -100)
         taken[:, :-1] = batch.decided[:, 1:]  # the decision before token j was read at position j - 1
         mask = taken >= 0
-        logps = torch.log_softmax(logits / self.args.temperature, -1).gather(-1, taken.clamp(min=0)[..., None])
+        logps = torch.log_softmax(logits.float() / self.args.temperature, -1).gather(-1, taken.clamp(min=0)[..., None])
         logps = logps.squeeze(-1)
         loss, clipped = clipped_loss(logps, logps.detach(), batch.advantages, mask, self.args.epsilon,
                                      self.args.loss_type, self.args.max_new_tokens)
