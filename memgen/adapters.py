@@ -20,6 +20,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
+from memgen.layer_stack import text_config
+
 
 def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
     """The LoRA-bearing layers of `model` (a walk over every module: callers in a loop keep the list)."""
@@ -64,7 +66,7 @@ def add_lora_adapter(model: nn.Module, name: str, settings: dict[str, Any]) -> N
 
 def _outside_the_decoder(model: nn.Module) -> list[str] | None:
     """A multimodal model's linear layers outside its language decoder (qualified names), None for a text model."""
-    if model.config.get_text_config() is model.config:
+    if text_config(model) is model.config:
         return None
     inside = {id(module) for module in model.get_decoder().modules()}
     return [path for path, module in model.named_modules() if isinstance(module, nn.Linear) and id(module) not in inside

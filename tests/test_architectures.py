@@ -50,11 +50,18 @@ THROUGH_FORWARD = ("gemma2", "gpt_neox", "granite", "stablelm", "deepseek_v3", "
 def other_model(arch: str, trigger_mode: str = "always") -> MemGenModel:
     """A tiny random model of `arch` (`weaving_model`)."""
     prefix, extra, targets = ARCHITECTURES[arch]
-    config_class = skip_unless_buildable(getattr(transformers, f"{prefix}Config"))
+    return named_model(f"{prefix}Config", f"{prefix}ForCausalLM", targets, trigger_mode, **{**TINY_FIELDS, **extra})
+
+
+def named_model(config_name: str, model_name: str, targets: list[str], trigger_mode: str = "always",
+                **fields) -> MemGenModel:
+    """`weaving_model` on a random transformers `model_name` built from `config_name`(**fields) and the chat
+    tokenizer's vocabulary."""
+    config_class = skip_unless_buildable(getattr(transformers, config_name))
     tok = chat_tokenizer()
-    config = config_class(**{**TINY_FIELDS, **extra}, vocab_size=len(tok))
+    config = config_class(**fields, vocab_size=len(tok))
     torch.manual_seed(0)
-    return weaving_model(getattr(transformers, f"{prefix}ForCausalLM")(config), tok, targets, trigger_mode)
+    return weaving_model(getattr(transformers, model_name)(config), tok, targets, trigger_mode)
 
 
 def skip_unless_buildable(config_class):

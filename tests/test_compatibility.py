@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import transformers
 
 from memgen import compatibility, generation
 from memgen.compatibility import TESTED_DECODERS, check_engine_support
 from offline import chat_tokenizer
-from test_architectures import TINY_FIELDS, weaving_model
+from test_architectures import TINY_FIELDS, named_model
 from test_generation import assert_same_as_reference
 from test_modeling import make_batch
-
-
-def tiny(config_name: str, model_name: str, targets: list[str], trigger_mode: str = "always", **fields):
-    tok = chat_tokenizer()
-    config = getattr(transformers, config_name)(vocab_size=len(tok), **fields)
-    torch.manual_seed(0)
-    return weaving_model(getattr(transformers, model_name)(config), tok, targets, trigger_mode)
 
 
 UNSUPPORTED = {
@@ -33,7 +25,7 @@ UNSUPPORTED = {
 @pytest.mark.parametrize("arch", UNSUPPORTED)
 def test_a_decoder_the_engine_cannot_drive_is_refused_before_any_work(arch, monkeypatch):
     config_name, model_name, targets, fields = UNSUPPORTED[arch]
-    model = tiny(config_name, model_name, targets, **fields)
+    model = named_model(config_name, model_name, targets, **fields)
     input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
 
     def engine(*args, **kwargs):
@@ -48,7 +40,7 @@ def test_a_decoder_the_engine_cannot_drive_is_refused_before_any_work(arch, monk
 
 @pytest.mark.parametrize("trigger_mode", ["always", "lora"])
 def test_an_untested_decoder_that_passes_the_probe_generates_like_the_reference(trigger_mode, monkeypatch):
-    model = tiny("PersimmonConfig", "PersimmonForCausalLM", ["query_key_value"], trigger_mode, **TINY_FIELDS)
+    model = named_model("PersimmonConfig", "PersimmonForCausalLM", ["query_key_value"], trigger_mode, **TINY_FIELDS)
     assert type(model.reasoner.get_decoder()).__name__ not in TESTED_DECODERS
     probes = []
     probe = compatibility._probe
@@ -78,6 +70,6 @@ def test_a_decoder_whose_ragged_rows_differ_from_their_own_is_refused():
 
 def test_tested_decoders_are_not_probed(monkeypatch):
     monkeypatch.setattr(compatibility, "_probe", lambda *args: pytest.fail("probed"))
-    model = tiny("Qwen2Config", "Qwen2ForCausalLM", ["q_proj", "v_proj"], **TINY_FIELDS)
+    model = named_model("Qwen2Config", "Qwen2ForCausalLM", ["q_proj", "v_proj"], **TINY_FIELDS)
     input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
     model.generate(input_ids, mask, max_new_tokens=4)

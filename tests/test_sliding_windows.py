@@ -11,7 +11,7 @@ from memgen import MemGenConfig, MemGenModel
 from memgen.layer_stack import FULL, SLIDING, applies_windows, direct_call, layer_kinds
 from memgen.reference import reference_generate
 from offline import chat_tokenizer
-from test_architectures import TINY_FIELDS, skip_unless_buildable, weaving_model
+from test_architectures import TINY_FIELDS, named_model
 from test_generation import Streamed, assert_same_as_reference, packing  # noqa: F401 (a fixture)
 from test_modeling import assert_matches_reference, make_batch
 
@@ -44,11 +44,7 @@ WINDOWED = {
 
 def windowed_model(arch: str, trigger_mode: str = "always", window: int = WINDOW) -> MemGenModel:
     config_name, model_name, extra, targets, _ = WINDOWED[arch]
-    tok = chat_tokenizer()
-    config_class = skip_unless_buildable(getattr(transformers, config_name))
-    config = config_class(**TINY_FIELDS, vocab_size=len(tok), sliding_window=window, **extra)
-    torch.manual_seed(0)
-    return weaving_model(getattr(transformers, model_name)(config), tok, targets, trigger_mode)
+    return named_model(config_name, model_name, targets, trigger_mode, **TINY_FIELDS, sliding_window=window, **extra)
 
 
 @pytest.mark.parametrize("arch", WINDOWED)
