@@ -15,6 +15,7 @@ from memgen.bench.decode_suite import weaver_calls, weaving_steps
 from memgen.bench.report import add_ratios, markdown, median_interval, suite_table, write
 from memgen.bench.workload import DELIMITER_SHARE, Workload, load_workload, prompt_batch, training_batch
 from memgen.cli import main
+from memgen.layer_stack import sliding_window
 from offline import chat_tokenizer, tiny_causal_lm
 
 
@@ -398,3 +399,25 @@ def test_step_ops_counts_leaves_that_do_work_and_places_them_by_the_decoders_ran
     counts = step_ops.count(prof.events())
     assert counts["ops_outside"] == 2  # ones' fill_ and the add
     assert counts["ops_inside"] >= 1 and counts["launches_inside"] == 0
+
+
+def test_window_cost_script_times_each_arm_with_and_without_a_binding_window(cache, tmp_path, capsys):
+    window_cost = _script("window_cost")
+    with pytest.raises(SystemExit):
+        window_cost.main(["--window", "0"])
+    assert "--window must be >= 1, got 0" in capsys.readouterr().err
+    window_cost.main(["--preset", "tiny", "--batch", "2", "--new-tokens", "24", "--window", "8", "--rounds", "2",
+                      "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    records = {r["impl"]: r for r in results["records"]}
+    assert list(records) == ["memory off", "memory off, window 8", "always", "always, window 8"]
+    for arm in ("memory off", "always"):
+        assert records[f"{arm}, window 8"]["paired_ratios"][arm]["median"] > 0
+    assert records["always"]["facts"]["insertions_per_row"] > 0
+    workload = load_workload("tiny")
+    plain, windowed = workload.memgen_model("always"), workload.memgen_model("always", sliding_window=8)
+    assert plain is not windowed and windowed is workload.memgen_model("always", sliding_window=8)
+    assert sliding_window(windowed.reasoner.config) == 8 and sliding_window(plain.reasoner.config) is None
+    input_ids, mask = prompt_batch(workload, 2)
+    runs = [model.generate(input_ids, mask, max_new_tokens=24, memory=False) for model in (plain, windowed)]
+    assert not torch.equal(*runs)  # the window binds: same weights, other tokens

@@ -46,7 +46,7 @@ class Workload:
     device: torch.device
     dtype: torch.dtype
     synthetic: bool
-    _models: dict[str, MemGenModel] = field(default_factory=dict, repr=False)
+    _models: dict[tuple[str, int | None], MemGenModel] = field(default_factory=dict, repr=False)
 
     def load_reasoner(self) -> torch.nn.Module:
         """A freshly loaded reasoner in eval mode on the workload's device and dtype, with the logit hook."""
@@ -69,15 +69,22 @@ class Workload:
             bias[table] = math.log(DELIMITER_SHARE / (1 - DELIMITER_SHARE) * others / n)
         return bias
 
-    def memgen_model(self, trigger_mode: str) -> MemGenModel:
+    def memgen_model(self, trigger_mode: str, sliding_window: int | None = None) -> MemGenModel:
         """The workload's MemGen model with this trigger (built once, on its own reasoner: a base takes
         one set of adapters). LoRA dropout is 0; the trigger invokes with probability 0.1. Its fresh
         weights are drawn from a fixed seed (the global generator is left as it was), so every run of a
-        benchmark decodes the same tokens and weaves at the same steps."""
-        if trigger_mode not in self._models:
+        benchmark decodes the same tokens and weaves at the same steps. sliding_window: a window of that many
+        positions on every other layer of the reasoner (its config's `layer_types`; same weights)."""
+        key = (trigger_mode, sliding_window)
+        if key not in self._models:
             config = MemGenConfig(trigger_mode=trigger_mode, weaver_lora={"lora_dropout": 0.0},
                                   trigger_lora={"lora_dropout": 0.0})
             reasoner = self.load_reasoner()
+            if sliding_window is not None:
+                layers = reasoner.config.num_hidden_layers
+                reasoner.config.sliding_window, reasoner.config.use_sliding_window = sliding_window, True
+                reasoner.config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                               for i in range(layers)]
             with presets.fixed_seed(torch.device("cpu")):  # built on the CPU, then moved
                 model = MemGenModel.from_reasoner(reasoner, self.tokenizer, config)
             model = model.to(self.device).eval()
@@ -86,8 +93,8 @@ class Workload:
                     model.trigger.output_layer.weight.zero_()
                     logit = math.log(INVOKE_PROBABILITY / (1 - INVOKE_PROBABILITY))
                     model.trigger.output_layer.bias.copy_(torch.tensor([0.0, logit]))
-            self._models[trigger_mode] = model
-        return self._models[trigger_mode]
+            self._models[key] = model
+        return self._models[key]
 
 
 def _install_logit_bias(model: torch.nn.Module, bias: torch.Tensor) -> None:
