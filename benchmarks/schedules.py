@@ -30,7 +30,7 @@ import torch
 
 from memgen import generation
 from memgen.bench.decode_suite import weaver_calls
-from memgen.bench.harness import Case, measure, run_meta
+from memgen.bench.harness import Case, measure, require_positive, run_meta
 from memgen.bench.report import add_ratios, markdown, paired_cell, write
 from memgen.bench.workload import load_workload, prompt_batch
 
@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                              "of attending to each row's cache in place (memgen.generation.BY_ROW_ATTENTION)")
     parser.add_argument("--out", help="write results.json, results.md and results.png here")
     args = parser.parse_args(argv)
-    for name in ("batch", "new_tokens", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(parser, args, "batch", "new_tokens", "rounds")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")

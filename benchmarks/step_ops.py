@@ -37,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from memgen import generation
 from memgen.bench import decode_suite
-from memgen.bench.harness import run_meta, synchronize
+from memgen.bench.harness import require_positive, run_meta, synchronize
 from memgen.bench.report import machine_line
 from memgen.bench.workload import load_workload
 
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--out", help="write results.json and results.md here")
     args = parser.parse_args(argv)
-    for name in ("batch", "new_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(parser, args, "batch", "new_tokens")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     counts = step_ops(args.preset, args.device, getattr(torch, dtype), args.batch, args.new_tokens, tuple(args.impls))
     command = "python benchmarks/step_ops.py " + " ".join(argv if argv is not None else sys.argv[1:])

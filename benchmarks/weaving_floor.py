@@ -28,7 +28,7 @@ import torch
 
 from memgen.bench.calls import PREFIX, prefilled_decoder, repeatable_call
 from memgen.bench.decode_suite import weaving_steps
-from memgen.bench.harness import Case, measure, run_meta
+from memgen.bench.harness import Case, measure, require_positive, run_meta
 from memgen.bench.report import add_ratios, markdown, median_interval, paired_cell, write
 from memgen.bench.workload import load_workload, prompt_batch
 
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", help="write results.json, results.md and results.png here")
     args = parser.parse_args(argv)
-    for name in ("batch", "new_tokens", "width", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(parser, args, "batch", "new_tokens", "width", "rounds")
     case, items = cases(args.preset, args.batch, args.new_tokens, args.width)
     records = measure(case, args.rounds, "cpu")
     add_ratios(records)

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from memgen.bench.harness import Case, measure, run_meta
+from memgen.bench.harness import Case, measure, require_positive, run_meta
 from memgen.bench.report import add_ratios, markdown, write
 from memgen.bench.workload import load_workload, prompt_batch
 
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", help="write results.json, results.md and results.png here")
     args = parser.parse_args(argv)
-    for name in ("batch", "new_tokens", "window", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(parser, args, "batch", "new_tokens", "window", "rounds")
     records = [r for case in cases(args.preset, args.batch, args.new_tokens, args.window)
                for r in measure(case, args.rounds, "cpu")]
     add_ratios(records)

@@ -141,3 +141,11 @@ def run_meta(workload: str, device: torch.device | str, dtype: str, command: str
     """The `meta` of a run's results: what ran, where, when and how to run it again."""
     return dict(workload=workload, device=str(device), dtype=dtype, machine=machine_info(device),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command=command)
+
+
+def require_positive(parser, args, *names: str) -> None:
+    """A benchmark script's check of its integer options `names` (argparse dests): each >= 1, else the parser exits
+    with an error naming the option."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
