@@ -18,7 +18,8 @@ Grouped-query heads stay packed (the query heads of one key/value head ride alon
 and values are never repeated.
 
 The engine selects this function through Hugging Face's `AttentionInterface` for its grouped calls only
-(`grouped_calls`); without a `ragged` argument it is SDPA attention.
+(`attention_implementation`); without a `ragged` argument it is SDPA attention. Its other calls run under
+`mask_attention`: the model's own attention where that applies an additive 4D mask, else SDPA.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 RAGGED_ATTENTION = "memgen_ragged"
+
+# Attention implementations that apply a call's additive 4D mask as given. Flash attention reads a mask as a [B, L]
+# padding mask and FlexAttention indexes it by its own shapes, so under those the engine's masks, which hide per-row
+# cache slots, would be misread (`mask_attention` then picks SDPA).
+MASK_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass
@@ -185,12 +191,24 @@ def ragged_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling).transpose(1, 2)
 
 
+def mask_attention(decoder) -> str:
+    """The attention implementation the engine's calls through `decoder` run under: the decoder's own where it
+    applies an additive 4D mask as given (`MASK_ATTENTION`), else SDPA (eager for a decoder without SDPA)."""
+    own = decoder.config._attn_implementation
+    if own in MASK_ATTENTION:
+        return own
+    return "sdpa" if getattr(decoder, "_supports_sdpa", False) else "eager"
+
+
 @contextlib.contextmanager
-def grouped_calls(config) -> Iterator[None]:
-    """Within: the decoder configured by `config` attends through `ragged_attention` (which is SDPA attention
-    for calls without a `ragged` argument)."""
+def attention_implementation(config, name: str) -> Iterator[None]:
+    """Within: the decoder configured by `config` attends through the attention implementation `name` (with
+    `RAGGED_ATTENTION`, `ragged_attention`: SDPA attention for calls without a `ragged` argument)."""
     previous = config._attn_implementation
-    config._attn_implementation = RAGGED_ATTENTION
+    if previous == name:
+        yield
+        return
+    config._attn_implementation = name
     try:
         yield
     finally:

@@ -7,9 +7,9 @@ do not: decoders that derive positions from the cache's length (learned absolute
 state-space or linear-attention layers, caches of other kinds (an indexer's). Those fail deep inside
 a call, or could silently compute something else. So a decoder of a class the test suite does not cover
 (`TESTED_DECODERS`) is probed once: a ragged prefill and a ragged step of two rows through the
-engine's cache, compared with each row run alone through the decoder's own forward. A decoder that
-raises or differs is refused with the reason; the training forward, which runs the decoder's own
-forward over whole sequences, does not need this.
+engine's cache (under the engine's attention, `memgen.attention.mask_attention`), compared with each row
+run alone through the decoder's own forward. A decoder that raises or differs is refused with the reason;
+the training forward, which runs the decoder's own forward over whole sequences, does not need this.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import weakref
 import torch
 from torch import nn
 
+from memgen.attention import attention_implementation, mask_attention
 from memgen.cache import RaggedCache
 from memgen.layer_stack import DIRECT_DECODERS, MASK_DICT_DECODERS, direct_call, forward_call, text_config
 from memgen.ops import pack_ragged
@@ -67,7 +68,7 @@ def _probe(model: nn.Module, decoder: nn.Module) -> str | None:
     was_training = decoder.training
     decoder.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attention_implementation(decoder.config, mask_attention(decoder)):  # as the engine runs
             stream = embed(ids)
             cache = RaggedCache(layers, 2, ids.shape[1], device)
             rows = torch.arange(2, device=device)

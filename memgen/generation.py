@@ -57,7 +57,7 @@ from transformers.utils import ModelOutput
 
 from memgen import transfers
 from memgen.adapters import BareBase, SplitBatch, active_adapter, tuner_layers
-from memgen.attention import RaggedGroups, grouped_calls, windowed
+from memgen.attention import RAGGED_ATTENTION, RaggedGroups, attention_implementation, mask_attention, windowed
 from memgen.cache import RaggedCache
 from memgen.layer_stack import FULL, SLIDING, direct_call, forward_call, sliding_window, text_config
 from memgen.logits import logits_function
@@ -78,9 +78,9 @@ PACKED_PADDING_ITEMS = {"cuda": 512, "cpu": 0}
 # every weaver call saved is a step's kernel launches.
 JOINT_WEAVER_MODES = {"cuda": ("always", "head", "lora"), "cpu": ("always", "head")}
 
-# The models' attention implementations under which a call of one item per batch row attends to each item's cache
-# row in place (`memgen.attention`), where the engine drives the layers itself; under any other each item's batch
-# row gets a copy of its row's cache.
+# The attention implementations (of `mask_attention`) under which a call of one item per batch row attends to each
+# item's cache row in place (`memgen.attention`), where the engine drives the layers itself; under any other each
+# item's batch row gets a copy of its row's cache.
 BY_ROW_ATTENTION = ("sdpa",)
 
 
@@ -115,7 +115,8 @@ class _RaggedDecoder:
         window = sliding_window(self.config)
         # the sliding window, where one may bind: then its layers get a mask of their own (`layer_stack`)
         self.window = window if window is not None and (capacity if longest is None else longest) > window else None
-        self.by_row = self.direct and self.config._attn_implementation in BY_ROW_ATTENTION
+        self.attention = mask_attention(decoder)  # the attention implementation its calls run under
+        self.by_row = self.direct and self.attention in BY_ROW_ATTENTION
         # query heads per key/value head (the direct decoders' configs name both)
         self.gqa = self.config.num_attention_heads // self.config.num_key_value_heads if self.by_row else 1
         self.layers = tuner_layers(model) if adapter is not None else None
@@ -163,10 +164,10 @@ class _RaggedDecoder:
         else:
             context = self.bare() if self.bare is not None else active_adapter(self.model, self.adapter, self.layers)
         if groups is not None:
-            with context, grouped_calls(self.config):
+            with context, attention_implementation(self.config, RAGGED_ATTENTION):
                 hidden = self.call(items, mask, positions, self.cache, ragged=groups)
         else:
-            with context:
+            with context, attention_implementation(self.config, self.attention):
                 hidden = self.call(items, mask, positions, self.cache)
         if isinstance(advanced, slice):
             self.lengths[advanced].add_(n_items)  # in place on a view

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memgen.attention import (RAGGED_ATTENTION, RaggedGroups, grouped_calls, ragged_attention, ragged_attention_reference,
-                              windowed)
+from memgen.attention import (RAGGED_ATTENTION, RaggedGroups, attention_implementation, mask_attention,
+                              ragged_attention, ragged_attention_reference, windowed)
 from test_modeling import make_model
 
 
@@ -83,17 +83,29 @@ def test_ragged_attention_uses_views_for_nearby_single_rows_and_gathers_the_rest
     assert spread.groups[1].rows.tolist() == [5] and spread.groups[1].width == 4
 
 
-def test_grouped_calls_switch_the_attention_only_within_and_leave_other_calls_to_sdpa():
+def test_attention_implementation_switches_only_within_and_ragged_attention_is_sdpa_without_groups():
     model = make_model("qwen2")
     base = model.reasoner
     config = base.get_decoder().config
     ids = torch.randint(0, base.config.vocab_size, (2, 7))
     want = base(input_ids=ids).logits
-    with grouped_calls(config):
+    with attention_implementation(config, RAGGED_ATTENTION):
         assert config._attn_implementation == RAGGED_ATTENTION
         got = base(input_ids=ids).logits  # no `ragged` argument: SDPA attention
     assert config._attn_implementation == "sdpa"
     torch.testing.assert_close(got, want)
-    with pytest.raises(RuntimeError), grouped_calls(config):
+    with pytest.raises(RuntimeError), attention_implementation(config, "eager"):
         raise RuntimeError("a failing call")
     assert config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("own,supports_sdpa,want", [("sdpa", True, "sdpa"), ("eager", True, "eager"),
+                                                    ("flash_attention_2", True, "sdpa"),
+                                                    ("flex_attention", True, "sdpa"), ("paged|sdpa", True, "sdpa"),
+                                                    ("flash_attention_2", False, "eager")])
+def test_the_engine_attends_through_an_implementation_that_applies_its_masks(own, supports_sdpa, want,
+                                                                             monkeypatch):
+    decoder = make_model("qwen2").reasoner.get_decoder()
+    monkeypatch.setattr(decoder.config, "_attn_implementation", own)
+    monkeypatch.setattr(type(decoder), "_supports_sdpa", supports_sdpa)
+    assert mask_attention(decoder) == want

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
 
 from memgen import compatibility, generation
 from memgen.compatibility import TESTED_DECODERS, check_engine_support
+from memgen.reference import reference_generate
 from offline import chat_tokenizer
 from test_architectures import TINY_FIELDS, named_model
-from test_generation import assert_same_as_reference
+from test_generation import loaded_with_attention
 from test_modeling import make_batch
 
 
@@ -38,15 +40,22 @@ def test_a_decoder_the_engine_cannot_drive_is_refused_before_any_work(arch, monk
     model(*make_batch(model, [2, 1], "right", seed=2))  # the training forward runs the decoder's own forward
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flash_attention_2"])
 @pytest.mark.parametrize("trigger_mode", ["always", "lora"])
-def test_an_untested_decoder_that_passes_the_probe_generates_like_the_reference(trigger_mode, monkeypatch):
+def test_an_untested_decoder_that_passes_the_probe_generates_like_the_reference(trigger_mode, attention,
+                                                                               monkeypatch):
+    """Also when the model was loaded with flash attention: the probe, like the engine, runs under SDPA."""
     model = named_model("PersimmonConfig", "PersimmonForCausalLM", ["query_key_value"], trigger_mode, **TINY_FIELDS)
     assert type(model.reasoner.get_decoder()).__name__ not in TESTED_DECODERS
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
+    want_seq, want_mask = reference_generate(model, input_ids, mask, max_new_tokens=24)
+    if attention != "sdpa":
+        loaded_with_attention(model, attention, trigger_mode, monkeypatch)
     probes = []
     probe = compatibility._probe
     monkeypatch.setattr(compatibility, "_probe", lambda *args: probes.append(args) or probe(*args))
-    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
-    out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=24)
+    out = model.generate(input_ids, mask, max_new_tokens=24, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want_seq) and torch.equal(out.augmentation_mask, want_mask)
     assert (out.augmentation_mask[:, 1:] == 1).any()
     model.generate(input_ids, mask, max_new_tokens=4)
     assert len(probes) == 1, "one probe per decoder"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
 
 from memgen import MemGenConfig, MemGenModel, generation
 from memgen.attention import RaggedGroups
@@ -542,3 +542,41 @@ def test_calls_of_several_items_per_row_attend_to_each_rows_cache_in_place(atten
         assert any(len(g.groups) == 2 for g in grouped), "calls should mix rows of one item and of several"
     else:
         assert not grouped
+
+
+def loaded_with_attention(model, attention, trigger_mode, monkeypatch) -> list:
+    """Set the attention implementation of every base a generate call in `trigger_mode` runs to `attention`, an
+    implementation that must not be called (it raises); returns the bases' decoder configs."""
+    def misreads_the_mask(*args, **kwargs):
+        raise AssertionError(f"{attention} was called")
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention, misreads_the_mask)
+    configs = {id(base.get_decoder().config): base.get_decoder().config
+               for base in model._decoding_bases(trigger_mode).values()}
+    for config in configs.values():
+        monkeypatch.setattr(config, "_attn_implementation", attention)
+    return list(configs.values())
+
+
+@pytest.mark.parametrize("attention", ["flash_attention_2", "flex_attention"])
+@pytest.mark.parametrize("trigger_mode", ["always", "lora"])
+@pytest.mark.parametrize("separate_bases", [False, True])
+def test_models_loaded_with_an_attention_that_takes_no_4d_mask_decode_through_sdpa(attention, trigger_mode,
+                                                                                    separate_bases, monkeypatch):
+    """Flash attention reads a mask as [B, L] padding and FlexAttention indexes it by its own shapes: neither
+    applies the engine's masks over per-row cache slots (on a CPU FlexAttention corrupted memory). A model loaded
+    with either generates what the reference generates, every base's calls running under SDPA, and keeps its own
+    attention outside the engine."""
+    vocab = len(chat_tokenizer())
+    bases = dict(weaver_base=tiny_causal_lm("llama", vocab, seed=7),
+                 trigger_base=tiny_causal_lm("qwen3", vocab, seed=8))
+    model = chatty_model("qwen2", trigger_mode, **(bases if separate_bases else {}))
+    input_ids, mask, _ = make_batch(model, [0] * 5, "left", seed=3)
+    want_seq, want_mask = reference_generate(model, input_ids, mask, max_new_tokens=24)
+
+    configs = loaded_with_attention(model, attention, trigger_mode, monkeypatch)
+    assert len(configs) == ((2 + (trigger_mode == "lora")) if separate_bases else 1)
+    out = model.generate(input_ids, mask, max_new_tokens=24, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want_seq) and torch.equal(out.augmentation_mask, want_mask)
+    assert (out.augmentation_mask == 1).sum() >= 3
+    assert all(config._attn_implementation == attention for config in configs)
