@@ -1,8 +1,10 @@
 """MemGenModel: the frozen reasoner, the weaver and the trigger, the fast training forward, checkpoints.
 
 The training forward is batched: all rows at once, ragged points per row. The weaver runs in
-rounds (round r weaves every row's r-th point; each round reads each row's stream prefix once,
-the queries are transient), and the reasoner reads the padded, interleaved batch once.
+rounds (round r weaves every row's r-th point, its queries transient); a round reads only the
+stream items since each row's previous weave where a weaver cache across rounds gives the same
+result (`memgen.prefix_cache`), otherwise each row's whole prefix. The reasoner reads the padded,
+interleaved batch once.
 `memgen.reference` holds the row-by-row version it must equal.
 
 On a sharded model (FSDP, DeepSpeed ZeRO-3) under several processes every module call gathers its
@@ -28,15 +30,16 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, StopStringCriteria
 from transformers.utils import ModelOutput
 
-from memgen import checkpoints
+from memgen import checkpoints, prefix_cache
 from memgen.adapters import adapter_parameters, adapter_state_context, add_lora_adapter, tuner_layers
-from memgen.compatibility import check_engine_support
+from memgen.compatibility import TESTED_DECODERS, check_engine_support
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
 from memgen.layer_stack import applies_windows, sliding_window, text_config
 from memgen.logits import logits_function
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
                            default_points, explicit_points, prompt_turns)
+from memgen.prefix_cache import PrefixCache, prefix_mask
 from memgen.projection import Projection
 from memgen.sharding import distributed, ranks_max, root_gathered, sharding_of, zero3_decodable
 from memgen.trigger import MemGenTrigger
@@ -87,6 +90,11 @@ def _checkpointing_method(base: PreTrainedModel, action: str) -> Callable[..., N
     the same method under the name older releases give it."""
     method = getattr(base, f"activation_checkpointing_{action}", None)
     return method if method is not None else getattr(base, f"gradient_checkpointing_{action}")
+
+
+def _checkpoint_wrapped(module: nn.Module) -> bool:
+    """Whether `module` is torch's activation-checkpoint wrapper (FSDP's `apply_activation_checkpointing`)."""
+    return type(module).__name__ == "CheckpointWrapper"
 
 
 def _predicting_items(real: torch.Tensor, item_index: torch.Tensor, n_latents: torch.Tensor) -> torch.Tensor:
@@ -605,6 +613,7 @@ class MemGenModel(nn.Module):
         point_rank = has_point.long().cumsum(1) - 1
         kinds = ((PROMPT, PROMPT_POINT), (INFERENCE, INFERENCE_POINT))
         called = self._weaver_calls(points, point_rank)
+        prefixes = self._prefix_cache(stream) if called.shape[0] else None
         for round_ in range(called.shape[0]):
             at_round = has_point & (point_rank == round_)
             for kind_index, (kind, code) in enumerate(kinds):
@@ -616,7 +625,7 @@ class MemGenModel(nn.Module):
                     continue
                 k = self.weaver.num_latents(kind)
                 prefix_len = item_index[pb, pj] - k  # items before this weave's latents
-                latents = self._weave(stream, pb, prefix_len, kind)
+                latents = self._weave(stream, pb, prefix_len, kind, prefixes)
                 slots = prefix_len[:, None] + torch.arange(k, device=device)
                 stream = stream.index_put((pb[:, None].expand(-1, k), slots), latents.to(stream.dtype))
 
@@ -652,23 +661,57 @@ class MemGenModel(nn.Module):
             called[0] = True
         return called
 
-    def _weave(self, stream: torch.Tensor, rows: torch.Tensor, prefix_len: torch.Tensor, kind: str) -> torch.Tensor:
-        """Latents [G, K, d_R] for stream rows `rows`, each reading its first `prefix_len` items.
+    def _weave(self, stream: torch.Tensor, rows: torch.Tensor, prefix_len: torch.Tensor, kind: str,
+               prefixes: PrefixCache | None = None) -> torch.Tensor:
+        """Latents [G, K, d_R] for stream rows `rows`, each reading its first `prefix_len` items: those
+        `prefixes` has not kept (all of them without it), then the queries.
 
-        The prefixes are left-padded to a common length so that every row's queries sit at the end.
+        The items are left-padded to a common width so that every row's queries sit at the end.
         """
         k = self.weaver.num_latents(kind)
-        width = int(prefix_len.max())
+        start = prefixes.seen[rows] if prefixes is not None else torch.zeros_like(prefix_len)
+        width = int((prefix_len - start).max())
         offsets = torch.arange(width, device=stream.device)
-        source = offsets[None, :] - (width - prefix_len[:, None])  # stream index of each prefix slot
-        valid = source >= 0
+        source = prefix_len[:, None] - width + offsets[None, :]  # stream index of each item slot
+        valid = source >= start[:, None]
         source = source.clamp(min=0)
-        prefix = stream[rows[:, None], source]  # [G, width, d_R]
+        items = stream[rows[:, None], source]  # [G, width, d_R]
         weaver_dtype = self.weaver.model.get_input_embeddings().weight.dtype
-        projected = self.reasoner_to_weaver(prefix) * valid[..., None]
+        projected = self.reasoner_to_weaver(items) * valid[..., None]
         queries = self.weaver.queries(kind).expand(rows.shape[0], -1, -1)
         inputs = torch.cat([projected, queries], dim=1).to(weaver_dtype)
         mask = torch.cat([valid, valid.new_ones(rows.shape[0], k)], dim=1)
         positions = torch.cat([source, prefix_len[:, None] + torch.arange(k, device=stream.device)], dim=1)
-        hidden = self.weaver(inputs, mask.long(), positions)
+        if prefixes is None:
+            hidden = self.weaver(inputs, mask.long(), positions)
+        else:
+            visible = prefixes.prepare(rows)
+            hidden = self.weaver(inputs, prefix_mask(start, visible, mask, inputs.dtype), positions, cache=prefixes)
+            prefixes.keep(torch.cat([valid, valid.new_zeros(rows.shape[0], k)], dim=1), prefix_len)
         return self.weaver_to_reasoner(hidden[:, -k:])
+
+    def _prefix_cache(self, stream: torch.Tensor) -> PrefixCache | None:
+        """A weaver cache across this forward's rounds (`memgen.prefix_cache`) where it gives what re-reading each
+        prefix gives; None where it may not: the weaver's LoRA dropout active (re-reading draws new masks for the
+        prefix at every weave), activation checkpointing in its base (Hugging Face drops a cache under it), a
+        sliding window that may bind, a decoder class the tests do not cover, or `rereading_prefixes()`."""
+        if not prefix_cache.enabled():
+            return None
+        base = self.weaver.model
+        decoder = base.get_decoder()
+        if type(decoder).__name__ not in TESTED_DECODERS or not type(decoder).__module__.startswith("transformers."):
+            return None
+        window = sliding_window(decoder.config)
+        longest = stream.shape[1] + max(self.weaver.num_latents(PROMPT), self.weaver.num_latents(INFERENCE))
+        if window is not None and longest > window:
+            return None
+        if any(getattr(module, "gradient_checkpointing", False) and module.training or _checkpoint_wrapped(module)
+               for module in decoder.modules()):
+            return None
+        adapter = self.weaver.adapter_name
+        for layer in tuner_layers(base):
+            dropouts = getattr(layer, "lora_dropout", {})
+            dropout = dropouts[adapter] if adapter in dropouts else None
+            if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+                return None
+        return PrefixCache(text_config(base).num_hidden_layers, stream.shape[0], stream.shape[1], stream.device)
