@@ -199,6 +199,9 @@ def test_bench_command_writes_three_files_and_every_memory_configuration_weaves(
         assert decode[batch, "always"]["ratios"].keys() == {"memory_off", "hf_generate", "reference"}
     train = [r for r in results["records"] if r["suite"] == "train"]
     assert {r["params"]["points_per_row"] for r in train} == {6}
+    assert {r["impl"] for r in train} == set(bench.train_suite.IMPLS)
+    step = next(r for r in train if r["impl"] == "memgen")
+    assert step["ratios"].keys() == {"reference", "memgen_rereading"}
     ops = {r["params"]["op"] for r in results["records"] if r["suite"] == "ops"}
     assert ops == {"trigger_scoring", "pack_step", "pack_ragged", "write_kv"}
 

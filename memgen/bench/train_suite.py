@@ -1,6 +1,7 @@
 """The train suite, at batch 1 and 8 (LoRA dropout 0, so implementations compute the same thing):
 - `train-B*`: one weaver SFT step (forward + backward), memgen's batched training forward against
-  the row-by-row reference (`memgen.reference.reference_forward`);
+  the row-by-row reference (`memgen.reference.reference_forward`) and against itself re-reading each
+  row's prefix at every weave (`memgen_rereading`: without its weaver cache, `memgen.prefix_cache`);
 - `policy-B*`: the policy-gradient forward + backward of GRPO (a weighted sum of the answer tokens'
   log-probabilities), memgen's chunked `forward(..., token_logps=True)` against the whole [B, L, V]
   logits and their log-softmax. Its point is peak memory on a large vocabulary.
@@ -14,11 +15,12 @@ import torch
 
 from memgen.bench.harness import Case
 from memgen.bench.workload import Workload, training_batch
+from memgen.prefix_cache import rereading_prefixes
 from memgen.reference import reference_forward
 
 BATCHES = (1, 8)
 POINTS = 6
-IMPLS = ("memgen", "reference", "chunked_logps", "full_logits")
+IMPLS = ("memgen", "memgen_rereading", "reference", "chunked_logps", "full_logits")
 
 
 def cases(workload: Workload, batches: tuple[int, ...] = BATCHES) -> list[Case]:
@@ -37,13 +39,18 @@ def cases(workload: Workload, batches: tuple[int, ...] = BATCHES) -> list[Case]:
             model.zero_grad(set_to_none=True)
             model(input_ids, mask, labels).loss.backward()
 
+        def memgen_rereading(input_ids=input_ids, mask=mask, labels=labels):
+            with rereading_prefixes():
+                memgen(input_ids, mask, labels)
+
         def reference(input_ids=input_ids, mask=mask, labels=labels):
             model.zero_grad(set_to_none=True)
             reference_forward(model, input_ids, mask, labels)[0].backward()
 
         params = dict(batch=batch, points_per_row=POINTS, tokens=int(mask.sum()))
-        out.append(Case("train", f"train-B{batch}", params, {"memgen": memgen, "reference": reference},
-                        baselines=("reference",), work=1, unit="steps"))
+        out.append(Case("train", f"train-B{batch}", params,
+                        {"memgen": memgen, "memgen_rereading": memgen_rereading, "reference": reference},
+                        baselines=("reference", "memgen_rereading"), work=1, unit="steps"))
         out.append(_policy_case(model, input_ids, mask, labels, (points != 0).long(), params))
     return out
 
