@@ -167,3 +167,19 @@ def test_bfloat16_the_cache_errs_no_more_than_re_reading_does(seed):
     assert rel_err(cached.logits.float(), want.logits) <= 1.5 * rel_err(rounds.logits.float(), want.logits) + 1e-3
     assert rel_err(cached.loss, want.loss) <= 1e-4
     assert worst(cached_grads) <= 2.5 * worst(rounds_grads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_the_cache_gives_the_rounds_result(dtype):
+    model = make_model("qwen2", dtype=dtype).to("cuda").train()
+    input_ids, mask, labels = (t.cuda() for t in make_batch(model, [3, 0, 5, 1, 4], "right", seed=2))
+    cached, cached_grads = _step(model, input_ids, mask, labels)
+    with rereading_prefixes():
+        rounds, rounds_grads = _step(model, input_ids, mask, labels)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(cached.loss, rounds.loss) < tolerance
+    assert rel_err(cached.logits.float(), rounds.logits.float()) < tolerance
+    if dtype == torch.float32:
+        for name, grad in rounds_grads.items():
+            assert rel_err(cached_grads[name], grad) < 1e-4, name
