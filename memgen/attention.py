@@ -193,11 +193,13 @@ def ragged_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
 
 def mask_attention(decoder) -> str:
     """The attention implementation the engine's calls through `decoder` run under: the decoder's own where it
-    applies an additive 4D mask as given (`MASK_ATTENTION`), else SDPA (eager for a decoder without SDPA)."""
+    applies an additive 4D mask as given (`MASK_ATTENTION`), else SDPA; eager for a decoder without SDPA or whose
+    attention soft-caps its scores (Gemma 2), which SDPA cannot do."""
     own = decoder.config._attn_implementation
     if own in MASK_ATTENTION:
         return own
-    return "sdpa" if getattr(decoder, "_supports_sdpa", False) else "eager"
+    softcaps = getattr(decoder.config, "attn_logit_softcapping", None) is not None
+    return "sdpa" if getattr(decoder, "_supports_sdpa", False) and not softcaps else "eager"
 
 
 @contextlib.contextmanager

@@ -10,8 +10,9 @@ import transformers
 from memgen import MemGenConfig, MemGenModel
 from memgen.layer_stack import direct_call
 from memgen.logits import logits_function
+from memgen.reference import reference_generate
 from offline import chat_tokenizer
-from test_generation import assert_same_as_reference
+from test_generation import assert_same_as_reference, loaded_with_attention
 from test_modeling import assert_matches_reference, make_batch
 
 # class name prefix, extra config fields, the LoRA targets (attention projections under the model's own names)
@@ -124,6 +125,28 @@ def test_a_trigger_on_its_own_base_reads_that_base_s_embeddings():
     input_ids, mask, _ = make_batch(model, [0] * 5, "left", seed=0)
     out = assert_same_as_reference(model, input_ids, mask, max_new_tokens=32)
     assert (out.augmentation_mask[:, 1:] == 0).any() and (out.augmentation_mask[:, 1:] == 1).any()
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "lora"])
+def test_gemma2_loaded_with_flash_attention_decodes_through_eager_attention(trigger_mode, monkeypatch):
+    """Gemma 2 soft-caps its attention scores, which flash attention and eager attention do and SDPA refuses to: the
+    engine's calls (whose masks flash attention would misread) run under eager attention."""
+    prefix, extra, targets = ARCHITECTURES["gemma2"]
+    model = named_model("Gemma2Config", "Gemma2ForCausalLM", targets, trigger_mode,
+                        **{**TINY_FIELDS, **extra, "attn_logit_softcapping": 1e-3})  # a cap low enough to matter
+    monkeypatch.setattr(model.reasoner.get_decoder().config, "_attn_implementation", "eager")  # 5.4 defaults to SDPA
+    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
+    want_seq, want_mask = reference_generate(model, input_ids, mask, max_new_tokens=24)
+    attentions = [m for m in model.reasoner.modules() if getattr(m, "attn_logit_softcapping", None) is not None]
+    with monkeypatch.context() as uncapped:
+        for attention in attentions:
+            uncapped.setattr(attention, "attn_logit_softcapping", None)
+        assert not torch.equal(reference_generate(model, input_ids, mask, max_new_tokens=24)[0], want_seq), \
+            "the cap should change the tokens"
+    loaded_with_attention(model, "flash_attention_2", trigger_mode, monkeypatch)
+    out = model.generate(input_ids, mask, max_new_tokens=24, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want_seq) and torch.equal(out.augmentation_mask, want_mask)
+    assert (out.augmentation_mask[:, 1:] == 1).any()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

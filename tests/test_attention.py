@@ -99,13 +99,17 @@ def test_attention_implementation_switches_only_within_and_ragged_attention_is_s
     assert config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("own,supports_sdpa,want", [("sdpa", True, "sdpa"), ("eager", True, "eager"),
-                                                    ("flash_attention_2", True, "sdpa"),
-                                                    ("flex_attention", True, "sdpa"), ("paged|sdpa", True, "sdpa"),
-                                                    ("flash_attention_2", False, "eager")])
-def test_the_engine_attends_through_an_implementation_that_applies_its_masks(own, supports_sdpa, want,
+@pytest.mark.parametrize("own,supports_sdpa,softcap,want", [
+    ("sdpa", True, None, "sdpa"), ("eager", True, None, "eager"), ("flash_attention_2", True, None, "sdpa"),
+    ("flex_attention", True, None, "sdpa"), ("paged|sdpa", True, None, "sdpa"),
+    ("flash_attention_2", False, None, "eager"), ("flash_attention_2", True, 50.0, "eager"),
+    ("eager", True, 50.0, "eager")])
+def test_the_engine_attends_through_an_implementation_that_applies_its_masks(own, supports_sdpa, softcap, want,
                                                                              monkeypatch):
+    """SDPA where the model's own attention would misread the engine's masks; eager where SDPA cannot do what the
+    model's attention does (soft-capped scores, as Gemma 2's)."""
     decoder = make_model("qwen2").reasoner.get_decoder()
     monkeypatch.setattr(decoder.config, "_attn_implementation", own)
     monkeypatch.setattr(type(decoder), "_supports_sdpa", supports_sdpa)
+    monkeypatch.setattr(decoder.config, "attn_logit_softcapping", softcap, raising=False)
     assert mask_attention(decoder) == want
