@@ -24,8 +24,9 @@ from memgen.cache import RaggedCache
 from memgen.layer_stack import DIRECT_DECODERS, MASK_DICT_DECODERS, direct_call, forward_call, text_config
 from memgen.ops import pack_ragged
 
-# Decoder classes whose generation the test suite checks against the reference (tests/test_architectures.py,
-# tests/test_sliding_windows.py, tests/test_generation.py): no probe.
+# Decoder classes whose generation and training forward the test suite checks against the reference
+# (tests/test_architectures.py, tests/test_sliding_windows.py, tests/test_generation.py): no probe. The training
+# forward keeps its weaver cache across rounds (`memgen.prefix_cache`) for these classes only.
 TESTED_DECODERS = frozenset((*DIRECT_DECODERS, *MASK_DICT_DECODERS, "DeepseekV3Model", "GemmaModel", "GPTJModel",
                              "GPTNeoXModel", "GraniteModel", "MixtralModel", "StableLmModel"))
 
