@@ -92,11 +92,6 @@ def _checkpointing_method(base: PreTrainedModel, action: str) -> Callable[..., N
     return method if method is not None else getattr(base, f"gradient_checkpointing_{action}")
 
 
-def _checkpoint_wrapped(module: nn.Module) -> bool:
-    """Whether `module` is torch's activation-checkpoint wrapper (FSDP's `apply_activation_checkpointing`)."""
-    return type(module).__name__ == "CheckpointWrapper"
-
-
 def _predicting_items(real: torch.Tensor, item_index: torch.Tensor, n_latents: torch.Tensor) -> torch.Tensor:
     """[B, L] the stream index of the item whose hidden state predicts token j + 1: token j itself, or the
     last latent woven between tokens j and j + 1 (0 at padding)."""
@@ -685,16 +680,17 @@ class MemGenModel(nn.Module):
         if prefixes is None:
             hidden = self.weaver(inputs, mask.long(), positions)
         else:
-            visible = prefixes.prepare(rows)
-            hidden = self.weaver(inputs, prefix_mask(start, visible, mask, inputs.dtype), positions, cache=prefixes)
-            prefixes.keep(torch.cat([valid, valid.new_zeros(rows.shape[0], k)], dim=1), prefix_len)
+            call, visible = prefixes.prepare(rows)
+            hidden = self.weaver(inputs, prefix_mask(start, visible, mask, inputs.dtype), positions, cache=call)
+            prefixes.keep(call, torch.cat([valid, valid.new_zeros(rows.shape[0], k)], dim=1), prefix_len)
         return self.weaver_to_reasoner(hidden[:, -k:])
 
     def _prefix_cache(self, stream: torch.Tensor) -> PrefixCache | None:
         """A weaver cache across this forward's rounds (`memgen.prefix_cache`) where it gives what re-reading each
         prefix gives; None where it may not: the weaver's LoRA dropout active (re-reading draws new masks for the
-        prefix at every weave), activation checkpointing in its base (Hugging Face drops a cache under it), a
-        sliding window that may bind, a decoder class the tests do not cover, or `rereading_prefixes()`."""
+        prefix at every weave), activation checkpointing in its base that cannot keep a cache
+        (`prefix_cache.cache_survives_checkpointing`), a sliding window that may bind, a decoder class the tests do
+        not cover, or `rereading_prefixes()`."""
         if not prefix_cache.enabled():
             return None
         base = self.weaver.model
@@ -705,8 +701,7 @@ class MemGenModel(nn.Module):
         longest = stream.shape[1] + max(self.weaver.num_latents(PROMPT), self.weaver.num_latents(INFERENCE))
         if window is not None and longest > window:
             return None
-        if any(getattr(module, "gradient_checkpointing", False) and module.training or _checkpoint_wrapped(module)
-               for module in decoder.modules()):
+        if not prefix_cache.cache_survives_checkpointing(decoder):
             return None
         adapter = self.weaver.adapter_name
         for layer in tuner_layers(base):

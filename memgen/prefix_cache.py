@@ -10,7 +10,9 @@ keys and values are not kept. The kept tensors stay in the autograd graph: a lat
 reaches the earlier rounds through them, as it does through their recomputation without the cache. The
 result is the rounds' result (`tests/test_prefix_cache.py`).
 
-A round's call passes the cache and an additive 4D mask (`prefix_mask`) to the weaver's decoder forward.
+A round's call passes a cache of its own (`PrefixCache.prepare`: the kept tensors as they are when it
+begins, so that activation checkpointing's recomputation sees what the call saw) and an additive 4D mask
+(`prefix_mask`) to the weaver's decoder forward.
 `MemGenModel` uses the cache where it gives the rounds' result (`MemGenModel._prefix_cache`); within
 `rereading_prefixes()` it never does (a baseline for the benchmarks, or a check).
 """
@@ -18,11 +20,14 @@ A round's call passes the cache and an additive 4D mask (`prefix_mask`) to the w
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 _state = threading.local()
@@ -44,80 +49,122 @@ def enabled() -> bool:
     return getattr(_state, "enabled", True)
 
 
-class _PrefixLayer(CacheLayerMixin):
-    """One decoder layer's kept keys and values, [B, slots, H, D] (slot-major, so that a call's new items index
-    by (row, slot)), and the current call's new ones."""
+def _checkpointed(module: nn.Module) -> bool:
+    """Whether Hugging Face's activation checkpointing recomputes `module` (a decoder layer) in backward."""
+    return isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing and module.training
 
-    def __init__(self, cache: PrefixCache) -> None:
+
+def cache_survives_checkpointing(decoder: nn.Module) -> bool:
+    """Whether the calls of `decoder` can keep a `PrefixCache` under its activation checkpointing (true without
+    any): its checkpointed layers are transformers' `GradientCheckpointingLayer`s that can be told to keep a cache
+    (5.23's can; 5.4's drop it) and recompute without reentrancy (with it, the first forward runs without
+    autograd, so the kept keys and values would carry no gradient to the earlier rounds). Torch's own checkpoint
+    wrapper (FSDP's `apply_activation_checkpointing`) cannot be told: no."""
+    for module in decoder.modules():
+        if type(module).__name__ == "CheckpointWrapper":
+            return False
+        if _checkpointed(module):
+            recompute = getattr(module, "_gradient_checkpointing_func", None)
+            told = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+            reentrant = not isinstance(recompute, functools.partial) \
+                or recompute.keywords.get("use_reentrant") is not False
+            if not told or reentrant:
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def kept_under_checkpointing(decoder: nn.Module) -> Iterator[None]:
+    """Within: `decoder`'s checkpointed layers keep the cache they are passed, as the layers that only read one
+    do (a call's `_Call` reads kept tensors that no later call changes, so the recomputation computes the same)."""
+    layers = [module for module in decoder.modules() if _checkpointed(module)]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # the class's False again
+
+
+class _CallLayer(CacheLayerMixin):
+    """One decoder layer in one call: the call's rows' kept keys and values, as they were when the call began, and
+    the call's own new ones. A recomputation of the call (activation checkpointing's backward) sees the same."""
+
+    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None, rows: torch.Tensor,
+                 visible: int) -> None:
         super().__init__()
-        self.cache = cache
-        self.keys = self.values = None
+        self.keys, self.values, self.rows, self.visible = keys, values, rows, visible
         self.new_keys = self.new_values = None
+        self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, slots = self.cache.seen.shape[0], self.cache.slots
-        self.keys = key_states.new_zeros(batch, slots, key_states.shape[1], key_states.shape[-1])
-        self.values = value_states.new_zeros(batch, slots, value_states.shape[1], value_states.shape[-1])
-        self.is_initialized = True
+        """Nothing to allocate: the kept tensors are `PrefixCache`'s."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """The call's rows' kept slots [0, visible) then the call's own items, [G, H, visible + T, D]."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        rows, visible = self.cache.rows, self.cache.visible
         self.new_keys, self.new_values = key_states, value_states
-        past_keys = self.keys[rows, :visible].transpose(1, 2)
-        past_values = self.values[rows, :visible].transpose(1, 2)
+        if self.visible == 0:
+            return key_states, value_states
+        past_keys = self.keys[self.rows, : self.visible].transpose(1, 2)
+        past_values = self.values[self.rows, : self.visible].transpose(1, 2)
         return torch.cat([past_keys, key_states], 2), torch.cat([past_values, value_states], 2)
 
-    def keep(self, rows: torch.Tensor, columns: torch.Tensor, slots: torch.Tensor) -> None:
-        """Keep the call's items at (rows[n], columns[n]) in slots[n] of those rows; out of place, for autograd."""
-        new_keys = self.new_keys[rows, :, columns]  # [N, H, D]
-        new_values = self.new_values[rows, :, columns]
-        self.keys = self.keys.index_put((self.cache.rows[rows], slots), new_keys.to(self.keys.dtype))
-        self.values = self.values.index_put((self.cache.rows[rows], slots), new_values.to(self.values.dtype))
-        self.new_keys = self.new_values = None
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.visible + query_length, 0
+        return self.visible + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.cache.visible
+        return self.visible
 
     def get_max_length(self) -> int:
-        return self.cache.slots
+        return -1
 
     def get_max_cache_shape(self) -> int:  # get_max_length's name before transformers 5.13
-        return self.cache.slots
+        return -1
 
 
-class PrefixCache(Cache):
-    """Kept weaver keys and values of `batch` stream rows of up to `slots` items, for `num_layers` layers.
+class _Call(Cache):
+    """What one weaver call passes as its key/value cache (`PrefixCache.prepare`)."""
+
+    def __init__(self, layers: list[_CallLayer]) -> None:
+        super().__init__(layers=layers)
+
+
+class PrefixCache:
+    """Kept weaver keys and values of `batch` stream rows of up to `slots` items, for `num_layers` layers: per layer
+    [B, slots, H, D] (slot-major, so that a call's items index by (row, slot)), replaced, never written in place.
     `seen[b]` (device int64) counts row b's kept items: its stream items [0, seen[b])."""
 
     def __init__(self, num_layers: int, batch: int, slots: int, device: torch.device) -> None:
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)
         self.slots = slots
-        self.rows = torch.zeros(0, dtype=torch.long, device=device)
-        self.visible = 0
-        super().__init__(layers=[_PrefixLayer(self) for _ in range(num_layers)])
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
 
-    def prepare(self, rows: torch.Tensor) -> int:
-        """Set up a call for stream rows `rows` (device int64 [G]); returns the kept slots it sees (the most any
-        of its rows has)."""
-        self.rows = rows
-        self.visible = int(self.seen[rows].max())
-        return self.visible
+    def prepare(self, rows: torch.Tensor) -> tuple[_Call, int]:
+        """The cache of a call for stream rows `rows` (device int64 [G]), and the kept slots it sees (the most any of
+        its rows has)."""
+        visible = int(self.seen[rows].max())
+        return _Call([_CallLayer(keys, values, rows, visible) for keys, values in zip(self.keys, self.values)]), visible
 
-    def keep(self, items: torch.Tensor, ends: torch.Tensor) -> None:
-        """After the call: keep its items marked in `items` (bool [G, T], each row's items those that follow its
-        kept ones, in order) and count each row as having seen its first ends[g] stream items."""
+    def keep(self, call: _Call, items: torch.Tensor, ends: torch.Tensor) -> None:
+        """After `call`: keep its items marked in `items` (bool [G, T], each row's items those that follow its kept
+        ones, in order) and count each row as having seen its first ends[g] stream items. Out of place, so that
+        autograd keeps what earlier calls read."""
         rows, columns = items.nonzero(as_tuple=True)
-        slots = self.seen[self.rows][rows] + (items.long().cumsum(1) - 1)[rows, columns]
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.keep(rows, columns, slots)
-        self.seen = self.seen.index_put((self.rows,), ends)
+        stream_rows = call.layers[0].rows
+        slots = self.seen[stream_rows][rows] + (items.long().cumsum(1) - 1)[rows, columns]
+        for i, layer in enumerate(call.layers):
+            new_keys = layer.new_keys[rows, :, columns]  # [N, H, D]
+            new_values = layer.new_values[rows, :, columns]
+            if self.keys[i] is None:
+                batch = self.seen.shape[0]
+                self.keys[i] = new_keys.new_zeros(batch, self.slots, *new_keys.shape[1:])
+                self.values[i] = new_values.new_zeros(batch, self.slots, *new_values.shape[1:])
+            self.keys[i] = self.keys[i].index_put((stream_rows[rows], slots), new_keys)
+            self.values[i] = self.values[i].index_put((stream_rows[rows], slots), new_values)
+            layer.new_keys = layer.new_values = None
+        self.seen = self.seen.index_put((stream_rows,), ends)
 
 
 def prefix_mask(seen: torch.Tensor, visible: int, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from memgen.adapters import active_adapter
 from memgen.attention import attention_implementation, mask_attention
 from memgen.layer_stack import text_config
-from memgen.prefix_cache import PrefixCache
+from memgen.prefix_cache import kept_under_checkpointing
 
 PROMPT, INFERENCE = "prompt", "inference"
 
@@ -48,15 +49,19 @@ class MemGenWeaver(nn.Module):
         return self.inference_latent_ln(self.inference_query_latents) * self.inference_latent_scale
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                cache: PrefixCache | None = None) -> torch.Tensor:
+                cache: Cache | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, d_W] of the adapted decoder over `inputs_embeds` [B, T, d_W].
 
-        attention_mask: [B, T] (1: a real item); with `cache` (the items' rows' earlier items), the additive
-        [B, 1, T, seen + T] of `memgen.prefix_cache.prefix_mask`, which runs under an attention that applies it.
+        attention_mask: [B, T] (1: a real item); with `cache` (a call's view of the items' rows' earlier items,
+        `memgen.prefix_cache.PrefixCache.prepare`), the additive [B, 1, T, seen + T] of
+        `memgen.prefix_cache.prefix_mask`, which runs under an attention that applies it.
         """
         decoder = self.model.get_decoder()
-        attention = mask_attention(decoder) if cache is not None else decoder.config._attn_implementation
-        with active_adapter(self.model, self.adapter_name), attention_implementation(decoder.config, attention):
-            out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=cache is not None)
-        return out.last_hidden_state
+        if cache is None:
+            with active_adapter(self.model, self.adapter_name):
+                return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        with active_adapter(self.model, self.adapter_name), kept_under_checkpointing(decoder), \
+                attention_implementation(decoder.config, mask_attention(decoder)):
+            return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=cache, use_cache=True).last_hidden_state

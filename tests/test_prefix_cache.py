@@ -9,11 +9,19 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from transformers.modeling_layers import GradientCheckpointingLayer
+
 from memgen import modeling
+from memgen.modeling import _checkpointing_method
 from memgen.prefix_cache import PrefixCache, enabled, rereading_prefixes
 from offline import chat_tokenizer, tiny_causal_lm
 from test_architectures import TINY_FIELDS, named_model
 from test_modeling import make_batch, make_conversations, make_model, rel_err
+
+
+# whether this transformers lets a checkpointed layer keep the cache it is passed (5.23 does; 5.4 drops it)
+CHECKPOINTING_KEEPS_A_CACHE = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
 
 
 def _step(model, input_ids, mask, labels, **kwargs):
@@ -46,8 +54,8 @@ def test_the_cache_reads_each_item_once_and_gives_the_rounds_result(arch, paddin
     input_ids, mask, labels = make_batch(model, [3, 0, 5, 1, 4], padding, seed=11)
     kept = []
     keep = PrefixCache.keep
-    monkeypatch.setattr(PrefixCache, "keep", lambda self, items, ends: kept.append(int(items.sum())) or
-                        keep(self, items, ends))
+    monkeypatch.setattr(PrefixCache, "keep", lambda self, call, items, ends: kept.append(int(items.sum())) or
+                        keep(self, call, items, ends))
     cached, cached_grads = _step(model, input_ids, mask, labels)
     points = cached.augmentation_points
     assert (points != 0).sum(1).tolist() == [4, 1, 5, 2, 5]
@@ -96,11 +104,19 @@ def test_the_cache_is_used_only_where_it_gives_the_rounds_result():
         layer.lora_dropout["weaver"] = torch.nn.Dropout(0.1)
     assert _gate(dropping.train()) is None
     assert isinstance(_gate(dropping.eval()), PrefixCache)
-    # activation checkpointing: Hugging Face's checkpointed layers drop a cache
+    # activation checkpointing: kept where transformers' checkpointed layers can keep a cache and recompute without
+    # reentrancy (memgen's `activation_checkpointing_enable`), not under reentrant recomputation (its first forward
+    # runs without autograd) nor under torch's checkpoint wrapper
     checkpointed = make_model("qwen2")
     checkpointed.activation_checkpointing_enable()
-    assert _gate(checkpointed.train()) is None
-    assert isinstance(_gate(checkpointed.eval()), PrefixCache)
+    assert (_gate(checkpointed.train()) is not None) == CHECKPOINTING_KEEPS_A_CACHE
+    reentrant = make_model("qwen2")
+    _checkpointing_method(reentrant.weaver.model, "enable")({"use_reentrant": True})
+    assert _gate(reentrant.train()) is None and isinstance(_gate(reentrant.eval()), PrefixCache)
+    wrapped = make_model("qwen2").train()
+    layers = wrapped.weaver.model.get_decoder().layers
+    layers[0] = checkpoint_wrapper(layers[0])
+    assert _gate(wrapped) is None
     # a sliding window that may bind (the 4D mask would not apply it)
     windowed = named_model("MistralConfig", "MistralForCausalLM", ["q_proj", "v_proj"], sliding_window=16,
                            **TINY_FIELDS)
@@ -117,15 +133,24 @@ def test_the_cache_is_used_only_where_it_gives_the_rounds_result():
     assert enabled() and isinstance(_gate(plain), PrefixCache)
 
 
-def test_with_checkpointing_the_rounds_give_the_same_gradients():
-    model = make_model("llama").train()
-    input_ids, mask, labels = make_batch(model, [2, 4, 1], "left", seed=5)
-    cached, cached_grads = _step(model, input_ids, mask, labels)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_under_activation_checkpointing_the_same_gradients(arch, monkeypatch):
+    """With the layers recomputed in backward: the same loss and gradients, and the cache kept where transformers
+    lets a checkpointed layer keep one (the recomputation reads the kept tensors as its call first saw them)."""
+    model = make_model(arch).train()
+    input_ids, mask, labels = make_batch(model, [2, 4, 1, 3], "left", seed=5)
+    want, want_grads = _step(model, input_ids, mask, labels)
     model.activation_checkpointing_enable()
-    rounds, rounds_grads = _step(model, input_ids, mask, labels)
-    assert rel_err(cached.loss, rounds.loss) < 1e-6
-    for name, grad in rounds_grads.items():
-        assert rel_err(cached_grads[name], grad) < 1e-4, name
+    kept = []
+    keep = PrefixCache.keep
+    monkeypatch.setattr(PrefixCache, "keep", lambda self, *args: kept.append(1) or keep(self, *args))
+    got, got_grads = _step(model, input_ids, mask, labels)
+    assert bool(kept) == CHECKPOINTING_KEEPS_A_CACHE
+    assert all("_can_checkpoint_with_cache" not in layer.__dict__ for layer in model.weaver.model.get_decoder().layers)
+    assert rel_err(got.loss, want.loss) < 1e-6
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert rel_err(got_grads[name], grad) < 1e-4, name
 
 
 def test_a_weaver_base_loaded_with_flash_attention_reads_through_sdpa(monkeypatch):
