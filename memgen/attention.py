@@ -37,7 +37,7 @@ RAGGED_ATTENTION = "memgen_ragged"
 
 # Attention implementations that apply a call's additive 4D mask as given. Flash attention reads a mask as a [B, L]
 # padding mask and FlexAttention indexes it by its own shapes, so under those the engine's masks, which hide per-row
-# cache slots, would be misread (`mask_attention` then picks SDPA).
+# cache slots, would be misread (`mask_attention` then picks SDPA, or eager).
 MASK_ATTENTION = ("sdpa", "eager")
 
 
