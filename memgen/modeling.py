@@ -17,8 +17,10 @@ that every trainable tensor gets a gradient on every rank (zero where unused), a
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -90,6 +92,18 @@ def _checkpointing_method(base: PreTrainedModel, action: str) -> Callable[..., N
     the same method under the name older releases give it."""
     method = getattr(base, f"activation_checkpointing_{action}", None)
     return method if method is not None else getattr(base, f"gradient_checkpointing_{action}")
+
+
+@contextlib.contextmanager
+def _evaluating(module: nn.Module) -> Iterator[None]:
+    """Within: `module` and its submodules in eval mode; each gets its own mode back after."""
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
 
 
 def _predicting_items(real: torch.Tensor, item_index: torch.Tensor, n_latents: torch.Tensor) -> torch.Tensor:
@@ -534,7 +548,9 @@ class MemGenModel(nn.Module):
         """[B, L, 2] float32: the trigger's [SKIP, INVOKE] logits after reading token j, as generation computes
         them. `lora`: its adapted model over the token ids alone, positions from each row's first token.
         `head`: its head on the reasoner's hidden state of token j in the stream with the latents woven at
-        `augmentation_points` (which generation recorded); only the head takes gradients."""
+        `augmentation_points` (which generation recorded); only the head takes gradients. That stream is woven in
+        eval mode, as generation weaves it: in training mode the frozen weaver's LoRA dropout would otherwise
+        give the head other hidden states than the ones its decisions were sampled from."""
         if self.trigger is None:
             raise ValueError("trigger_logits=True needs a model built with MemGenConfig(trigger_mode='lora' or 'head')")
         if self.trigger.mode == "lora":
@@ -544,7 +560,7 @@ class MemGenModel(nn.Module):
             raise ValueError("the `head` trigger's logits need labels and the augmentation_points generation recorded "
                              "(its hidden states depend on the latents woven before each token)")
         points = explicit_points(augmentation_points, real, labels)
-        with torch.no_grad():
+        with torch.no_grad(), _evaluating(self):  # the frozen weaver weaves as in generation: no LoRA dropout
             hidden, item_index, _ = self._interleaved_hidden(input_ids, real, points)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         token_hidden = hidden[rows[:, None], torch.where(real, item_index, 0)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from memgen import MemGenModel
+from memgen.adapters import tuner_layers
 from memgen.training import sft_trainer
 from memgen.training.trigger_rl import TriggerConfig, TriggerTrainer, adaptive_penalty
 from test_grpo import _config as grpo_config
@@ -45,6 +46,29 @@ def test_decisions_are_replayed_from_the_trigger_logits(tmp_path, mode):
     mask = taken >= 0
     assert mask.sum(1).min() >= 1 and (taken[mask] == 1).any() and (taken[mask] == 0).any()
     assert torch.equal(logits.argmax(-1)[mask], taken[mask])  # near-greedy decisions, read back
+
+
+def test_head_logits_in_training_mode_read_the_stream_generation_wove(tmp_path):
+    """A frozen weaver with LoRA dropout: in training mode (as Trainer runs the loss) the `head` trigger's logits
+    are those of the stream as generation wove it, not of a stream woven with dropout."""
+    model = chatty_model("qwen2", "head", k_prompt=4, k_inference=2)
+    for layer in tuner_layers(model.weaver.model):
+        if "weaver" in layer.lora_dropout:
+            layer.lora_dropout["weaver"] = torch.nn.Dropout(0.5)
+    trainer = TriggerTrainer(model, _config(tmp_path, max_new_tokens=16), _prompts(4),
+                             reward=lambda text, target: 0.0, allow_untrained_weaver=True)
+    batch = trainer.rollouts(_prompts(4))
+    assert (batch.points == 1).any()
+
+    def logits():
+        return model(batch.input_ids, batch.attention_mask, batch.labels, augmentation_points=batch.points,
+                     trigger_logits=True).trigger_logits
+
+    want = logits()  # eval mode, as generation
+    model.train()
+    got = logits()
+    assert all(m.training for m in model.modules()), "the training mode is restored"
+    torch.testing.assert_close(got, want)
 
 
 def test_an_untrained_weaver_is_refused_unless_loaded_trained_or_insisted(tmp_path):
