@@ -10,9 +10,9 @@ keys and values are not kept. The kept tensors stay in the autograd graph: a lat
 reaches the earlier rounds through them, as it does through their recomputation without the cache. The
 result is the rounds' result (`tests/test_prefix_cache.py`).
 
-A round's call passes a cache of its own (`PrefixCache.prepare`: the kept tensors as they are when it
-begins, so that activation checkpointing's recomputation sees what the call saw) and an additive 4D mask
-(`prefix_mask`) to the weaver's decoder forward.
+A round's call passes a cache of its own (`PrefixCache.prepare`: the kept keys and values its rows see, read
+when it begins, so that activation checkpointing's recomputation sees what the call saw and holds no more)
+and an additive 4D mask (`prefix_mask`) to the weaver's decoder forward.
 `MemGenModel` uses the cache where it gives the rounds' result (`MemGenModel._prefix_cache`); within
 `rereading_prefixes()` it never does (a baseline for the benchmarks, or a check).
 """
@@ -88,13 +88,14 @@ def kept_under_checkpointing(decoder: nn.Module) -> Iterator[None]:
 
 
 class _CallLayer(CacheLayerMixin):
-    """One decoder layer in one call: the call's rows' kept keys and values, as they were when the call began, and
-    the call's own new ones. A recomputation of the call (activation checkpointing's backward) sees the same."""
+    """One decoder layer in one call: the call's rows' kept keys and values [G, H, visible, D] (None when it sees
+    none), read when the call began, and the call's own new ones. A recomputation of the call (activation
+    checkpointing's backward) sees the same, and holds only what the call reads."""
 
-    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None, rows: torch.Tensor,
+    def __init__(self, past_keys: torch.Tensor | None, past_values: torch.Tensor | None, rows: torch.Tensor,
                  visible: int) -> None:
         super().__init__()
-        self.keys, self.values, self.rows, self.visible = keys, values, rows, visible
+        self.past_keys, self.past_values, self.rows, self.visible = past_keys, past_values, rows, visible
         self.new_keys = self.new_values = None
         self.is_initialized = True
 
@@ -104,11 +105,9 @@ class _CallLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """The call's rows' kept slots [0, visible) then the call's own items, [G, H, visible + T, D]."""
         self.new_keys, self.new_values = key_states, value_states
-        if self.visible == 0:
+        if self.past_keys is None:
             return key_states, value_states
-        past_keys = self.keys[self.rows, : self.visible].transpose(1, 2)
-        past_values = self.values[self.rows, : self.visible].transpose(1, 2)
-        return torch.cat([past_keys, key_states], 2), torch.cat([past_values, value_states], 2)
+        return torch.cat([self.past_keys, key_states], 2), torch.cat([self.past_values, value_states], 2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.visible + query_length, 0
@@ -145,7 +144,14 @@ class PrefixCache:
         """The cache of a call for stream rows `rows` (device int64 [G]), and the kept slots it sees (the most any of
         its rows has)."""
         visible = int(self.seen[rows].max())
-        return _Call([_CallLayer(keys, values, rows, visible) for keys, values in zip(self.keys, self.values)]), visible
+        layers = []
+        for keys, values in zip(self.keys, self.values):
+            if visible == 0 or keys is None:
+                layers.append(_CallLayer(None, None, rows, visible))
+            else:
+                layers.append(_CallLayer(keys[rows, :visible].transpose(1, 2), values[rows, :visible].transpose(1, 2),
+                                         rows, visible))
+        return _Call(layers), visible
 
     def keep(self, call: _Call, items: torch.Tensor, ends: torch.Tensor) -> None:
         """After `call`: keep its items marked in `items` (bool [G, T], each row's items those that follow its kept
