@@ -366,7 +366,7 @@ class MemGenModel(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
                  eos_token_id: int | list[int] | None = None, return_dict_in_generate: bool = False,
-                 memory: bool = True, trigger_mode: str | None = None, max_prompt_aug_num: int | None = None,
+                 num_return_sequences: int = 1, memory: bool = True, trigger_mode: str | None = None, max_prompt_aug_num: int | None = None,
                  max_inference_aug_num: int | None = None, repetition_penalty: float = 1.0, streamer: Any = None,
                  stop_strings: str | list[str] | None = None, synced_ranks: bool | None = None):
         """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
@@ -378,6 +378,8 @@ class MemGenModel(nn.Module):
             eos_token_id: one id or several (default: the tokenizer's EOS).
             return_dict_in_generate: return `MemGenGenerateOutput(sequences, augmentation_mask)`
                 instead of the sequences alone.
+            num_return_sequences: samples per prompt (> 1 needs do_sample, as in Hugging Face): the output's
+                rows are each prompt's samples in turn, B * num_return_sequences in all (GRPO's groups).
             memory: False decodes the bare reasoner with the same engine (a fair baseline).
             trigger_mode, max_prompt_aug_num, max_inference_aug_num: per-call overrides of the config.
             repetition_penalty: Hugging Face's penalty (> 0; 1.0 = none) on tokens already in the row.
@@ -395,8 +397,8 @@ class MemGenModel(nn.Module):
                 by DeepSpeed ZeRO-3 decodes inside `memgen.sharding.gathered_for_decoding(engine)`, whole
                 on each rank, with no collective calls.
 
-        Returns sequences [B, L + T] (pad after each row's EOS), or the output with the
-        augmentation mask [B, T]: -100 no decision point, 0 SKIP, 1 INVOKE before each new token.
+        Returns sequences [N, L + T] (N = B * num_return_sequences; pad after each row's EOS), or the output
+        with the augmentation mask [N, T]: -100 no decision point, 0 SKIP, 1 INVOKE before each new token.
         """
         from memgen.generation import generate as run_engine
 
@@ -426,6 +428,11 @@ class MemGenModel(nn.Module):
         latents = (self.config.prompt_latents_len if prompt_budget else 0) + self.config.inference_latents_len * budget
         real = self._check_generate_inputs(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
                                            top_k, top_p, generator, latents)
+        if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}")
+        if num_return_sequences > 1 and not do_sample:
+            raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy decoding "
+                             "returns the same sequence for every copy of a prompt")
         eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         vocab = self.delimiter_table.shape[0]
@@ -444,6 +451,9 @@ class MemGenModel(nn.Module):
 
             def stop(new_tokens: torch.Tensor) -> torch.Tensor:
                 return criteria(new_tokens, None)
+        if num_return_sequences > 1:
+            input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+            real = real.repeat_interleave(num_return_sequences, dim=0)
         with root_gathered(self):
             for role, base in self._decoding_bases(mode if prompt_budget or budget else None).items():
                 check_engine_support(base, role)

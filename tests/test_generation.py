@@ -252,6 +252,21 @@ def test_sampling_is_reproducible_and_matches_the_reference_in_distribution():
     assert 0.4 < float((ours.augmentation_mask[:, 0] == 1).float().mean()) < 0.6
 
 
+def test_num_return_sequences_samples_each_prompt_in_turn():
+    """N samples per prompt are the prompts repeated N times in a row (GRPO's groups), drawn as one batch."""
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=12)
+    kwargs = dict(max_new_tokens=16, do_sample=True, top_k=5, return_dict_in_generate=True)
+    out = model.generate(input_ids, mask, num_return_sequences=3, generator=torch.Generator().manual_seed(4), **kwargs)
+    repeated = model.generate(input_ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0),
+                              generator=torch.Generator().manual_seed(4), **kwargs)
+    assert out.sequences.shape == (6, input_ids.shape[1] + 16)
+    for field in ("sequences", "augmentation_mask"):
+        assert torch.equal(getattr(out, field), getattr(repeated, field)), field
+    assert torch.equal(out.sequences[:, :input_ids.shape[1]], input_ids.repeat_interleave(3, 0))
+    assert len({tuple(row) for row in out.sequences[:3, input_ids.shape[1]:].tolist()}) > 1, "samples should differ"
+
+
 def test_the_sampler_draws_each_token_with_its_probability_and_never_a_filtered_one():
     """A token is the first whose cumulative probability reaches u x total: over evenly spread uniforms each
     token's share is its probability; top-k and top-p filtered tokens and zero-probability ones never come,
@@ -367,6 +382,8 @@ def test_cuda_engine_synchronises_once_per_step(trigger_mode):
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(max_new_tokens=10**4), "exceed the reasoner's context"),
     (dict(trigger_mode="lora"), "needs a model built with"),
+    (dict(num_return_sequences=0), "num_return_sequences must be an int >= 1"),
+    (dict(num_return_sequences=2), "needs do_sample=True"),
 ])
 def test_bad_generate_arguments(kwargs, match):
     model = chatty_model("qwen2", "always")

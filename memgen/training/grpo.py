@@ -168,9 +168,9 @@ class GRPOTrainer(MemGenTrainer):
         """Sample `group_size` completions per row and score them; no gradients."""
         model = self.accelerator.unwrap_model(self.model)
         tok, device, g = model.tokenizer, model.delimiter_table.device, self.args.group_size
-        ids, mask = prompt_batch(tok, [r["prompt"] for r in rows for _ in range(g)])
+        ids, mask = prompt_batch(tok, [r["prompt"] for r in rows])
         width = ids.shape[1]
-        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask) for _ in range(g)]
         eos = self.args.eos_token_ids or [tok.eos_token_id]
         seed = self.args.seed + 1_000_003 * (self.state.global_step * self.args.world_size + self.args.process_index)
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -179,7 +179,8 @@ class GRPOTrainer(MemGenTrainer):
         with torch.no_grad(), gathered_for_decoding(self.model_wrapped):
             out = model.generate(ids.to(device), mask.to(device), max_new_tokens=self.args.max_new_tokens,
                                  do_sample=True, temperature=self.args.temperature, generator=generator,
-                                 eos_token_id=eos, return_dict_in_generate=True, **self.generation_kwargs())
+                                 num_return_sequences=g, eos_token_id=eos, return_dict_in_generate=True,
+                                 **self.generation_kwargs())
         model.train(was_training)
         new = out.sequences[:, width:].cpu()
         keep = completion_mask(new, eos)
