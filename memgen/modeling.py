@@ -95,7 +95,7 @@ def _checkpointing_method(base: PreTrainedModel, action: str) -> Callable[..., N
 
 
 @contextlib.contextmanager
-def _evaluating(module: nn.Module) -> Iterator[None]:
+def evaluating(module: nn.Module) -> Iterator[None]:
     """Within: `module` and its submodules in eval mode; each gets its own mode back after."""
     modes = [(sub, sub.training) for sub in module.modules()]
     module.eval()
@@ -570,7 +570,7 @@ class MemGenModel(nn.Module):
             raise ValueError("the `head` trigger's logits need labels and the augmentation_points generation recorded "
                              "(its hidden states depend on the latents woven before each token)")
         points = explicit_points(augmentation_points, real, labels)
-        with torch.no_grad(), _evaluating(self):  # the frozen weaver weaves as in generation: no LoRA dropout
+        with torch.no_grad(), evaluating(self):  # the frozen weaver weaves as in generation: no LoRA dropout
             hidden, item_index, _ = self._interleaved_hidden(input_ids, real, points)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         token_hidden = hidden[rows[:, None], torch.where(real, item_index, 0)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memgen.adapters import tuner_layers
 from memgen.training.grpo import GRPOConfig, GRPOTrainer, clipped_loss, completion_mask, group_advantages
 from test_modeling import make_model
 
@@ -117,6 +118,27 @@ def test_kl_to_the_initial_weaver_is_logged_and_starts_at_zero(tmp_path):
     trainer.train()
     kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
     assert len(kls) == 2 and kls[0] == pytest.approx(0.0, abs=1e-6) and kls[1] >= 0.0
+
+
+def test_the_kl_reference_runs_without_dropout(tmp_path):
+    """The initial weaver's log-probabilities come from eval mode (the reference implementation's frozen copy):
+    with LoRA dropout 0.5 they are the same on every call and equal an eval-mode forward; the model keeps its
+    training mode."""
+    model = make_model("qwen2", k_prompt=4, k_inference=2)
+    for layer in tuner_layers(model.weaver.model):
+        if "weaver" in layer.lora_dropout:
+            layer.lora_dropout["weaver"] = torch.nn.Dropout(0.5)
+    model.train()
+    trainer = GRPOTrainer(model, _config(tmp_path, beta=0.1), _prompts(4), reward=lambda text, target: 0.0)
+    batch = trainer.rollouts(_prompts(2))
+    first, second = trainer._reference_logps(batch), trainer._reference_logps(batch)
+    assert all(m.training for m in model.modules()), "the training mode is restored"
+    with torch.no_grad():
+        assert not torch.equal(trainer._policy_logps(model, batch), trainer._policy_logps(model, batch))  # dropout
+        model.eval()
+        want = trainer._policy_logps(model, batch)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, want)
 
 
 def test_bad_arguments(tmp_path):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from memgen.modeling import evaluating
 from memgen.sharding import gathered_for_decoding
 from memgen.training.data import MemGenCollator, prompt_batch
 from memgen.training.trainer import MemGenTrainer
@@ -212,11 +213,15 @@ class GRPOTrainer(MemGenTrainer):
     # ------------------------------------------------------------------ loss
 
     def _reference_logps(self, batch: Rollouts) -> torch.Tensor:
-        """Token log-probs under the initial weaver (its tensors swapped in for one no-grad forward)."""
+        """Token log-probs under the initial weaver (its tensors swapped in for one no-grad forward).
+
+        In eval mode, as the reference implementation's frozen reference copy (TRL's `create_reference_model`)
+        runs: no LoRA dropout, so the KL term measures the drift of the weights, not a dropout draw.
+        """
         model = self.accelerator.unwrap_model(self.model)
         params = model.stage_parameters(self.stage_name)
         current = {k: p.detach().clone() for k, p in params.items()}
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             for k, p in params.items():
                 p.copy_(self.initial_state[k])
             try:
