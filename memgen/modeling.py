@@ -366,9 +366,10 @@ class MemGenModel(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
                  eos_token_id: int | list[int] | None = None, return_dict_in_generate: bool = False,
-                 num_return_sequences: int = 1, memory: bool = True, trigger_mode: str | None = None, max_prompt_aug_num: int | None = None,
-                 max_inference_aug_num: int | None = None, repetition_penalty: float = 1.0, streamer: Any = None,
-                 stop_strings: str | list[str] | None = None, synced_ranks: bool | None = None):
+                 num_return_sequences: int = 1, memory: bool = True, trigger_mode: str | None = None,
+                 max_prompt_aug_num: int | None = None, max_inference_aug_num: int | None = None,
+                 repetition_penalty: float = 1.0, streamer: Any = None, stop_strings: str | list[str] | None = None,
+                 synced_ranks: bool | None = None):
         """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
 
         Args:
