@@ -106,6 +106,17 @@ def evaluating(module: nn.Module) -> Iterator[None]:
             sub.training = training
 
 
+def _differentiable(output: torch.Tensor) -> torch.Tensor:
+    """`output`, part of autograd's graph while gradients are on. A batch with no insertion point (or
+    `memory=False`) never calls the weaver, so nothing trainable produced its outputs and a training step's
+    backward would fail ("does not require grad"). Such a batch teaches the weaver nothing: backward then runs
+    and leaves every gradient as it was (None for this batch), and the optimizer skips the step's update
+    as it does for any unused parameter."""
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_()
+    return output
+
+
 def _predicting_items(real: torch.Tensor, item_index: torch.Tensor, n_latents: torch.Tensor) -> torch.Tensor:
     """[B, L] the stream index of the item whose hidden state predicts token j + 1: token j itself, or the
     last latent woven between tokens j and j + 1 (0 at padding)."""
@@ -358,8 +369,8 @@ class MemGenModel(nn.Module):
             points = default_points(input_ids, real, labels, self.delimiter_table, self.config.max_prompt_aug_num,
                                     self.config.max_inference_aug_num)
         if token_logps:
-            return MemGenOutput(augmentation_points=points, token_logps=self._token_logps(
-                input_ids, real, points, labels, logps_chunk_size))
+            return MemGenOutput(augmentation_points=points, token_logps=_differentiable(self._token_logps(
+                input_ids, real, points, labels, logps_chunk_size)))
         return self._output(self._interleaved_logits(input_ids, real, points), labels, points)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
@@ -512,6 +523,7 @@ class MemGenModel(nn.Module):
 
     @staticmethod
     def _output(logits: torch.Tensor, labels: torch.Tensor | None, points: torch.Tensor) -> MemGenOutput:
+        logits = _differentiable(logits)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),

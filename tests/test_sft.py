@@ -116,6 +116,25 @@ def test_sft_lowers_the_answer_loss_and_trains_only_the_weaver(tmp_path):
     assert any(not torch.equal(p, weaver[k]) for k, p in model.stage_parameters("weaver").items())
 
 
+def test_a_batch_without_insertion_points_trains_nothing_and_does_not_fail(tmp_path):
+    """No prompt weave and answers without delimiters: the weaver takes no part in the forward. The loss still
+    supports backward, the weaver gets no gradient, and a mixed run trains on the batches that weave."""
+    model = make_model("qwen2", max_prompt=0).train()
+    plain = [{"prompt": "Q: apple river", "answer": " A stone"}] * 4
+    batch = MemGenCollator(model.tokenizer.pad_token_id)([encode_example(model.tokenizer, r) for r in plain])
+    out = model(**batch)
+    assert not out.augmentation_points.any() and out.loss.requires_grad
+    out.loss.backward()
+    assert all(p.grad is None for p in model.stage_parameters("weaver").values())
+    with torch.no_grad():
+        assert not model(**batch).loss.requires_grad
+    weaver = {k: v.detach().clone() for k, v in model.stage_parameters("weaver").items()}
+    sft_trainer(model, plain, _args(tmp_path / "plain", max_steps=2)).train()
+    assert all(torch.equal(p, weaver[k]) for k, p in model.stage_parameters("weaver").items())
+    sft_trainer(model, plain + _rows(4), _args(tmp_path / "mixed", max_steps=2, per_device_train_batch_size=8)).train()
+    assert any(not torch.equal(p, weaver[k]) for k, p in model.stage_parameters("weaver").items())
+
+
 def test_datasets_rows_encode_like_lists():
     import datasets
 
