@@ -75,6 +75,14 @@ def _assert_same_as_reference_but_ties(model, input_ids, mask, described: str, *
         f"\ndecisions {got.augmentation_mask}\nreference {want_mask}")
 
 
+def _use_layout(monkeypatch, layout: str) -> None:
+    settings = LAYOUTS[layout]
+    if "modes" in settings:
+        monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", settings["modes"])
+    if "packed" in settings:
+        monkeypatch.setitem(generation.PACKED_PADDING_ITEMS, "cpu", settings["packed"])
+
+
 def _weaver_base(rng: random.Random):
     """None (the reasoner's base) or a separate base with another hidden size."""
     if rng.random() < 0.75:
@@ -93,11 +101,7 @@ def test_random_greedy_generation_equals_the_reference(seed, monkeypatch):
     kwargs = dict(max_new_tokens=rng.choice([1, 2, 5, 17, 40, 80, 200]), repetition_penalty=rng.choice([1.0, 1.3]))
     if rng.random() < 0.3:
         kwargs.update(max_prompt_aug_num=rng.choice([0, 1]), max_inference_aug_num=rng.randint(0, 5))
-    settings = LAYOUTS[layout]
-    if "modes" in settings:
-        monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", settings["modes"])
-    if "packed" in settings:
-        monkeypatch.setitem(generation.PACKED_PADDING_ITEMS, "cpu", settings["packed"])
+    _use_layout(monkeypatch, layout)
     model = chatty_model(seed=rng.randint(0, 50), weaver_base=_weaver_base(rng), **case)
     if rng.random() < 0.3:  # a delimiter also ends rows: rows finish at different steps
         delimiters = model.delimiter_table.nonzero().flatten().tolist()
@@ -120,11 +124,7 @@ def test_random_greedy_generation_on_other_decoders_equals_the_reference(seed, m
     batch, padding = rng.choice([1, 2, 3, 5, 8]), rng.choice(["left", "right"])
     new_tokens = rng.choice([1, 3, 17, 40, 90])
     layout = rng.choice(sorted(LAYOUTS))
-    settings = LAYOUTS[layout]
-    if "modes" in settings:
-        monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", settings["modes"])
-    if "packed" in settings:
-        monkeypatch.setitem(generation.PACKED_PADDING_ITEMS, "cpu", settings["packed"])
+    _use_layout(monkeypatch, layout)
     tok = chat_tokenizer()
     config = skip_unless_buildable(getattr(transformers, f"{prefix}Config"))(**fields, vocab_size=len(tok))
     torch.manual_seed(rng.randint(0, 100))  # the reasoner's random weights
