@@ -44,6 +44,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--num-return-sequences", type=int, default=1, metavar="N",
+                   help="samples per prompt (needs --sample)")
     p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
     p.add_argument("--no-memory", action="store_true", help="decode the bare reasoner (a baseline)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeatable)")
@@ -83,6 +85,8 @@ def _generate(args: argparse.Namespace) -> int:
     from memgen.training.run import build_model
 
     prompts = _prompts(args)
+    if args.num_return_sequences < 1 or (args.num_return_sequences > 1 and not args.sample):
+        raise SystemExit("memgen generate: --num-return-sequences must be >= 1, and above 1 needs --sample")
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(device=args.device).eval()
     tok = model.tokenizer
     batch = _encode(tok, prompts, args.chat)
@@ -90,17 +94,21 @@ def _generate(args: argparse.Namespace) -> int:
     out = model.generate(batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
                          max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, generator=generator, memory=not args.no_memory,
-                         trigger_mode=args.trigger_mode, stop_strings=args.stop, return_dict_in_generate=True)
+                         trigger_mode=args.trigger_mode, stop_strings=args.stop, return_dict_in_generate=True,
+                         num_return_sequences=args.num_return_sequences)
     embed = model.reasoner.get_input_embeddings().weight
     token_norm = float(embed.float().norm(dim=-1).mean())
     width = batch["input_ids"].shape[1]
-    for row, prompt in enumerate(prompts):
+    samples = args.num_return_sequences
+    for row in range(out.sequences.shape[0]):
+        prompt = prompts[row // samples]
         new = out.sequences[row, width:].tolist()
         real = next((i + 1 for i, t in enumerate(new) if t == tok.eos_token_id), len(new))  # through EOS
         decisions = out.augmentation_mask[row, :real].tolist()
         norms = out.latent_norms[row, :real].tolist()
         woven = [i for i, d in enumerate(decisions) if d == 1]
-        print(f"=== prompt {row + 1} ===\n{prompt}")
+        sample = f", sample {row % samples + 1}" if samples > 1 else ""
+        print(f"=== prompt {row // samples + 1}{sample} ===\n{prompt}")
         print(f"--- completion ({MARKER} marks where memory was woven) ---")
         print(marked_text(tok, new[:real], woven))
         points = sum(d != -100 for d in decisions)

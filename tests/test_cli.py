@@ -43,6 +43,18 @@ def test_generate_marks_insertions_and_reports_latent_norms(saved, capsys):
     assert math.isclose(float(reports[0][0]), first, rel_tol=1e-2)
 
 
+def test_generate_prints_each_prompts_samples(saved, capsys):
+    root, _ = saved
+    args = ["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b, c", "--prompt", "x y z.", "--max-new-tokens",
+            "8", "--sample", "--top-k", "20", "--num-return-sequences", "3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    headers = re.findall(r"=== prompt (\d), sample (\d) ===", printed)
+    assert headers == [(str(p), str(s)) for p in (1, 2) for s in (1, 2, 3)], headers
+    with pytest.raises(SystemExit, match="needs --sample"):
+        main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b", "--num-return-sequences", "2"])
+
+
 def test_latent_norms_are_set_exactly_where_memory_was_woven():
     model = chatty_model("qwen2", "head")
     input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=4)
