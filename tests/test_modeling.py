@@ -68,7 +68,11 @@ def rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
-def assert_matches_reference(model, input_ids, mask, labels, **kwargs):
+def assert_matches_reference(model, input_ids, mask, labels, latent_scale_tolerance=None, **kwargs):
+    """The training forward against `reference_forward`: loss and logits within 1e-5 relative, the weaver's
+    gradients within 1e-4. `latent_scale_tolerance`: compare the latent scales' gradients within
+    1e-7 + tolerance x the reference's instead (sums of many cancelling terms: float32 noise shows). A batch
+    without insertion points gives no weaver gradient on either side."""
     model.zero_grad()
     out = model(input_ids, mask, labels, **kwargs)
     out.loss.backward()
@@ -81,17 +85,24 @@ def assert_matches_reference(model, input_ids, mask, labels, **kwargs):
                        for j in (out.augmentation_points[b] != 0).nonzero().flatten().tolist()}
                       for b in range(input_ids.shape[0])]
     ref_loss, ref_logits = reference_forward(model, input_ids, mask, labels, points=ref_points)
-    ref_loss.backward()
     assert rel_err(out.loss, ref_loss) < 1e-5, (out.loss.item(), ref_loss.item())
     real = mask.bool()
     assert rel_err(out.logits[real], ref_logits[real]) < 1e-5
     assert (out.logits[~real] == 0).all()
+    if not out.augmentation_points.any():  # the weaver took no part
+        assert not ref_loss.requires_grad and all(g is None for g in fast_grads.values())
+        return out
+    ref_loss.backward()
     for name, p in model.stage_parameters("weaver").items():
         if fast_grads[name] is None or p.grad is None:  # e.g. prompt queries when no row has a prompt point
             assert fast_grads[name] is None and p.grad is None, name
             continue
         assert torch.isfinite(fast_grads[name]).all(), name
-        assert rel_err(fast_grads[name], p.grad) < 1e-4, (name, rel_err(fast_grads[name], p.grad))
+        if latent_scale_tolerance is not None and "latent_scale" in name:
+            bound = 1e-7 + latent_scale_tolerance * p.grad.abs().max()
+            assert (fast_grads[name] - p.grad).abs().max() <= bound, name
+        else:
+            assert rel_err(fast_grads[name], p.grad) < 1e-4, (name, rel_err(fast_grads[name], p.grad))
     assert all(p.grad is None for p in model.reasoner.parameters() if not p.requires_grad)
     return out
 
