@@ -55,9 +55,11 @@ for stage in "$@"; do
             cp memgen/_C.cpython-3*-x86_64-linux-gnu.so "$OUT/" 2>/dev/null ;;
         tests)
             # Every test that touches CUDA, Triton or the native build; the CPU-only rest runs in CI.
-            run_stage tests 330 python3 -m pytest -q -rs --timeout 300 -p no:cacheprovider \
+            # The random cases (tests/test_random_cases.py) run each case on the CPU and on the GPU.
+            run_stage tests 450 python3 -m pytest -q -rs --timeout 300 -p no:cacheprovider \
                 tests/test_trigger_scoring.py tests/test_ragged_ops.py tests/test_native_build.py \
-                tests/test_generation.py tests/test_transfers.py tests/test_sliding_windows.py tests/test_prefix_cache.py ;;
+                tests/test_generation.py tests/test_transfers.py tests/test_sliding_windows.py tests/test_prefix_cache.py \
+                tests/test_random_cases.py ;;
         cuda-tests)
             run_stage cuda-tests 200 python3 -m pytest -q -rs --timeout 150 -p no:cacheprovider -k cuda \
                 tests/test_generation.py tests/test_trigger_scoring.py tests/test_ragged_ops.py tests/test_transfers.py \

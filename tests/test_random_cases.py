@@ -2,7 +2,8 @@
 the other decoder classes, sliding windows included) and the training forward, over drawn architectures,
 latent counts, budgets, batch sizes, padding sides, lengths, weaver bases and engine layouts. Each case's
 seed is in its test id and its failure message; `MEMGEN_RANDOM_SEED=S` replays a run and
-`MEMGEN_RANDOM_CASES=N` draws N cases of each kind (default 8)."""
+`MEMGEN_RANDOM_CASES=N` draws N cases of each kind (default 8). Where a CUDA GPU is present each case also
+runs there, the model and the reference both on the GPU."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from test_reference_generation import chatty_model
 RUN_SEED = int(os.environ.get("MEMGEN_RANDOM_SEED", random.SystemRandom().randrange(10**6)))
 CASES = int(os.environ.get("MEMGEN_RANDOM_CASES", "8"))
 SEEDS = [RUN_SEED * 1000 + i for i in range(CASES)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The engine's layouts and schedules (see test_generation's `packing`): the device's defaults, the weaver in the
 # reasoner's calls one batch row per item or per row, the weaver in calls of its own.
 LAYOUTS = {"default": {}, "joint": {"modes": ("always", "head", "lora")},
@@ -75,12 +77,12 @@ def _assert_same_as_reference_but_ties(model, input_ids, mask, described: str, *
         f"\ndecisions {got.augmentation_mask}\nreference {want_mask}")
 
 
-def _use_layout(monkeypatch, layout: str) -> None:
+def _use_layout(monkeypatch, layout: str, device: str) -> None:
     settings = LAYOUTS[layout]
     if "modes" in settings:
-        monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cpu", settings["modes"])
+        monkeypatch.setitem(generation.JOINT_WEAVER_MODES, device, settings["modes"])
     if "packed" in settings:
-        monkeypatch.setitem(generation.PACKED_PADDING_ITEMS, "cpu", settings["packed"])
+        monkeypatch.setitem(generation.PACKED_PADDING_ITEMS, device, settings["packed"])
 
 
 def _weaver_base(rng: random.Random):
@@ -90,8 +92,9 @@ def _weaver_base(rng: random.Random):
     return tiny_causal_lm(rng.choice(["qwen2", "llama"]), 420, hidden_size=rng.choice([32, 96]), seed=7)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_random_greedy_generation_equals_the_reference(seed, monkeypatch):
+def test_random_greedy_generation_equals_the_reference(seed, device, monkeypatch):
     rng = random.Random(seed)
     case = dict(arch=rng.choice(["qwen2", "qwen3", "llama"]), trigger_mode=rng.choice(["always", "lora", "head"]),
                 k_prompt=rng.choice([1, 2, 4, 8]), k_inference=rng.choice([1, 2, 4, 8]), max_prompt=rng.choice([0, 1]),
@@ -101,18 +104,20 @@ def test_random_greedy_generation_equals_the_reference(seed, monkeypatch):
     kwargs = dict(max_new_tokens=rng.choice([1, 2, 5, 17, 40, 80, 200]), repetition_penalty=rng.choice([1.0, 1.3]))
     if rng.random() < 0.3:
         kwargs.update(max_prompt_aug_num=rng.choice([0, 1]), max_inference_aug_num=rng.randint(0, 5))
-    _use_layout(monkeypatch, layout)
-    model = chatty_model(seed=rng.randint(0, 50), weaver_base=_weaver_base(rng), **case)
+    _use_layout(monkeypatch, layout, device)
+    model = chatty_model(seed=rng.randint(0, 50), weaver_base=_weaver_base(rng), **case).to(device)
     if rng.random() < 0.3:  # a delimiter also ends rows: rows finish at different steps
         delimiters = model.delimiter_table.nonzero().flatten().tolist()
         kwargs["eos_token_id"] = [model.tokenizer.eos_token_id, rng.choice(delimiters)]
     input_ids, mask, _ = make_batch(model, [0] * batch, padding, seed=rng.randint(0, 10**6))
-    described = f"seed {seed}: {case}, batch {batch}, {padding} padding, layout {layout}, {kwargs}"
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    described = f"seed {seed} on {device}: {case}, batch {batch}, {padding} padding, layout {layout}, {kwargs}"
     _assert_same_as_reference_but_ties(model, input_ids, mask, described, **kwargs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_random_greedy_generation_on_other_decoders_equals_the_reference(seed, monkeypatch):
+def test_random_greedy_generation_on_other_decoders_equals_the_reference(seed, device, monkeypatch):
     """The decoder classes of tests/test_architectures.py; where the class has one, a sliding window as short as 3
     tokens (the engine applies it per row)."""
     rng = random.Random(seed)
@@ -124,19 +129,21 @@ def test_random_greedy_generation_on_other_decoders_equals_the_reference(seed, m
     batch, padding = rng.choice([1, 2, 3, 5, 8]), rng.choice(["left", "right"])
     new_tokens = rng.choice([1, 3, 17, 40, 90])
     layout = rng.choice(sorted(LAYOUTS))
-    _use_layout(monkeypatch, layout)
+    _use_layout(monkeypatch, layout, device)
     tok = chat_tokenizer()
     config = skip_unless_buildable(getattr(transformers, f"{prefix}Config"))(**fields, vocab_size=len(tok))
     torch.manual_seed(rng.randint(0, 100))  # the reasoner's random weights
-    model = weaving_model(getattr(transformers, f"{prefix}ForCausalLM")(config), tok, targets, trigger_mode)
+    model = weaving_model(getattr(transformers, f"{prefix}ForCausalLM")(config), tok, targets, trigger_mode).to(device)
     input_ids, mask, _ = make_batch(model, [0] * batch, padding, seed=rng.randint(0, 10**6))
-    described = (f"seed {seed}: {arch}, {trigger_mode}, window {fields.get('sliding_window')}, batch {batch}, "
-                 f"{padding} padding, {new_tokens} new tokens, layout {layout}")
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    described = (f"seed {seed} on {device}: {arch}, {trigger_mode}, window {fields.get('sliding_window')}, "
+                 f"batch {batch}, {padding} padding, {new_tokens} new tokens, layout {layout}")
     _assert_same_as_reference_but_ties(model, input_ids, mask, described, max_new_tokens=new_tokens)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_random_training_forward_equals_the_reference(seed):
+def test_random_training_forward_equals_the_reference(seed, device):
     """Loss, logits and the weaver's gradients. The latent scales' gradients are sums of many cancelling terms:
     in float32 both implementations stray from a float64 computation by up to ~5e-4 relative (seen on gradients
     of ~1e-6), so theirs are compared more loosely."""
@@ -146,10 +153,11 @@ def test_random_training_forward_equals_the_reference(seed):
     arch, batch = rng.choice(["qwen2", "qwen3", "llama"]), rng.choice([1, 2, 3, 5, 8])
     padding = rng.choice(["left", "right"])
     weaver_base = _weaver_base(rng)
-    model = make_model(arch, seed=rng.randint(0, 50), weaver_base=weaver_base, **case).train()
+    model = make_model(arch, seed=rng.randint(0, 50), weaver_base=weaver_base, **case).train().to(device)
     input_ids, mask, labels = make_batch(model, [rng.randint(0, 9) for _ in range(batch)], padding,
                                          seed=rng.randint(0, 10**6))
-    described = (f"seed {seed}: {arch}, {case}, batch {batch}, {padding} padding, "
+    input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+    described = (f"seed {seed} on {device}: {arch}, {case}, batch {batch}, {padding} padding, "
                  f"own weaver base {weaver_base is not None}")
     try:
         assert_matches_reference(model, input_ids, mask, labels, latent_scale_tolerance=1e-2)
