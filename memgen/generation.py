@@ -815,9 +815,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             columns = step - lag[stepping]  # host: the column of each stepping row's token
             stepping_device, columns_device, at = engine.to_device(
                 stepping, columns, (step - lag).clamp(0, max_new_tokens - 1))  # every row's column (idle rows: any)
-            idle = torch.ones_like(finished)
-            idle[stepping_device] = False
-            idle |= finished
+            # index_fill_ takes its value as a scalar: `idle[rows] = False` would copy it from pageable host
+            # memory, a synchronisation per step on CUDA
+            idle = torch.ones_like(finished).index_fill_(0, stepping_device, False) | finished
         uniforms = _at_columns(engine.token_uniforms, at) if do_sample else None
         tokens = torch.where(idle, pad, _choose_tokens(logits, do_sample, temperature, top_k, top_p, uniforms))
         if uniform:
@@ -861,9 +861,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
                 excluded = finished
             else:
                 readers_device = engine.to_device(readers)[0]
-                excluded = torch.ones_like(finished)
-                excluded[readers_device] = False
-                excluded |= finished
+                excluded = torch.ones_like(finished).index_fill_(0, readers_device, False) | finished
             decisions = engine.decide(tokens, excluded, counts, False,
                                       at + 1 if uniform else (at + 1).clamp(max=max_new_tokens - 1))
         # the step's synchronisation: the finished flags, the tokens and the decisions (if any)
