@@ -4,10 +4,11 @@
 #
 #   bash benchmarks/gpu_session.sh build tests ops step-ops:small:1 calls:small:16 schedules:small:16 decode:small:1 train
 #
-# On an H100 host (2026-11-22): build 30 s, tests 140 s, ops 40 s; a decode stage runs 6
-# implementations x 4 generate calls of 256 tokens, and at about 12 ms per step on that host (bound
-# by launching kernels) the `small` preset took over 170 s per batch size: give a call 600 s
-# (the device tool's limit) for two decode stages at most.
+# On H100 hosts: build 30 s, ops 40 s (2026-11-22); tests 340 s with the random cases on CPU and GPU,
+# decode:small:16 165 to 240 s, step-ops:small:16 195 s, train 100 s (2026-11-24). A decode stage runs
+# 6 implementations x 4 generate calls of 256 tokens, at 13 to 22 ms per step (bound by the host
+# launching kernels). The build and the tests fill most of a 600 s call (the device tool's limit; with
+# a decode stage after them it ran out): give decode stages calls of their own, two at most per call.
 #
 # Each stage named runs in that order; `build` compiles memgen._C in place from scratch (sm_90
 # only, to save time). Build with the C++ compiler torch was built with (CC/CXX): on one GPU image
