@@ -84,6 +84,9 @@ for stage in "$@"; do
             IFS=: read -r _ preset batch <<<"$stage"
             run_stage "$stage" 200 python3 benchmarks/step_ops.py --device cuda --preset "$preset" --batch "$batch" \
                 --out "$bench_dir/step-ops-$preset-b$batch" ;;
+        syncs:*)  # syncs:PRESET:BATCH: where each decode configuration synchronises (benchmarks/sync_sites.py)
+            IFS=: read -r _ preset batch <<<"$stage"
+            run_stage "$stage" 200 python3 benchmarks/sync_sites.py --preset "$preset" --batch "$batch" ;;
         lora-vs-reference)
             run_stage lora-vs-reference 400 "${BENCH[@]}" --out "$bench_dir/decode-small-ref" --suite decode \
                 --preset small --batch 1 --new-tokens 512 --rounds 3 --skip hf_generate always prompt_only head ;;

@@ -391,6 +391,28 @@ def test_step_ops_script_counts_each_configurations_ops_outside_and_inside_the_d
     assert "ops outside" in capsys.readouterr().out
 
 
+def test_sync_sites_script_refuses_a_cpu_and_names_a_site_by_its_innermost_memgen_frames(capsys):
+    import traceback
+
+    sync_sites = _script("sync_sites")
+    with pytest.raises(SystemExit):
+        sync_sites.main(["--device", "cpu"])
+    assert "--device: a CUDA device is needed" in capsys.readouterr().err
+    stack = [traceback.FrameSummary("/src/memgen/modeling.py", 5, "generate"),
+             traceback.FrameSummary("/lib/torch/functional.py", 3, "f"),
+             traceback.FrameSummary("/src/memgen/generation.py", 10, "generate"),
+             traceback.FrameSummary("/src/memgen/benchmarks/sync_sites.py", 40, "record")]
+    assert sync_sites._site(stack) == "generation.py:10 generate <- modeling.py:5 generate"
+    assert sync_sites._site(stack[1:2]) == "?"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sync_sites_script_finds_the_steps_synchronisations_on_cuda(capsys):
+    _script("sync_sites").main(["--preset", "tiny", "--batch", "2", "--new-tokens", "8", "--impls", "memory_off"])
+    out = capsys.readouterr().out
+    assert "== memory_off:" in out and "to_host" in out  # the step's one synchronisation
+
+
 def test_step_ops_counts_leaves_that_do_work_and_places_them_by_the_decoders_ranges():
     step_ops = _script("step_ops")
     layer = torch.nn.Linear(4, 4)

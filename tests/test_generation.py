@@ -352,12 +352,19 @@ def test_cuda_sampling_takes_a_generator_made_for_device_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
-def test_cuda_engine_synchronises_once_per_step(trigger_mode):
-    """CUDA's sync debug mode flags every synchronising call: twelve more steps cost at most twelve more."""
+@pytest.mark.parametrize("batch", [3, 16])
+@pytest.mark.parametrize("layout", ["default", "one batch row per item", "weaver in its own calls"])
+def test_cuda_engine_synchronises_once_per_step(trigger_mode, batch, layout, monkeypatch):
+    """CUDA's sync debug mode flags every synchronising call: twelve more steps cost at most twelve more, in each
+    of the engine's layouts (a synchronisation hidden in one of them would show only there)."""
     import warnings
 
+    if layout == "one batch row per item":
+        monkeypatch.setitem(generation.PACKED_PADDING_ITEMS, "cuda", 0)
+    elif layout == "weaver in its own calls":
+        monkeypatch.setitem(generation.JOINT_WEAVER_MODES, "cuda", ())
     model = chatty_model("qwen2", trigger_mode).to("cuda")
-    input_ids, mask, _ = make_batch(model, [0] * 3, "left", seed=3)
+    input_ids, mask, _ = make_batch(model, [0] * batch, "left", seed=3)
     input_ids, mask = input_ids.cuda(), mask.cuda()
     never = model.tokenizer.convert_tokens_to_ids("<|im_start|>")  # no row finishes early
 
