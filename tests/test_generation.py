@@ -350,13 +350,18 @@ def test_cuda_sampling_takes_a_generator_made_for_device_cuda():
     assert torch.equal(*runs)
 
 
+# (batch, layout, decoding): every layout greedily at two batch sizes, and sampling with its filters and a penalty
+SYNC_CASES = [(batch, layout, "greedy") for batch in (3, 16)
+              for layout in ("default", "one batch row per item", "weaver in its own calls")]
+SYNC_CASES.append((16, "default", "sampling"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
-@pytest.mark.parametrize("batch", [3, 16])
-@pytest.mark.parametrize("layout", ["default", "one batch row per item", "weaver in its own calls"])
-def test_cuda_engine_synchronises_once_per_step(trigger_mode, batch, layout, monkeypatch):
+@pytest.mark.parametrize("batch,layout,decoding", SYNC_CASES)
+def test_cuda_engine_synchronises_once_per_step(trigger_mode, batch, layout, decoding, monkeypatch):
     """CUDA's sync debug mode flags every synchronising call: twelve more steps cost at most twelve more, in each
-    of the engine's layouts (a synchronisation hidden in one of them would show only there)."""
+    of the engine's layouts (a synchronisation hidden in one of them would show only there) and when sampling."""
     import warnings
 
     if layout == "one batch row per item":
@@ -367,13 +372,17 @@ def test_cuda_engine_synchronises_once_per_step(trigger_mode, batch, layout, mon
     input_ids, mask, _ = make_batch(model, [0] * batch, "left", seed=3)
     input_ids, mask = input_ids.cuda(), mask.cuda()
     never = model.tokenizer.convert_tokens_to_ids("<|im_start|>")  # no row finishes early
+    sampling = {} if decoding == "greedy" else dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
+                                                    repetition_penalty=1.2)
 
     def syncs(new_tokens: int) -> int:
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                model.generate(input_ids, mask, max_new_tokens=new_tokens, eos_token_id=never)
+                generator = torch.Generator(device="cuda").manual_seed(0) if sampling else None
+                model.generate(input_ids, mask, max_new_tokens=new_tokens, eos_token_id=never, generator=generator,
+                               **sampling)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
