@@ -130,28 +130,26 @@ class _Call(Cache):
 
 
 class PrefixCache:
-    """Kept weaver keys and values of `batch` stream rows of up to `slots` items, for `num_layers` layers: per layer
-    [B, slots, H, D] (slot-major, so that a call's items index by (row, slot)), replaced, never written in place.
-    `seen[b]` (device int64) counts row b's kept items: its stream items [0, seen[b])."""
+    """Kept weaver keys and values of `batch` stream rows of up to `slots` items, for `num_layers` layers: every
+    layer's in one tensor [B, slots, layers, H, D] (slot-major, so that a call's items index by (row, slot); the
+    layers together, so that a round gathers and keeps them in one operation each, not one per layer), replaced,
+    never written in place. `seen[b]` (device int64) counts row b's kept items: its stream items [0, seen[b])."""
 
     def __init__(self, num_layers: int, batch: int, slots: int, device: torch.device) -> None:
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)
-        self.slots = slots
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.slots, self.num_layers = slots, num_layers
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
 
     def prepare(self, rows: torch.Tensor) -> tuple[_Call, int]:
         """The cache of a call for stream rows `rows` (device int64 [G]), and the kept slots it sees (the most any of
         its rows has)."""
         visible = int(self.seen[rows].max())
-        layers = []
-        for keys, values in zip(self.keys, self.values):
-            if visible == 0 or keys is None:
-                layers.append(_CallLayer(None, None, rows, visible))
-            else:
-                layers.append(_CallLayer(keys[rows, :visible].transpose(1, 2), values[rows, :visible].transpose(1, 2),
-                                         rows, visible))
-        return _Call(layers), visible
+        if visible == 0 or self.keys is None:
+            return _Call([_CallLayer(None, None, rows, visible) for _ in range(self.num_layers)]), visible
+        keys, values = self.keys[rows, :visible], self.values[rows, :visible]  # [G, visible, layers, H, D]
+        return _Call([_CallLayer(keys[:, :, i].transpose(1, 2), values[:, :, i].transpose(1, 2), rows, visible)
+                      for i in range(self.num_layers)]), visible
 
     def keep(self, call: _Call, items: torch.Tensor, ends: torch.Tensor) -> None:
         """After `call`: keep its items marked in `items` (bool [G, T], each row's items those that follow its kept
@@ -160,16 +158,17 @@ class PrefixCache:
         rows, columns = items.nonzero(as_tuple=True)
         stream_rows = call.layers[0].rows
         slots = self.seen[stream_rows][rows] + (items.long().cumsum(1) - 1)[rows, columns]
-        for i, layer in enumerate(call.layers):
-            new_keys = layer.new_keys[rows, :, columns]  # [N, H, D]
-            new_values = layer.new_values[rows, :, columns]
-            if self.keys[i] is None:
-                batch = self.seen.shape[0]
-                self.keys[i] = new_keys.new_zeros(batch, self.slots, *new_keys.shape[1:])
-                self.values[i] = new_values.new_zeros(batch, self.slots, *new_values.shape[1:])
-            self.keys[i] = self.keys[i].index_put((stream_rows[rows], slots), new_keys)
-            self.values[i] = self.values[i].index_put((stream_rows[rows], slots), new_values)
+        # [G, layers, H, T, D] -> the kept items [N, layers, H, D]
+        new_keys = torch.stack([layer.new_keys for layer in call.layers], 1)[rows, :, :, columns]
+        new_values = torch.stack([layer.new_values for layer in call.layers], 1)[rows, :, :, columns]
+        for layer in call.layers:
             layer.new_keys = layer.new_values = None
+        if self.keys is None:
+            batch = self.seen.shape[0]
+            self.keys = new_keys.new_zeros(batch, self.slots, *new_keys.shape[1:])
+            self.values = new_values.new_zeros(batch, self.slots, *new_values.shape[1:])
+        self.keys = self.keys.index_put((stream_rows[rows], slots), new_keys)
+        self.values = self.values.index_put((stream_rows[rows], slots), new_values)
         self.seen = self.seen.index_put((stream_rows,), ends)
 
 
