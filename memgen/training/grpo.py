@@ -175,14 +175,11 @@ class GRPOTrainer(MemGenTrainer):
         eos = self.args.eos_token_ids or [tok.eos_token_id]
         seed = self.args.seed + 1_000_003 * (self.state.global_step * self.args.world_size + self.args.process_index)
         generator = torch.Generator(device=device).manual_seed(seed)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), gathered_for_decoding(self.model_wrapped):
+        with torch.no_grad(), evaluating(model), gathered_for_decoding(self.model_wrapped):
             out = model.generate(ids.to(device), mask.to(device), max_new_tokens=self.args.max_new_tokens,
                                  do_sample=True, temperature=self.args.temperature, generator=generator,
                                  num_return_sequences=g, eos_token_id=eos, return_dict_in_generate=True,
                                  **self.generation_kwargs())
-        model.train(was_training)
         new = out.sequences[:, width:].cpu()
         keep = completion_mask(new, eos)
         texts = [tok.decode(new[b][keep[b]], skip_special_tokens=True) for b in range(len(prompts))]
