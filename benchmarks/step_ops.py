@@ -19,8 +19,12 @@ under the torch profiler, after one call that is not profiled, and counts per ge
   Hugging Face `generate` keeps its books on the device: none;
 - on CUDA, also the kernel launches and the host-device copies outside and inside.
 
+`--layout cuda` lays the calls out as the engine does on a GPU (`memgen.generation.PACKED_PADDING_ITEMS`,
+`JOINT_WEAVER_MODES`) whatever the device, so a CPU counts the operations a GPU's layout issues (each
+of them a kernel launch there, a few copies aside) without a GPU.
+
     python benchmarks/step_ops.py --preset tiny --batch 1 --new-tokens 64 [--impls memory_off always]
-        [--device cuda] --out DIR
+        [--device cuda] [--layout cuda] --out DIR
 """
 
 from __future__ import annotations
@@ -124,9 +128,31 @@ def counting_transfers():
         generation._Engine.to_device = original
 
 
+@contextlib.contextmanager
+def laid_out_as(device_type: str, layout: str):
+    """Within: the engine lays calls on `device_type` out as it does on `layout`'s devices."""
+    tables = (generation.PACKED_PADDING_ITEMS, generation.JOINT_WEAVER_MODES)
+    saved = [table.get(device_type) for table in tables]
+    for table in tables:
+        table[device_type] = table[layout]
+    try:
+        yield
+    finally:
+        for table, value in zip(tables, saved):
+            table[device_type] = value
+
+
 def step_ops(preset: str, device: str, dtype: torch.dtype, batch: int, new_tokens: int,
-             impls: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Per implementation, each of `count`'s figures per generated token (one profiled generate call)."""
+             impls: tuple[str, ...], layout: str | None = None) -> dict[str, dict[str, float]]:
+    """Per implementation, each of `count`'s figures per generated token (one profiled generate call); layout:
+    the device type whose call layout the engine uses (default: the device's own)."""
+    device_type = torch.device(device).type
+    with laid_out_as(device_type, layout or device_type):
+        return _step_ops(preset, device, dtype, batch, new_tokens, impls)
+
+
+def _step_ops(preset: str, device: str, dtype: torch.dtype, batch: int, new_tokens: int,
+              impls: tuple[str, ...]) -> dict[str, dict[str, float]]:
     workload = load_workload(preset, device=device, dtype=dtype)
     case, = decode_suite.cases(workload, (batch,), new_tokens)
     handles = [h for mode in ("lora", "head") for h in _mark_decoder_modules(workload.memgen_model(mode).reasoner)]
@@ -152,7 +178,9 @@ def markdown(results: dict) -> str:
     cuda = results["meta"]["device"].startswith("cuda")
     columns = ["ops outside", "ops inside", "transfers"] + (["launches outside", "launches inside", "copies outside",
                                                  "copies inside"] if cuda else [])
+    layout = results.get("layout")
     lines = [f"# memgen step ops: {machine_line(results['meta'])}", "",
+             *([f"Calls laid out as on a {layout} device.", ""] if layout else []),
              f"Per generated token, batch {results['batch']}, {results['new_tokens']} new tokens; one generate call "
              "each, under the torch profiler. Outside: issued by the engine (or Hugging Face `generate`) itself; "
              "inside: within a decoder layer, the rotary embedding or the final norm. Ops: the operations that do "
@@ -175,14 +203,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--layout", choices=sorted(generation.PACKED_PADDING_ITEMS),
+                        help="lay the engine's calls out as on this kind of device (default: the device's own)")
     parser.add_argument("--out", help="write results.json and results.md here")
     args = parser.parse_args(argv)
     require_positive(parser, args, "batch", "new_tokens")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    counts = step_ops(args.preset, args.device, getattr(torch, dtype), args.batch, args.new_tokens, tuple(args.impls))
+    counts = step_ops(args.preset, args.device, getattr(torch, dtype), args.batch, args.new_tokens, tuple(args.impls),
+                      args.layout)
     command = "python benchmarks/step_ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {"step_ops": counts, "batch": args.batch, "new_tokens": args.new_tokens,
                "meta": run_meta(args.preset, args.device, dtype, command)}
+    if args.layout:
+        results["layout"] = args.layout
     print(markdown(results))
     if args.out:
         out = Path(args.out)

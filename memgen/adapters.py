@@ -10,6 +10,7 @@ computes exactly the frozen model, so the reasoner's calls see no LoRA at all.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -167,10 +168,54 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if f".{name}." in n and (".lora_A." in n or ".lora_B." in n)}
 
 
+def _power_of_two(scaling: float) -> bool:
+    """Whether multiplying by `scaling` commutes with rounding (a power of two: only the exponent changes)."""
+    return scaling > 0 and math.frexp(scaling)[0] == 0.5
+
+
+class _Siblings:
+    """One adapter's LoRA layers that read the same input tensor in one forward of their parent module (an
+    attention block's q, k and v projections; an MLP's gate and up projections): their updates come from two
+    matrix products for all of them, x A^T with the A matrices stacked and then h B^T with the B matrices on a
+    block diagonal, instead of two products, a multiply and a cast for each. Where a layer's scaling is a power
+    of two it is folded into its B block (exact); otherwise the product's columns are scaled as PEFT scales them.
+    The stacked weights are copies made once per `SplitBatch` (the engine makes one per generate call, under
+    no_grad): the products agree with the separate ones to rounding, not bitwise (another matrix shape).
+    """
+
+    def __init__(self, adapters: list[tuple[nn.Module, nn.Module, float]]) -> None:
+        with torch.no_grad():
+            self.a = torch.cat([lora_A.weight for lora_A, _, _ in adapters])  # [sum r, in]
+            self.b = torch.block_diag(*[lora_B.weight * scaling if _power_of_two(scaling) else lora_B.weight
+                                        for _, lora_B, scaling in adapters])  # [sum out, sum r]
+            self.scale = None
+            if not all(_power_of_two(scaling) for _, _, scaling in adapters):
+                self.scale = torch.cat([torch.full((lora_B.weight.shape[0],), 1.0 if _power_of_two(s) else s)
+                                        for _, lora_B, s in adapters]).to(self.b)
+        bounds = torch.tensor([0] + [lora_B.weight.shape[0] for _, lora_B, _ in adapters]).cumsum(0).tolist()
+        self.columns = list(zip(bounds, bounds[1:]))
+        self.x: torch.Tensor | None = None  # the input of the last product, while its call lasts
+        self.product: torch.Tensor | None = None
+
+    def update(self, member: int, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Member `member`'s scaled update of rows [start, end) of x, from the product over x when it is the last
+        one's input (the same forward of the parent), else from a new one."""
+        if self.x is not x:
+            product = F.linear(F.linear(x[start:end].to(self.a.dtype), self.a), self.b)
+            self.product = product if self.scale is None else product.mul_(self.scale)
+            self.x = x
+        lo, hi = self.columns[member]
+        return self.product[..., lo:hi]
+
+    def release(self) -> None:
+        self.x = self.product = None
+
+
 class _SplitLoRA(nn.Module):
     """A plain LoRA layer computing its base for every batch row and adding each of its adapters' updates to
     that adapter's rows (a range of batch rows per adapter): the arithmetic of PEFT's `Linear.forward` with only
-    that adapter active, per row."""
+    that adapter active, per row. An adapter whose layer has siblings (`_Siblings`) takes its update from their
+    shared products, when nothing needs gradients and its dropout is off (as in generation)."""
 
     def __init__(self, layer: BaseTunerLayer, names: list[str], indices: list[int]) -> None:
         super().__init__()
@@ -179,16 +224,26 @@ class _SplitLoRA(nn.Module):
             (layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name], layer.scaling[name]) for name in names])
         self.indices = indices  # each adapter's place in SplitBatch's names
         self.ranges = [(0, 0)] * len(names)
+        self.siblings: list[tuple[_Siblings, int] | None] = [None] * len(names)  # per adapter: (group, place in it)
+        # while SplitBatch looks for siblings (its first call): the id of this layer's input (0: not called yet)
+        self.input_id: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        for (lora_A, lora_B, dropout, scaling), (start, end) in zip(self.adapters, self.ranges):
+        if self.input_id is not None:
+            self.input_id = id(x)
+        shared = not torch.is_grad_enabled()
+        for (lora_A, lora_B, dropout, scaling), (start, end), sibling in zip(self.adapters, self.ranges,
+                                                                             self.siblings):
             if end <= start:
                 continue
-            part = x[start:end].to(lora_A.weight.dtype)
-            if dropout.training:  # nn.Dropout or nn.Identity: the identity in eval mode
-                part = dropout(part)
-            update = F.linear(F.linear(part, lora_A.weight, lora_A.bias), lora_B.weight, lora_B.bias) * scaling
+            if sibling is not None and shared and not dropout.training:
+                update = sibling[0].update(sibling[1], x, start, end)
+            else:
+                part = x[start:end].to(lora_A.weight.dtype)
+                if dropout.training:  # nn.Dropout or nn.Identity: the identity in eval mode
+                    part = dropout(part)
+                update = F.linear(F.linear(part, lora_A.weight, lora_A.bias), lora_B.weight, lora_B.bias) * scaling
             result[start:end].add_(update)  # summed in float32, rounded to result's dtype, as PEFT's `+`
         return result
 
@@ -198,6 +253,10 @@ class SplitBatch:
     of rows after them: several adapters' calls in one pass over the shared base (the decoding engine reads the
     reasoner's tokens, the `lora` trigger's and the weaver's items together). Like `BareBase`, it swaps each LoRA
     layer for the duration of `with split(*starts):`.
+
+    Its first call also finds which LoRA layers of one parent module read the same input tensor (by identity:
+    what the model's code passes them, not a guess from their names); from the second call on, their adapters'
+    updates are computed together (`_Siblings`).
     """
 
     def __init__(self, model: nn.Module, *names: str) -> None:
@@ -208,7 +267,11 @@ class SplitBatch:
             here = [i for i, name in enumerate(names) if name in getattr(layer, "lora_A", {})]
             swaps.append(_SplitLoRA(layer, [names[i] for i in here], here) if here else layer.get_base_layer())
         self.split = [swap for swap in swaps if isinstance(swap, _SplitLoRA)]
+        self.parents = [id(parent) for (parent, _, _), swap in zip(sites, swaps) if isinstance(swap, _SplitLoRA)]
         self.swap = _Swap(sites, swaps)
+        self.groups: list[_Siblings] | None = None  # None until the first call has shown which layers share inputs
+        for swap in self.split:
+            swap.input_id = 0
 
     @staticmethod
     def supported(model: nn.Module, name: str) -> bool:
@@ -228,4 +291,37 @@ class SplitBatch:
         bounds = [*starts, 2**62]
         for swap in self.split:
             swap.ranges = [(bounds[i], bounds[i + 1]) for i in swap.indices]
-        return self.swap
+        return self._calling()
+
+    @contextlib.contextmanager
+    def _calling(self) -> Iterator[None]:
+        try:
+            with self.swap:
+                yield
+        finally:
+            for group in self.groups or ():  # the call's inputs and products, no longer needed
+                group.release()
+        if self.groups is None:  # the first call ran to its end
+            self._find_siblings()
+
+    def _find_siblings(self) -> None:
+        """After the first call: group each adapter's layers that read one input in one parent (bias-free LoRA
+        only, whose arithmetic `_Siblings` reproduces)."""
+        readers: dict[tuple[int, int], list[_SplitLoRA]] = {}
+        for swap, parent in zip(self.split, self.parents):
+            if swap.input_id:  # the layer ran (the parent's forward holds its input while the siblings read it)
+                readers.setdefault((parent, swap.input_id), []).append(swap)
+            swap.input_id = None
+        self.groups = []
+        for members in readers.values():
+            for index in range(len(self.names)):
+                carrying = [(swap, swap.indices.index(index)) for swap in members if index in swap.indices]
+                carrying = [(swap, at) for swap, at in carrying
+                            if swap.adapters[at][0].bias is None and swap.adapters[at][1].bias is None]
+                if len(carrying) < 2:
+                    continue
+                group = _Siblings([(swap.adapters[at][0], swap.adapters[at][1], swap.adapters[at][3])
+                                   for swap, at in carrying])
+                for place, (swap, at) in enumerate(carrying):
+                    swap.siblings[at] = (group, place)
+                self.groups.append(group)

@@ -391,6 +391,36 @@ def test_step_ops_script_counts_each_configurations_ops_outside_and_inside_the_d
     assert "ops outside" in capsys.readouterr().out
 
 
+def test_step_ops_script_counts_a_gpus_layout_on_a_cpu(cache, tmp_path):
+    """--layout cuda: the CPU runs the engine with a GPU's call layout (padded calls, the weaver in the reasoner's
+    calls in every mode), restored afterwards; the counts differ from the CPU layout's."""
+    from memgen import generation
+
+    step_ops = _script("step_ops")
+    before = dict(generation.PACKED_PADDING_ITEMS), dict(generation.JOINT_WEAVER_MODES)
+    seen = []
+    original = generation._Engine.__init__
+
+    def spy(engine, *args, **kwargs):
+        original(engine, *args, **kwargs)
+        seen.append((engine.packed_padding, engine.joint_weaver))
+
+    generation._Engine.__init__ = spy
+    try:
+        counts = {layout: step_ops.step_ops("tiny", "cpu", torch.float32, 3, 10, ("lora",), layout)
+                  for layout in ("cpu", "cuda")}
+        step_ops.main(["--preset", "tiny", "--batch", "3", "--new-tokens", "10", "--impls", "lora", "--layout",
+                       "cuda", "--out", str(tmp_path)])
+    finally:
+        generation._Engine.__init__ = original
+    assert (generation.PACKED_PADDING_ITEMS, generation.JOINT_WEAVER_MODES) == before
+    cuda = (generation.PACKED_PADDING_ITEMS["cuda"], True)
+    assert seen[:2] == [(0, False)] * 2 and seen[2:] == [cuda] * (len(seen) - 2)  # each impl runs twice
+    assert counts["cpu"]["lora"]["ops_inside"] != counts["cuda"]["lora"]["ops_inside"]
+    assert json.loads((tmp_path / "results.json").read_text())["layout"] == "cuda"
+    assert "Calls laid out as on a cuda device." in (tmp_path / "results.md").read_text()
+
+
 def test_sync_sites_script_refuses_a_cpu_and_names_a_site_by_its_innermost_memgen_frames(capsys):
     import traceback
 
