@@ -17,7 +17,13 @@ exactly what it would in the one-item-per-row layout: the result is that of `rag
 Grouped-query heads stay packed (the query heads of one key/value head ride along the query axis), so keys
 and values are never repeated.
 
-The engine selects this function through Hugging Face's `AttentionInterface` for its grouped calls only
+A call laid out one batch row per cache row (its items padded to the longest row's, `PaddedRows`) that
+does not read the cache's leading rows in order, or reads several items a row, attends the same way: its
+queries are placed at their rows within a range of cache rows that covers them (dummy queries elsewhere)
+and attend to a view of that range, where plain attention would copy each row's cache (`index_select`)
+and then repeat every key/value head for its query heads.
+
+The engine selects this function through Hugging Face's `AttentionInterface` for those calls only
 (`attention_implementation`); without a `ragged` argument it is SDPA attention. Its other calls run under
 `mask_attention`: the model's own attention where that applies an additive 4D mask, else SDPA.
 """
@@ -113,6 +119,81 @@ class RaggedGroups:
                       _group_mask(mask, items_device, places_device, rows.shape[0], width, gqa))
 
 
+class PaddedRows:
+    """Where a call laid out one batch row per cache row (distinct rows, each with the same number T of items,
+    padding included) reads: the range [lo, hi) of cache rows that covers them, viewed in place, with each batch
+    row's place in it (device int64 [G]; None: the range is the rows in order); or, where that range would be
+    more than twice as many rows, the rows themselves, gathered (`gathered`).
+
+    rows: host int64 [G]; rows_device: the same on the device (None where they are the cache's first G rows);
+    mask: the call's additive mask [G, 1, T, visible], laid out once per call for the packed query heads (so
+    it is worth it while T * gqa stays under what repeating the keys and values would copy, `pays`); gqa:
+    query heads per key/value head.
+    """
+
+    def __init__(self, rows: torch.Tensor, rows_device: torch.Tensor | None, mask: torch.Tensor, gqa: int) -> None:
+        n = rows.shape[0]
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        self.gqa = gqa
+        self.gathered = rows_device if hi - lo > 2 * n else None
+        self.span = (lo, hi) if self.gathered is None else None
+        in_order = self.gathered is None and hi - lo == n and bool((rows == torch.arange(lo, hi)).all())
+        self.places = None if self.gathered is not None or in_order else rows_device - lo
+        self.mask = self._laid_out(mask)
+        self.queries: list[torch.Tensor] = []  # the span's query buffer, made by the first layer, reused by the rest
+
+    @staticmethod
+    def pays(width: int, gqa: int, heads: int, head_dim: int) -> bool:
+        """Whether a call of `width` items a row costs less memory this way: its mask per packed query head
+        (width * gqa rows a batch row) against the copies plain attention makes of each row's keys and values
+        repeated for its query heads (2 * heads * head_dim a slot). A long prompt's read stays plain."""
+        return width * gqa <= 2 * heads * head_dim
+
+    def masked(self, mask: torch.Tensor) -> PaddedRows:
+        """The same rows under another of the call's masks [G, 1, T, visible] (a sliding window's)."""
+        other = object.__new__(PaddedRows)
+        other.gqa, other.gathered, other.span, other.places = self.gqa, self.gathered, self.span, self.places
+        other.mask, other.queries = other._laid_out(mask), self.queries
+        return other
+
+    def _laid_out(self, mask: torch.Tensor) -> torch.Tensor:
+        """mask [G, 1, T, visible] per packed query head, at each row's place in the span (dummy rows: finite)."""
+        per_head = _per_head(mask, self.gqa)
+        if self.places is None:
+            return per_head
+        spread = per_head.new_zeros((self.span[1] - self.span[0],) + per_head.shape[1:])
+        spread[self.places] = per_head
+        return spread
+
+
+def _padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: PaddedRows,
+                      scaling: float | None) -> torch.Tensor:
+    """Attention of a `PaddedRows` call: query [G, H, T, D], key and value every cache row's [R, H_kv, visible, D];
+    returns [G, T, H, D]. A key/value head's query heads ride along the query axis (T major), so keys and values
+    are neither copied nor repeated unless the rows are gathered."""
+    n, heads, width, dim = query.shape
+    kv_heads = heads // rows.gqa
+    by_head = query.view(n, kv_heads, rows.gqa, width, dim).transpose(2, 3)  # [G, H_kv, T, gqa, D]
+    if rows.gathered is not None:
+        keys, values = key.index_select(0, rows.gathered), value.index_select(0, rows.gathered)
+    else:
+        keys, values = key[rows.span[0]:rows.span[1]], value[rows.span[0]:rows.span[1]]
+    if rows.places is None:
+        queries = by_head.reshape(n, kv_heads, width * rows.gqa, dim)
+    else:  # every row of the span gets a query; the rows the call does not read, zeros (in every layer: each layer
+        # writes the same places of the call's one buffer, which the layer's attention has read before the next)
+        shape = (keys.shape[0],) + by_head.shape[1:]
+        if not rows.queries or rows.queries[0].shape != shape or rows.queries[0].dtype != query.dtype:
+            rows.queries[:] = [query.new_zeros(shape)]
+        queries = rows.queries[0]
+        queries[rows.places] = by_head
+        queries = queries.view(keys.shape[0], kv_heads, width * rows.gqa, dim)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=rows.mask, scale=scaling)
+    out = out.view(-1, kv_heads, width, rows.gqa, dim).permute(0, 2, 1, 3, 4)  # [rows, T, H_kv, gqa, D]
+    out = out.index_select(0, rows.places) if rows.places is not None else out.contiguous()  # contiguous: views
+    return out.view(n, width, heads, dim)
+
+
 def _group_mask(mask: torch.Tensor, items: torch.Tensor, places: torch.Tensor, n_rows: int, width: int,
                 gqa: int) -> torch.Tensor:
     """A group's mask [R, 1, T * gqa, visible] from the call's [N, 1, 1, visible]: each item's row at its place;
@@ -146,13 +227,16 @@ def _unpacked(out: torch.Tensor, n_rows: int, width: int, gqa: int) -> torch.Ten
 
 def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                     ragged: RaggedGroups | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """Hugging Face attention-interface function. With `ragged`: query [N, H, 1, D] (item n of the call in batch
-    row n), key and value every cache row's [rows, H_kv, visible, D] (the mask is in `ragged`); returns
-    [N, 1, H, D]. Without: SDPA attention."""
+                     ragged: RaggedGroups | PaddedRows | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Hugging Face attention-interface function. With `ragged` groups: query [N, H, 1, D] (item n of the call in
+    batch row n), key and value every cache row's [rows, H_kv, visible, D] (the mask is in `ragged`); returns
+    [N, 1, H, D]. With `PaddedRows`: query [G, H, T, D], the same keys and values; returns [G, T, H, D].
+    Without: SDPA attention."""
     if ragged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    if isinstance(ragged, PaddedRows):
+        return _padded_attention(query, key, value, ragged, scaling), None
     heads, dim = query.shape[1], query.shape[-1]
     gqa = heads // key.shape[1]
     flat = query[:, :, 0]
@@ -182,9 +266,9 @@ def windowed(mask: torch.Tensor, positions: torch.Tensor, window: int) -> torch.
 
 def ragged_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                                rows: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The plain computation `ragged_attention` replaces: each item (query [N, H, 1, D]) attends to its cache row
-    (rows: device int64 [N], into key/value [rows, H_kv, visible, D]) under its mask row [N, 1, 1, visible];
-    returns [N, 1, H, D]."""
+    """The plain computation `ragged_attention` replaces: each batch row's items (query [N, H, T, D]; T = 1 for
+    a call of one item per batch row) attend to its cache row (rows: device int64 [N], into key/value
+    [rows, H_kv, visible, D]) under its mask [N, 1, T, visible]; returns [N, T, H, D]."""
     gqa = query.shape[1] // key.shape[1]
     keys = key.index_select(0, rows).repeat_interleave(gqa, dim=1)
     values = value.index_select(0, rows).repeat_interleave(gqa, dim=1)

@@ -31,7 +31,9 @@
   (`PACKED_PADDING_ITEMS`), else one batch row per item (an item's batch row reads its row's
   cache, which the same layer call has just written), so no row pads. There attention groups the
   items back by cache row and reads each row's cache in place (`memgen.attention`), rather than
-  copying it for every item (`BY_ROW_ATTENTION`).
+  copying it for every item (`BY_ROW_ATTENTION`). A call of one batch row per row that is not the
+  cache's leading rows in order, or reads several items a row, reads its rows' caches in place
+  too, its grouped query heads packed so that no key is repeated (`memgen.attention.PaddedRows`).
 - Sampling draws one uniform per row and column up front (tokens, then `head`/`lora` decisions),
   so a row's draws do not depend on the schedule: in step or not, the same seed samples the same.
 - A one-item call whose rows are all equally long (every plain step at batch 1) attends without a
@@ -57,7 +59,8 @@ from transformers.utils import ModelOutput
 
 from memgen import transfers
 from memgen.adapters import BareBase, SplitBatch, active_adapter, tuner_layers
-from memgen.attention import RAGGED_ATTENTION, RaggedGroups, attention_implementation, mask_attention, windowed
+from memgen.attention import (RAGGED_ATTENTION, PaddedRows, RaggedGroups, attention_implementation, mask_attention,
+                              windowed)
 from memgen.cache import RaggedCache
 from memgen.layer_stack import FULL, SLIDING, direct_call, forward_call, sliding_window, text_config
 from memgen.logits import logits_function
@@ -78,9 +81,9 @@ PACKED_PADDING_ITEMS = {"cuda": 512, "cpu": 0}
 # every weaver call saved is a step's kernel launches.
 JOINT_WEAVER_MODES = {"cuda": ("always", "head", "lora"), "cpu": ("always", "head")}
 
-# The attention implementations (of `mask_attention`) under which a call of one item per batch row attends to each
-# item's cache row in place (`memgen.attention`), where the engine drives the layers itself; under any other each
-# item's batch row gets a copy of its row's cache.
+# The attention implementations (of `mask_attention`) under which a call's items attend to their cache rows in place
+# (`memgen.attention`), where the engine drives the layers itself; under any other each batch row gets a copy of its
+# row's cache.
 BY_ROW_ATTENTION = ("sdpa",)
 
 
@@ -119,6 +122,8 @@ class _RaggedDecoder:
         self.by_row = self.direct and self.attention in BY_ROW_ATTENTION
         # query heads per key/value head (the direct decoders' configs name both)
         self.gqa = self.config.num_attention_heads // self.config.num_key_value_heads if self.by_row else 1
+        heads = self.config.num_attention_heads
+        self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
         self.layers = tuner_layers(model) if adapter is not None else None
         self.bare = BareBase(model) if adapter is None else None
         self.blocks = blocks
@@ -131,7 +136,7 @@ class _RaggedDecoder:
 
     def run(self, rows: torch.Tensor | int | None, packed: tuple[torch.Tensor, ...], advance: torch.Tensor | int | None,
             n_items: torch.Tensor, starts: tuple[int, ...] | None = None,
-            groups: RaggedGroups | None = None) -> torch.Tensor:
+            groups: RaggedGroups | PaddedRows | None = None) -> torch.Tensor:
         """Feed a packed call (items, positions, slots, mask) to cache rows `rows` (device [G], repeats
         allowed; an int n: the first n cache rows in order; None: the batch's rows in order); returns hidden
         [G, W, d].
@@ -139,8 +144,9 @@ class _RaggedDecoder:
         advance: host int64 cache rows (no repeats; an int n: the first n; None: the batch's rows) whose lengths grow
         by n_items (host int32). starts: the call's first batch row read through each block's adapter (one per block,
         non-decreasing; the rows before the first run on the bare base), None: every row through `adapter`.
-        groups: for a call of one item per batch row (only where `by_row`), the items grouped by cache row, for an
-        attention that reads each row's cache in place.
+        groups: (only where `by_row`) for a call of one item per batch row, the items grouped by cache row; for one
+        of a batch row per row, where its rows' caches lie (`PaddedRows`): for an attention that reads each row's
+        cache in place.
         """
         items, positions, slots, mask = packed
         advanced = self._advanced(advance)
@@ -174,6 +180,10 @@ class _RaggedDecoder:
         else:
             self.lengths.index_add_(0, advanced, n_items)  # one op, not a gather, an add and a scatter
         return hidden
+
+    def packs_heads(self, width: int) -> bool:
+        """Whether a call laid out one batch row per row, `width` items each, attends through `PaddedRows`."""
+        return PaddedRows.pays(width, self.gqa, self.config.num_attention_heads, self.head_dim)
 
     def only(self, block: str) -> tuple[int, ...]:
         """`run`'s starts for a call whose rows are all `block`'s."""
@@ -431,6 +441,8 @@ class _Engine:
         groups = None
         if decoder.by_row and n_batch > n_rows:  # one batch row per item, some rows with several
             groups = RaggedGroups(cache_rows, counts, packed[3], decoder.gqa, self.to_device)
+        elif decoder.by_row and (width > 1 or not in_order) and decoder.packs_heads(width):  # one batch row per row
+            groups = PaddedRows(call_rows, rows_device, packed[3], decoder.gqa)
         advance = n_rows if in_order and n_batch == n_rows else cache_rows  # then cache_rows are the first n_rows
         hidden = decoder.run(n_batch if in_order else rows_device, packed, advance, kept, starts, groups)
         flat = hidden.flatten(0, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memgen.attention import (RAGGED_ATTENTION, RaggedGroups, attention_implementation, mask_attention,
+from memgen.attention import (RAGGED_ATTENTION, PaddedRows, RaggedGroups, attention_implementation, mask_attention,
                               ragged_attention, ragged_attention_reference, windowed)
 from test_modeling import make_model
 
@@ -81,6 +81,62 @@ def test_ragged_attention_uses_views_for_nearby_single_rows_and_gathers_the_rest
     assert [g.rows for g in near.groups] == [(0, 4)]
     assert isinstance(spread.groups[0].rows, torch.Tensor) and spread.groups[0].rows.tolist() == [0, 9]
     assert spread.groups[1].rows.tolist() == [5] and spread.groups[1].width == 4
+
+
+PADDED = {  # cache rows of a call laid out one batch row per row, the cache's rows
+    "leading, in order": ([0, 1, 2, 3], 6),
+    "a range, in order": ([2, 3, 4], 8),
+    "a range, out of order": ([5, 2, 3, 0], 7),
+    "with gaps": ([1, 4, 2, 7], 9),  # a span of 7 for 4 rows: viewed, with dummy queries
+    "spread": ([0, 11], 14),  # a span of 12 for 2 rows: gathered
+}
+
+
+@pytest.mark.parametrize("layout", PADDED, ids=list(PADDED))
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_rows_attention_equals_reference(layout, heads, kv_heads, dtype):
+    """A call of one batch row per cache row, T items each (ragged counts, padded; rows in any order): attending
+    through `PaddedRows` equals each row attending to a copy of its cache row with its key heads repeated."""
+    rows, n_cache_rows = PADDED[layout]
+    rows_t = torch.tensor(rows)
+    for seed, width in enumerate((1, 3, 5)):
+        g = torch.Generator().manual_seed(seed)
+        counts = torch.randint(1, width + 1, (len(rows),), generator=g)
+        lengths = torch.randint(0, 9, (len(rows),), generator=g)
+        visible = int((lengths + width).max())
+        query = torch.randn(len(rows), heads, width, 8, generator=g).to(dtype).transpose(1, 2).contiguous()
+        query = query.transpose(1, 2)  # [G, H, T, D] laid out [G, T, H, D], as the layers hand it over
+        key = torch.randn(n_cache_rows, kv_heads, visible, 8, generator=g).to(dtype)
+        value = torch.randn(n_cache_rows, kv_heads, visible, 8, generator=g).to(dtype)
+        item = torch.arange(width)
+        sees = lengths[:, None] + torch.minimum(item, counts[:, None] - 1) + 1  # padding repeats the last item
+        mask = torch.zeros(len(rows), 1, width, visible, dtype=dtype)
+        mask.masked_fill_(torch.arange(visible) >= sees[:, None, :, None], torch.finfo(dtype).min)
+        padded = PaddedRows(rows_t, rows_t, mask, heads // kv_heads)
+        window_mask = windowed(mask, sees - 1, 3)
+        # each layer of a call attends through the same PaddedRows (and its sliding twin): a layer's own queries
+        for layer_query in (query, query.flip(0)):
+            for call_mask, call_rows in ((mask, padded), (window_mask, padded.masked(window_mask))):
+                got, _ = ragged_attention(torch.nn.Module(), layer_query, key, value, None, scaling=0.3,
+                                          ragged=call_rows)
+                want = ragged_attention_reference(layer_query, key, value, call_mask, rows_t, 0.3)
+                assert got.shape == want.shape == (len(rows), width, heads, 8)
+                tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+def test_padded_rows_view_their_span_unless_it_is_more_than_twice_the_rows():
+    mask = torch.zeros(4, 1, 2, 5)
+    leading, out_of_order = PaddedRows(torch.arange(4), None, mask, 2), PaddedRows(torch.tensor([4, 2, 3, 1]),
+                                                                                     torch.tensor([4, 2, 3, 1]), mask, 2)
+    assert (leading.span, leading.places, leading.gathered) == ((0, 4), None, None)
+    assert out_of_order.span == (1, 5) and out_of_order.places.tolist() == [3, 1, 2, 0]
+    assert out_of_order.mask.shape == (4, 1, 4, 5)  # T * gqa query rows
+    spread = PaddedRows(torch.tensor([0, 11]), torch.tensor([0, 11]), mask[:2], 2)
+    assert spread.span is None and spread.gathered.tolist() == [0, 11] and spread.places is None
+    # worth it while the mask per query head stays under the repeated keys and values: weaves, not long prompts
+    assert PaddedRows.pays(64, 7, 14, 64) and not PaddedRows.pays(300, 7, 14, 64)
 
 
 def test_attention_implementation_switches_only_within_and_ragged_attention_is_sdpa_without_groups():
