@@ -51,18 +51,29 @@ MASK_ATTENTION = ("sdpa", "eager")
 class _Group:
     """Rows whose items attend together: cache rows (a range (lo, hi) viewed in place, or device int64 [R]
     gathered), the call's items in it (device int64 [N]), each item's place in the group's padded
-    [R * T] query axis (device int64 [N]), T, and the group's mask [R, 1, T * heads per key head, visible]."""
+    [R * T] query axis (device int64 [N]) and that place as (row, column) (device int64 [N] each), T, the
+    group's mask [R, 1, T * heads per key head, visible], and its query buffer (`queries`)."""
 
     rows: tuple[int, int] | torch.Tensor
     items: torch.Tensor
     places: torch.Tensor
+    place_rows: torch.Tensor
+    place_columns: torch.Tensor
     width: int
     mask: torch.Tensor
+    buffer: list[torch.Tensor]
 
     def masked(self, mask: torch.Tensor, gqa: int) -> _Group:
-        """The same group under another of the call's masks [N, 1, 1, visible]."""
-        return _Group(self.rows, self.items, self.places, self.width,
-                      _group_mask(mask, self.items, self.places, self._n_rows(), self.width, gqa))
+        """The same group (and query buffer) under another of the call's masks [N, 1, 1, visible]."""
+        return _Group(self.rows, self.items, self.places, self.place_rows, self.place_columns, self.width,
+                      _group_mask(mask, self.items, self.places, self._n_rows(), self.width, gqa), self.buffer)
+
+    def queries(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The group's queries [R, H_kv, T, gqa, D], zeros where no item is: made by a call's first layer, reused by
+        the rest (each writes the same places, read by its attention before the next layer writes them)."""
+        if not self.buffer or self.buffer[0].shape != shape or self.buffer[0].dtype != like.dtype:
+            self.buffer[:] = [like.new_zeros(shape)]
+        return self.buffer[0]
 
     def _n_rows(self) -> int:
         return self.rows[1] - self.rows[0] if isinstance(self.rows, tuple) else self.rows.shape[0]
@@ -103,9 +114,9 @@ class RaggedGroups:
         else:
             places, span = torch.arange(rows.shape[0]), None
         n_rows = hi - lo if span is not None else rows.shape[0]
-        items_device, places_device, rows_device = to_device(items, places, rows)
-        return _Group(span if span is not None else rows_device, items_device, places_device, 1,
-                      _group_mask(mask, items_device, places_device, n_rows, 1, gqa))
+        items_device, places_device, rows_device, columns = to_device(items, places, rows, torch.zeros_like(places))
+        return _Group(span if span is not None else rows_device, items_device, places_device, places_device, columns,
+                      1, _group_mask(mask, items_device, places_device, n_rows, 1, gqa), [])
 
     @staticmethod
     def _several(rows: torch.Tensor, counts: torch.Tensor, first: torch.Tensor, mask: torch.Tensor, gqa: int,
@@ -114,9 +125,10 @@ class RaggedGroups:
         real = (torch.arange(width) < counts[:, None]).nonzero()  # (group row, item) of every item
         items = first[real[:, 0]] + real[:, 1]
         places = real[:, 0] * width + real[:, 1]
-        items_device, places_device, rows_device = to_device(items, places, rows)
-        return _Group(rows_device, items_device, places_device, width,
-                      _group_mask(mask, items_device, places_device, rows.shape[0], width, gqa))
+        items_device, places_device, rows_device, place_rows, place_columns = to_device(
+            items, places, rows, real[:, 0].contiguous(), real[:, 1].contiguous())
+        return _Group(rows_device, items_device, places_device, place_rows, place_columns, width,
+                      _group_mask(mask, items_device, places_device, rows.shape[0], width, gqa), [])
 
 
 class PaddedRows:
@@ -205,24 +217,10 @@ def _group_mask(mask: torch.Tensor, items: torch.Tensor, places: torch.Tensor, n
 
 
 def _per_head(mask: torch.Tensor, gqa: int) -> torch.Tensor:
-    """A mask [R, 1, T, visible] for the query axis of `_packed`: each of T's rows once per query head of a
-    key/value head."""
+    """A mask [R, 1, T, visible] for the packed query axis (a key/value head's query heads, T major): each of T's
+    rows once per query head of a key/value head."""
     n, _, width, visible = mask.shape
     return mask[:, :, :, None].expand(n, 1, width, gqa, visible).reshape(n, 1, width * gqa, visible)
-
-
-def _packed(query: torch.Tensor, n_rows: int, width: int, gqa: int) -> torch.Tensor:
-    """Queries [R * T, H, D] (padded per row) as [R, H / gqa, T * gqa, D]: a key/value head's query heads along
-    the query axis (T major)."""
-    heads, dim = query.shape[1:]
-    return query.view(n_rows, width, heads // gqa, gqa, dim).transpose(1, 2).reshape(n_rows, heads // gqa,
-                                                                                       width * gqa, dim)
-
-
-def _unpacked(out: torch.Tensor, n_rows: int, width: int, gqa: int) -> torch.Tensor:
-    """`_packed`'s inverse: [R, H / gqa, T * gqa, D] as [R * T, H, D]."""
-    kv_heads, _, dim = out.shape[1:]
-    return out.view(n_rows, kv_heads, width, gqa, dim).transpose(1, 2).reshape(n_rows * width, kv_heads * gqa, dim)
 
 
 def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -238,21 +236,25 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if isinstance(ragged, PaddedRows):
         return _padded_attention(query, key, value, ragged, scaling), None
     heads, dim = query.shape[1], query.shape[-1]
-    gqa = heads // key.shape[1]
+    kv_heads = key.shape[1]
+    gqa = heads // kv_heads
     flat = query[:, :, 0]
-    out = flat.new_empty(ragged.n_items, heads, dim)
+    out = flat.new_empty(ragged.n_items, kv_heads, gqa, dim)
     for group in ragged.groups:
         n_rows = group.mask.shape[0]
-        queries = flat.new_zeros(n_rows * group.width, heads, dim)
-        queries[group.places] = flat[group.items]
+        shape = (n_rows, kv_heads, group.width, gqa, dim)  # the packed layout: a key head's query heads, T major
+        queries = group.queries(shape, flat)
+        by_place = queries.permute(0, 2, 1, 3, 4)  # [R, T, H_kv, gqa, D], a view
+        by_place[group.place_rows, group.place_columns] = flat.index_select(0, group.items).view(-1, kv_heads, gqa,
+                                                                                               dim)
         if isinstance(group.rows, tuple):
             keys, values = key[group.rows[0]:group.rows[1]], value[group.rows[0]:group.rows[1]]
         else:
             keys, values = key.index_select(0, group.rows), value.index_select(0, group.rows)
-        result = F.scaled_dot_product_attention(_packed(queries, n_rows, group.width, gqa), keys, values,
+        result = F.scaled_dot_product_attention(queries.view(n_rows, kv_heads, group.width * gqa, dim), keys, values,
                                                 attn_mask=group.mask, scale=scaling)
-        out[group.items] = _unpacked(result, n_rows, group.width, gqa)[group.places]
-    return out[:, None], None
+        out[group.items] = result.view(shape).permute(0, 2, 1, 3, 4)[group.place_rows, group.place_columns]
+    return out.view(ragged.n_items, 1, heads, dim), None
 
 
 def windowed(mask: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:

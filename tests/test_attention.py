@@ -66,13 +66,15 @@ def test_ragged_attention_equals_reference(layout, heads, kv_heads, dtype):
                                                                       kv_heads, dtype)
         # and under a sliding window's mask (the same groups, masked again)
         window_mask = windowed(mask, positions[:, None], 3)
-        for call_mask, call_groups in ((mask, groups), (window_mask, groups.masked(window_mask))):
-            module = torch.nn.Module()
-            got, _ = ragged_attention(module, query, key, value, None, scaling=0.3, ragged=call_groups)
-            want = ragged_attention_reference(query, key, value, call_mask, item_rows, 0.3)
-            assert got.shape == want.shape == (query.shape[0], 1, heads, query.shape[-1])
-            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-            torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+        # each layer of a call attends through the same groups (and their sliding twins): a layer's own queries
+        for layer_query in (query, query.flip(0)):
+            for call_mask, call_groups in ((mask, groups), (window_mask, groups.masked(window_mask))):
+                module = torch.nn.Module()
+                got, _ = ragged_attention(module, layer_query, key, value, None, scaling=0.3, ragged=call_groups)
+                want = ragged_attention_reference(layer_query, key, value, call_mask, item_rows, 0.3)
+                assert got.shape == want.shape == (query.shape[0], 1, heads, query.shape[-1])
+                tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
 
 
 def test_ragged_attention_uses_views_for_nearby_single_rows_and_gathers_the_rest():
