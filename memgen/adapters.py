@@ -180,10 +180,22 @@ class _Siblings:
     block diagonal, instead of two products, a multiply and a cast for each. Where a layer's scaling is a power
     of two it is folded into its B block (exact); otherwise the product's columns are scaled as PEFT scales them.
     The stacked weights are copies made once per `SplitBatch` (the engine makes one per generate call, under
-    no_grad): the products agree with the separate ones to rounding, not bitwise (another matrix shape).
+    no_grad), in its first call that uses them: the products agree with the separate ones to rounding, not
+    bitwise (another matrix shape).
     """
 
     def __init__(self, adapters: list[tuple[nn.Module, nn.Module, float]]) -> None:
+        self.adapters = adapters
+        bounds = torch.tensor([0] + [lora_B.out_features for _, lora_B, _ in adapters]).cumsum(0).tolist()
+        self.columns = list(zip(bounds, bounds[1:]))
+        self.a: torch.Tensor | None = None  # the stacked weights, made in the first call that uses them
+        self.x: torch.Tensor | None = None  # the input of the last product, while its call lasts
+        self.product: torch.Tensor | None = None
+
+    def _stack(self) -> None:
+        """The stacked weights, from the weights as a forward sees them (whole, where a sharded model gathers them
+        for its forward)."""
+        adapters = self.adapters
         with torch.no_grad():
             self.a = torch.cat([lora_A.weight for lora_A, _, _ in adapters])  # [sum r, in]
             self.b = torch.block_diag(*[lora_B.weight * scaling if _power_of_two(scaling) else lora_B.weight
@@ -192,15 +204,13 @@ class _Siblings:
             if not all(_power_of_two(scaling) for _, _, scaling in adapters):
                 self.scale = torch.cat([torch.full((lora_B.weight.shape[0],), 1.0 if _power_of_two(s) else s)
                                         for _, lora_B, s in adapters]).to(self.b)
-        bounds = torch.tensor([0] + [lora_B.weight.shape[0] for _, lora_B, _ in adapters]).cumsum(0).tolist()
-        self.columns = list(zip(bounds, bounds[1:]))
-        self.x: torch.Tensor | None = None  # the input of the last product, while its call lasts
-        self.product: torch.Tensor | None = None
 
     def update(self, member: int, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Member `member`'s scaled update of rows [start, end) of x, from the product over x when it is the last
         one's input (the same forward of the parent), else from a new one."""
         if self.x is not x:
+            if self.a is None:
+                self._stack()
             product = F.linear(F.linear(x[start:end].to(self.a.dtype), self.a), self.b)
             self.product = product if self.scale is None else product.mul_(self.scale)
             self.x = x
