@@ -188,7 +188,11 @@ class _Siblings:
         self.adapters = adapters
         bounds = torch.tensor([0] + [lora_B.out_features for _, lora_B, _ in adapters]).cumsum(0).tolist()
         self.columns = list(zip(bounds, bounds[1:]))
-        self.a: torch.Tensor | None = None  # the stacked weights, made in the first call that uses them
+        # the stacked weights (and the columns' scales where one is not a power of two), made in the first call
+        # that uses them
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
         self.x: torch.Tensor | None = None  # the input of the last product, while its call lasts
         self.product: torch.Tensor | None = None
 
@@ -200,7 +204,6 @@ class _Siblings:
             self.a = torch.cat([lora_A.weight for lora_A, _, _ in adapters])  # [sum r, in]
             self.b = torch.block_diag(*[lora_B.weight * scaling if _power_of_two(scaling) else lora_B.weight
                                         for _, lora_B, scaling in adapters])  # [sum out, sum r]
-            self.scale = None
             if not all(_power_of_two(scaling) for _, _, scaling in adapters):
                 self.scale = torch.cat([torch.full((lora_B.weight.shape[0],), 1.0 if _power_of_two(s) else s)
                                         for _, lora_B, s in adapters]).to(self.b)

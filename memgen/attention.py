@@ -52,7 +52,7 @@ class _Group:
     """Rows whose items attend together: cache rows (a range (lo, hi) viewed in place, or device int64 [R]
     gathered), the call's items in it (device int64 [N]), each item's place in the group's padded
     [R * T] query axis (device int64 [N]) and that place as (row, column) (device int64 [N] each), T, the
-    group's mask [R, 1, T * heads per key head, visible], and its query buffer (`queries`)."""
+    group's mask [R, 1, T * heads per key head, visible], and its query buffer (`_query_buffer`)."""
 
     rows: tuple[int, int] | torch.Tensor
     items: torch.Tensor
@@ -67,13 +67,6 @@ class _Group:
         """The same group (and query buffer) under another of the call's masks [N, 1, 1, visible]."""
         return _Group(self.rows, self.items, self.places, self.place_rows, self.place_columns, self.width,
                       _group_mask(mask, self.items, self.places, self._n_rows(), self.width, gqa), self.buffer)
-
-    def queries(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The group's queries [R, H_kv, T, gqa, D], zeros where no item is: made by a call's first layer, reused by
-        the rest (each writes the same places, read by its attention before the next layer writes them)."""
-        if not self.buffer or self.buffer[0].shape != shape or self.buffer[0].dtype != like.dtype:
-            self.buffer[:] = [like.new_zeros(shape)]
-        return self.buffer[0]
 
     def _n_rows(self) -> int:
         return self.rows[1] - self.rows[0] if isinstance(self.rows, tuple) else self.rows.shape[0]
@@ -131,6 +124,15 @@ class RaggedGroups:
                       _group_mask(mask, items_device, places_device, rows.shape[0], width, gqa), [])
 
 
+def _query_buffer(holder: list[torch.Tensor], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A call's query buffer (in `holder`, shared by its masked twins), zeros where no query is: made by the call's
+    first layer and reused by the rest. Each layer writes the same places, and its attention has read them before
+    the next layer writes them again."""
+    if not holder or holder[0].shape != shape or holder[0].dtype != like.dtype:
+        holder[:] = [like.new_zeros(shape)]
+    return holder[0]
+
+
 class PaddedRows:
     """Where a call laid out one batch row per cache row (distinct rows, each with the same number T of items,
     padding included) reads: the range [lo, hi) of cache rows that covers them, viewed in place, with each batch
@@ -152,7 +154,7 @@ class PaddedRows:
         in_order = self.gathered is None and hi - lo == n and bool((rows == torch.arange(lo, hi)).all())
         self.places = None if self.gathered is not None or in_order else rows_device - lo
         self.mask = self._laid_out(mask)
-        self.queries: list[torch.Tensor] = []  # the span's query buffer, made by the first layer, reused by the rest
+        self.queries: list[torch.Tensor] = []  # the span's query buffer (`_query_buffer`)
 
     @staticmethod
     def pays(width: int, gqa: int, heads: int, head_dim: int) -> bool:
@@ -192,12 +194,8 @@ def _padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         keys, values = key[rows.span[0]:rows.span[1]], value[rows.span[0]:rows.span[1]]
     if rows.places is None:
         queries = by_head.reshape(n, kv_heads, width * rows.gqa, dim)
-    else:  # every row of the span gets a query; the rows the call does not read, zeros (in every layer: each layer
-        # writes the same places of the call's one buffer, which the layer's attention has read before the next)
-        shape = (keys.shape[0],) + by_head.shape[1:]
-        if not rows.queries or rows.queries[0].shape != shape or rows.queries[0].dtype != query.dtype:
-            rows.queries[:] = [query.new_zeros(shape)]
-        queries = rows.queries[0]
+    else:  # every row of the span gets a query; the rows the call does not read, zeros
+        queries = _query_buffer(rows.queries, (keys.shape[0],) + by_head.shape[1:], query)
         queries[rows.places] = by_head
         queries = queries.view(keys.shape[0], kv_heads, width * rows.gqa, dim)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=rows.mask, scale=scaling)
@@ -243,7 +241,7 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     for group in ragged.groups:
         n_rows = group.mask.shape[0]
         shape = (n_rows, kv_heads, group.width, gqa, dim)  # the packed layout: a key head's query heads, T major
-        queries = group.queries(shape, flat)
+        queries = _query_buffer(group.buffer, shape, flat)  # zeros where no item is
         by_place = queries.permute(0, 2, 1, 3, 4)  # [R, T, H_kv, gqa, D], a view
         by_place[group.place_rows, group.place_columns] = flat.index_select(0, group.items).view(-1, kv_heads, gqa,
                                                                                                dim)
