@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
+from memgen import adapters
 from memgen.layer_stack import direct_call
 from memgen.sharding import whole
 from memgen.training.grpo import GRPOConfig, GRPOTrainer
@@ -35,14 +36,24 @@ def build(trigger_mode: str):
 
 
 def decode(model, input_ids, mask, kwargs):
-    """(sequences, augmentation mask, decoder-layer calls) of one generate call."""
-    calls = []
+    """(sequences, augmentation mask, decoder-layer calls, shared LoRA products made) of one generate call."""
+    calls, shared = [], []
     hook = model.reasoner.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
-    generator = torch.Generator().manual_seed(7)
-    out = model.generate(input_ids, mask, max_new_tokens=24, generator=generator, return_dict_in_generate=True,
-                         **kwargs)
-    hook.remove()
-    return out.sequences, out.augmentation_mask, len(calls)
+    original = adapters._Siblings.update
+
+    def counted(group, member, x, *rest):
+        shared.append(group.x is not x)
+        return original(group, member, x, *rest)
+
+    adapters._Siblings.update = counted
+    try:
+        generator = torch.Generator().manual_seed(7)
+        out = model.generate(input_ids, mask, max_new_tokens=24, generator=generator, return_dict_in_generate=True,
+                             **kwargs)
+    finally:
+        hook.remove()
+        adapters._Siblings.update = original
+    return out.sequences, out.augmentation_mask, len(calls), sum(shared)
 
 
 def grpo_rollouts(out_dir: str, rank: int) -> dict:
@@ -120,14 +131,14 @@ def main(out_dir: str) -> None:
     for trigger_mode, kwargs in RUNS:
         model = build(trigger_mode)
         input_ids, mask, _ = make_batch(model, [0] * (3 if rank == 0 else 2), "left", seed=11 + 5 * rank)
-        want_seq, want_mask, alone_calls = decode(model, input_ids, mask, kwargs)
+        want_seq, want_mask, alone_calls, _ = decode(model, input_ids, mask, kwargs)
         for layer in model.reasoner.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        got_seq, got_mask, synced_calls = decode(model, input_ids, mask, kwargs)
+        got_seq, got_mask, synced_calls, shared_products = decode(model, input_ids, mask, kwargs)
         # unsharded, the engine drove the layers directly; sharded, it goes through the decoder's forward
         report.append({"run": f"{trigger_mode} {kwargs}", "equal": torch.equal(got_seq, want_seq) and
-                       torch.equal(got_mask, want_mask) and direct_call(model.reasoner.get_decoder()) is None, "alone_calls": alone_calls, "synced_calls": synced_calls,
+                       torch.equal(got_mask, want_mask) and direct_call(model.reasoner.get_decoder()) is None, "alone_calls": alone_calls, "synced_calls": synced_calls, "shared_products": shared_products,
                        "weaves": int((want_mask == 1).sum())})
     report.append(grpo_rollouts(out_dir, rank))
     report.append(training_step(out_dir, rank))

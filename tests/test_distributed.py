@@ -59,8 +59,9 @@ def test_sharded_model_keeps_ranks_in_step(tmp_path):
     """FSDP (`fully_shard`, two ranks): each rank decodes rows that weave and finish at other steps than the
     other rank's (the engine's trigger modes, and GRPO's rollouts). Decoding alone, the ranks would make
     different numbers of decoder calls (and, sharded, deadlock); synced, they make the same number, and every
-    rank's output equals its unsharded one. Ranks passing different settings are refused. A training step
-    whose ranks weave different numbers of times gives the unsharded log-probabilities and mean gradients."""
+    rank's output equals its unsharded one (for `lora`, with its trigger's LoRA layers sharing their products).
+    Ranks passing different settings are refused. A training step whose ranks weave different numbers of times
+    gives the unsharded log-probabilities and mean gradients."""
     _torchrun("fsdp_worker.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["mismatch_refused"] and ranks[1]["mismatch_refused"]
@@ -73,6 +74,8 @@ def test_sharded_model_keeps_ranks_in_step(tmp_path):
         assert run0["alone_calls"] != run1["alone_calls"], (run0, run1)  # the ranks did diverge
         if "memory': False" not in run0["run"]:
             assert run0["weaves"] > 0 and run1["weaves"] > 0, (run0, run1)
+        if run0["run"].startswith("lora"):  # the trigger's q and v share products, the sharded weights whole
+            assert run0["shared_products"] > 0 and run1["shared_products"] > 0, (run0, run1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
