@@ -16,6 +16,8 @@ sliding one (Hugging Face uses a ready 4D mask as it is).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -76,6 +78,13 @@ def _takes_mask_dict(decoder: nn.Module) -> bool:
     return type(decoder).__name__ in MASK_DICT_DECODERS and type(decoder).__module__.startswith("transformers.")
 
 
+@functools.lru_cache(maxsize=None)
+def cache_keyword(forward: Callable) -> str:
+    """The keyword under which a decoder's (or its layer's) class `forward` takes the KV cache: `cache` from
+    transformers 5.24 on, where `past_key_values` is deprecated (to be removed in 5.40), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None))
 
@@ -93,20 +102,21 @@ def direct_call(decoder: nn.Module) -> Call | None:
     if any(isinstance(layer, (FSDPModule, FullyShardedDataParallel)) for layer in layers):
         return None  # the sharded layers' collectives stay under the decoder's forward, as FSDP arranged them
     rotary, norm, kinds = decoder.rotary_emb, decoder.norm, layer_kinds(config)
+    keyword = cache_keyword(type(layers[0]).forward)
 
     def call(items: torch.Tensor, mask: Mask, positions: torch.Tensor, cache, ragged=None) -> torch.Tensor:
         hidden = items
         position_embeddings = rotary(hidden, positions)
         if not isinstance(mask, dict):
-            extra = {} if ragged is None else {"ragged": ragged}
+            extra = {keyword: cache} if ragged is None else {keyword: cache, "ragged": ragged}
             for layer in layers:
                 hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                               position_ids=positions, past_key_values=cache, use_cache=True, **extra)
+                               position_ids=positions, use_cache=True, **extra)
             return norm(hidden)
         for layer, kind in zip(layers, kinds):
-            extra = {} if ragged is None else {"ragged": ragged[kind]}
+            extra = {keyword: cache} if ragged is None else {keyword: cache, "ragged": ragged[kind]}
             hidden = layer(hidden, attention_mask=mask[kind], position_embeddings=position_embeddings,
-                           position_ids=positions, past_key_values=cache, use_cache=True, **extra)
+                           position_ids=positions, use_cache=True, **extra)
         return norm(hidden)
 
     return call
@@ -116,11 +126,12 @@ def forward_call(decoder: nn.Module) -> Call:
     """The same signature (without `ragged`) through `decoder`'s own forward (any decoder; a mask dict only where
     `applies_windows`)."""
     takes_dict = _takes_mask_dict(decoder)
+    keyword = cache_keyword(type(decoder).forward)
 
     def call(items: torch.Tensor, mask: Mask, positions: torch.Tensor, cache) -> torch.Tensor:
         if isinstance(mask, dict) and not takes_dict:
             mask = mask[SLIDING]  # every layer slides
-        return decoder(inputs_embeds=items, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).last_hidden_state
+        return decoder(inputs_embeds=items, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{keyword: cache}).last_hidden_state
 
     return call

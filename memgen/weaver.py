@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 
 from memgen.adapters import active_adapter
 from memgen.attention import attention_implementation, mask_attention
-from memgen.layer_stack import text_config
+from memgen.layer_stack import cache_keyword, text_config
 from memgen.prefix_cache import kept_under_checkpointing
 
 PROMPT, INFERENCE = "prompt", "inference"
@@ -64,4 +64,4 @@ class MemGenWeaver(nn.Module):
         with active_adapter(self.model, self.adapter_name), kept_under_checkpointing(decoder), \
                 attention_implementation(decoder.config, mask_attention(decoder)):
             return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=cache, use_cache=True).last_hidden_state
+                           use_cache=True, **{cache_keyword(type(decoder).forward): cache}).last_hidden_state

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from memgen.adapters import active_adapter
 from memgen.cache import RaggedCache
-from memgen.layer_stack import direct_call, forward_call
+from memgen.layer_stack import cache_keyword, direct_call, forward_call
 from memgen.ops import pack_ragged
 from test_architectures import ARCHITECTURES, THROUGH_FORWARD, other_model
 from test_modeling import make_model
@@ -55,3 +57,19 @@ def test_direct_call_is_declined_where_the_forward_does_more():
     hooked = make_model("qwen2").reasoner.get_decoder()
     hooked.register_forward_pre_hook(lambda module, args: None)
     assert direct_call(hooked) is None, "a hook on the decoder must still run"
+
+
+def test_the_cache_goes_under_the_keyword_the_installed_transformers_takes():
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40): the engine passes
+    the cache under whichever name the layer and decoder forwards declare."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
+
+    def new(self, hidden_states, cache=None, **kwargs):
+        pass
+
+    def old(self, hidden_states, past_key_values=None, **kwargs):
+        pass
+
+    assert (cache_keyword(new), cache_keyword(old)) == ("cache", "past_key_values")
+    for forward in (Qwen2DecoderLayer.forward, Qwen2Model.forward):
+        assert cache_keyword(forward) in inspect.signature(forward).parameters
