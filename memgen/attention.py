@@ -101,12 +101,11 @@ class RaggedGroups:
 
     @staticmethod
     def _singles(rows: torch.Tensor, items: torch.Tensor, mask: torch.Tensor, gqa: int, to_device) -> _Group:
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        if hi - lo <= 2 * rows.shape[0]:  # a view, with at most one dummy query per read row
-            places, span = rows - lo, (lo, hi)
+        span = _covering_span(rows)
+        if span is not None:
+            places, n_rows = rows - span[0], span[1] - span[0]
         else:
-            places, span = torch.arange(rows.shape[0]), None
-        n_rows = hi - lo if span is not None else rows.shape[0]
+            places, n_rows = torch.arange(rows.shape[0]), rows.shape[0]
         items_device, places_device, rows_device, columns = to_device(items, places, rows, torch.zeros_like(places))
         return _Group(span if span is not None else rows_device, items_device, places_device, places_device, columns,
                       1, _group_mask(mask, items_device, places_device, n_rows, 1, gqa), [])
@@ -122,6 +121,21 @@ class RaggedGroups:
             items, places, rows, real[:, 0].contiguous(), real[:, 1].contiguous())
         return _Group(rows_device, items_device, places_device, place_rows, place_columns, width,
                       _group_mask(mask, items_device, places_device, rows.shape[0], width, gqa), [])
+
+
+def _covering_span(rows: torch.Tensor) -> tuple[int, int] | None:
+    """The range [lo, hi) of cache rows that covers `rows` (host int64, distinct), to view in place with at most one
+    dummy query per row read; None where it would take more (the rows are gathered instead)."""
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    return (lo, hi) if hi - lo <= 2 * rows.shape[0] else None
+
+
+def _keys_values(key: torch.Tensor, value: torch.Tensor,
+                 rows: tuple[int, int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of cache rows `rows`: a range (lo, hi) viewed in place, or device int64 rows gathered."""
+    if isinstance(rows, tuple):
+        return key[rows[0]:rows[1]], value[rows[0]:rows[1]]
+    return key.index_select(0, rows), value.index_select(0, rows)
 
 
 def _query_buffer(holder: list[torch.Tensor], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -146,13 +160,12 @@ class PaddedRows:
     """
 
     def __init__(self, rows: torch.Tensor, rows_device: torch.Tensor | None, mask: torch.Tensor, gqa: int) -> None:
-        n = rows.shape[0]
-        lo, hi = int(rows.min()), int(rows.max()) + 1
         self.gqa = gqa
-        self.gathered = rows_device if hi - lo > 2 * n else None
-        self.span = (lo, hi) if self.gathered is None else None
-        in_order = self.gathered is None and hi - lo == n and bool((rows == torch.arange(lo, hi)).all())
-        self.places = None if self.gathered is not None or in_order else rows_device - lo
+        self.span = _covering_span(rows)
+        self.gathered = rows_device if self.span is None else None
+        lo, hi = self.span or (0, 0)
+        in_order = hi - lo == rows.shape[0] and bool((rows == torch.arange(lo, hi)).all())
+        self.places = None if self.span is None or in_order else rows_device - lo
         self.mask = self._laid_out(mask)
         self.queries: list[torch.Tensor] = []  # the span's query buffer (`_query_buffer`)
 
@@ -188,10 +201,7 @@ def _padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     n, heads, width, dim = query.shape
     kv_heads = heads // rows.gqa
     by_head = query.view(n, kv_heads, rows.gqa, width, dim).transpose(2, 3)  # [G, H_kv, T, gqa, D]
-    if rows.gathered is not None:
-        keys, values = key.index_select(0, rows.gathered), value.index_select(0, rows.gathered)
-    else:
-        keys, values = key[rows.span[0]:rows.span[1]], value[rows.span[0]:rows.span[1]]
+    keys, values = _keys_values(key, value, rows.span or rows.gathered)
     if rows.places is None:
         queries = by_head.reshape(n, kv_heads, width * rows.gqa, dim)
     else:  # every row of the span gets a query; the rows the call does not read, zeros
@@ -245,10 +255,7 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         by_place = queries.permute(0, 2, 1, 3, 4)  # [R, T, H_kv, gqa, D], a view
         by_place[group.place_rows, group.place_columns] = flat.index_select(0, group.items).view(-1, kv_heads, gqa,
                                                                                                dim)
-        if isinstance(group.rows, tuple):
-            keys, values = key[group.rows[0]:group.rows[1]], value[group.rows[0]:group.rows[1]]
-        else:
-            keys, values = key.index_select(0, group.rows), value.index_select(0, group.rows)
+        keys, values = _keys_values(key, value, group.rows)
         result = F.scaled_dot_product_attention(queries.view(n_rows, kv_heads, group.width * gqa, dim), keys, values,
                                                 attn_mask=group.mask, scale=scaling)
         out[group.items] = result.view(shape).permute(0, 2, 1, 3, 4)[group.place_rows, group.place_columns]
