@@ -79,10 +79,20 @@ def _takes_mask_dict(decoder: nn.Module) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def cache_keyword(forward: Callable) -> str:
-    """The keyword under which a decoder's (or its layer's) class `forward` takes the KV cache: `cache` from
-    transformers 5.24 on, where `past_key_values` is deprecated (to be removed in 5.40), else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+def cache_keyword(cls: type) -> str:
+    """The keyword under which a decoder's (or its layer's) class takes the KV cache in `forward`: `cache` from
+    transformers 5.24 on, where `past_key_values` is deprecated (to be removed in 5.40), else `past_key_values`.
+    The first class in the method resolution order whose `forward` declares either name decides, so a subclass
+    whose `forward` passes `**kwargs` on to its parent's gets the parent's name."""
+    for klass in cls.__mro__:
+        forward = klass.__dict__.get("forward")
+        if forward is None:
+            continue
+        parameters = inspect.signature(forward).parameters
+        for keyword in ("cache", "past_key_values"):
+            if keyword in parameters:
+                return keyword
+    return "past_key_values"
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -102,7 +112,7 @@ def direct_call(decoder: nn.Module) -> Call | None:
     if any(isinstance(layer, (FSDPModule, FullyShardedDataParallel)) for layer in layers):
         return None  # the sharded layers' collectives stay under the decoder's forward, as FSDP arranged them
     rotary, norm, kinds = decoder.rotary_emb, decoder.norm, layer_kinds(config)
-    keyword = cache_keyword(type(layers[0]).forward)
+    keyword = cache_keyword(type(layers[0]))
 
     def call(items: torch.Tensor, mask: Mask, positions: torch.Tensor, cache, ragged=None) -> torch.Tensor:
         hidden = items
@@ -126,7 +136,7 @@ def forward_call(decoder: nn.Module) -> Call:
     """The same signature (without `ragged`) through `decoder`'s own forward (any decoder; a mask dict only where
     `applies_windows`)."""
     takes_dict = _takes_mask_dict(decoder)
-    keyword = cache_keyword(type(decoder).forward)
+    keyword = cache_keyword(type(decoder))
 
     def call(items: torch.Tensor, mask: Mask, positions: torch.Tensor, cache) -> torch.Tensor:
         if isinstance(mask, dict) and not takes_dict:

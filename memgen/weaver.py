@@ -64,4 +64,4 @@ class MemGenWeaver(nn.Module):
         with active_adapter(self.model, self.adapter_name), kept_under_checkpointing(decoder), \
                 attention_implementation(decoder.config, mask_attention(decoder)):
             return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=True, **{cache_keyword(type(decoder).forward): cache}).last_hidden_state
+                           use_cache=True, **{cache_keyword(type(decoder)): cache}).last_hidden_state

@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from memgen.adapters import active_adapter
@@ -64,12 +65,18 @@ def test_the_cache_goes_under_the_keyword_the_installed_transformers_takes():
     the cache under whichever name the layer and decoder forwards declare."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
 
-    def new(self, hidden_states, cache=None, **kwargs):
-        pass
+    class New(nn.Module):
+        def forward(self, hidden_states, cache=None, **kwargs):
+            pass
 
-    def old(self, hidden_states, past_key_values=None, **kwargs):
-        pass
+    class Old(nn.Module):
+        def forward(self, hidden_states, past_key_values=None, **kwargs):
+            pass
 
-    assert (cache_keyword(new), cache_keyword(old)) == ("cache", "past_key_values")
-    for forward in (Qwen2DecoderLayer.forward, Qwen2Model.forward):
-        assert cache_keyword(forward) in inspect.signature(forward).parameters
+    class Wrapping(New):  # a user's subclass that hands its keyword arguments on to the parent's forward
+        def forward(self, hidden_states, **kwargs):
+            return super().forward(hidden_states, **kwargs)
+
+    assert [cache_keyword(cls) for cls in (New, Old, Wrapping)] == ["cache", "past_key_values", "cache"]
+    for cls in (Qwen2DecoderLayer, Qwen2Model):
+        assert cache_keyword(cls) in inspect.signature(cls.forward).parameters
