@@ -22,6 +22,7 @@ from torch import nn
 from memgen.attention import attention_implementation, mask_attention
 from memgen.cache import RaggedCache
 from memgen.layer_stack import DIRECT_DECODERS, MASK_DICT_DECODERS, direct_call, forward_call, text_config
+from memgen.modes import evaluating
 from memgen.ops import pack_ragged
 
 # Decoder classes whose generation and training forward the test suite checks against the reference
@@ -66,10 +67,8 @@ def _probe(model: nn.Module, decoder: nn.Module) -> str | None:
     second = torch.tensor([2, 1], dtype=torch.int32)
     call = direct_call(decoder) or forward_call(decoder)
     layers = text_config(model).num_hidden_layers
-    was_training = decoder.training
-    decoder.eval()
     try:
-        with torch.no_grad(), attention_implementation(decoder.config, mask_attention(decoder)):  # as the engine runs
+        with torch.no_grad(), evaluating(decoder), attention_implementation(decoder.config, mask_attention(decoder)):  # as the engine runs
             stream = embed(ids)
             cache = RaggedCache(layers, 2, ids.shape[1], device)
             rows = torch.arange(2, device=device)
@@ -93,6 +92,4 @@ def _probe(model: nn.Module, decoder: nn.Module) -> str | None:
                             f"difference up to {gap:.2g})")
     except Exception as err:  # noqa: BLE001 (any failure of the probe is the answer)
         return f"a ragged call raised {type(err).__name__}: {err}"
-    finally:
-        decoder.train(was_training)
     return None

@@ -17,10 +17,9 @@ that every trainable tensor gets a gradient on every rank (zero where unused), a
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import inspect
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,6 +38,7 @@ from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
 from memgen.layer_stack import applies_windows, sliding_window, text_config
 from memgen.logits import logits_function
+from memgen.modes import evaluating
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
                            default_points, explicit_points, prompt_turns)
 from memgen.prefix_cache import PrefixCache, prefix_mask
@@ -92,18 +92,6 @@ def _checkpointing_method(base: PreTrainedModel, action: str) -> Callable[..., N
     the same method under the name older releases give it."""
     method = getattr(base, f"activation_checkpointing_{action}", None)
     return method if method is not None else getattr(base, f"gradient_checkpointing_{action}")
-
-
-@contextlib.contextmanager
-def evaluating(module: nn.Module) -> Iterator[None]:
-    """Within: `module` and its submodules in eval mode; each gets its own mode back after."""
-    modes = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for sub, training in modes:
-            sub.training = training
 
 
 def _differentiable(output: torch.Tensor) -> torch.Tensor:
@@ -459,10 +447,7 @@ class MemGenModel(nn.Module):
             strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
             if not (isinstance(strings, (list, tuple)) and strings and all(isinstance(x, str) and x for x in strings)):
                 raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}")
-            criteria = StopStringCriteria(self.tokenizer, list(strings))
-
-            def stop(new_tokens: torch.Tensor) -> torch.Tensor:
-                return criteria(new_tokens, None)
+            stop = functools.partial(StopStringCriteria(self.tokenizer, list(strings)), scores=None)  # (new tokens)
         if num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
             real = real.repeat_interleave(num_return_sequences, dim=0)

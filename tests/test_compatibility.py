@@ -82,3 +82,16 @@ def test_tested_decoders_are_not_probed(monkeypatch):
     model = named_model("Qwen2Config", "Qwen2ForCausalLM", ["q_proj", "v_proj"], **TINY_FIELDS)
     input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
     model.generate(input_ids, mask, max_new_tokens=4)
+
+
+def test_the_probe_gives_each_submodule_its_own_mode_back():
+    """A user training with some parts frozen in eval mode keeps them so: the probe runs the decoder in eval mode
+    and then restores every submodule's mode, not the decoder's mode everywhere."""
+    model = named_model("PersimmonConfig", "PersimmonForCausalLM", ["query_key_value"], **TINY_FIELDS)
+    decoder = model.reasoner.get_decoder()
+    decoder.train()
+    frozen = decoder.layers[0]
+    frozen.eval()
+    check_engine_support(model.reasoner, "reasoner")
+    assert compatibility._verdicts[decoder] is None, "the probe ran and passed"
+    assert decoder.training and decoder.layers[1].training and not any(sub.training for sub in frozen.modules())

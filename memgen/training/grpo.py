@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from memgen.modeling import evaluating
+from memgen.modes import evaluating
 from memgen.sharding import gathered_for_decoding
 from memgen.training.data import MemGenCollator, prompt_batch
 from memgen.training.trainer import MemGenTrainer
