@@ -87,6 +87,19 @@ def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrain
     return model_or_name
 
 
+def _check_has_values(model: PreTrainedModel, what: str) -> None:
+    """Raise unless every parameter of `model` holds values: one on the meta device has none (accelerate leaves an
+    offloaded module's weights there), the adapters PEFT adds beside it would have none either, and a matrix product
+    with such a weight returns uninitialised memory instead of raising."""
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise ValueError(
+            f"{what} has {len(empty)} parameters on the meta device, without values (e.g. {', '.join(empty[:3])}). "
+            "accelerate leaves a module's weights there when a device_map offloads it ('cpu' beside an accelerator, "
+            "or 'disk'); memgen's adapters on such layers would hold no values. Load the model with every module on "
+            "a device (e.g. device_map={'': 0}), or shard it across processes with FSDP or DeepSpeed ZeRO-3")
+
+
 def _checkpointing_method(base: PreTrainedModel, action: str) -> Callable[..., None]:
     """`base`'s activation_checkpointing_{action} (transformers >= 5.23), else its gradient_checkpointing_{action}:
     the same method under the name older releases give it."""
@@ -126,6 +139,9 @@ class MemGenModel(nn.Module):
         if getattr(tokenizer, "pad_token_id", None) is None:
             raise ValueError("the tokenizer has no pad token; set one before building MemGen, e.g. "
                              "`tokenizer.pad_token = tokenizer.eos_token`")
+        for what, base in (("reasoner", reasoner), ("weaver_base", weaver_base), ("trigger_base", trigger_base)):
+            if base is not None:
+                _check_has_values(base, what)
         self.config = config
         self.tokenizer = tokenizer
         self.reasoner = reasoner

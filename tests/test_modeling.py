@@ -327,6 +327,25 @@ def test_bad_construction():
                                   MemGenConfig(weaver_lora={"target_modules": ["no_such_proj"]}))
 
 
+def test_a_model_with_offloaded_layers_is_refused(tmp_path):
+    """accelerate leaves an offloaded module's weights on the meta device; LoRA layers added there would be meta too,
+    and a product with a meta weight returns uninitialised memory, not an error: refused when the model is built."""
+    from transformers import AutoModelForCausalLM
+
+    tok = chat_tokenizer()
+    tiny_causal_lm("qwen2", len(tok), layers=3).save_pretrained(tmp_path / "lm")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", device_map=device_map,
+                                                     offload_folder=str(tmp_path / "offload"))
+    for base in ("reasoner", "weaver_base"):
+        with pytest.raises(ValueError, match=rf"{base} has 12 parameters on the meta device, without values \(e.g. "
+                                             r"model.layers.1.self_attn.q_proj.weight.*device_map=\{'': 0\}"):
+            kwargs = {"reasoner": offloaded} if base == "reasoner" else {
+                "reasoner": tiny_causal_lm("qwen2", len(tok)), "weaver_base": offloaded}
+            MemGenModel.from_reasoner(tokenizer=tok, **kwargs)
+
+
 @pytest.mark.parametrize("targets,expected", [
     ("all-linear", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),  # not the LM head
     (r".*\.layers\.1\.self_attn\.(q|v)_proj", {"q_proj", "v_proj"}),  # a regular expression: layer 1 only
