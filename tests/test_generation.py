@@ -613,3 +613,19 @@ def test_models_loaded_with_an_attention_that_takes_no_4d_mask_decode_through_sd
     assert torch.equal(out.sequences, want_seq) and torch.equal(out.augmentation_mask, want_mask)
     assert (out.augmentation_mask == 1).sum() >= 3
     assert all(config._attn_implementation == attention for config in configs)
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_generating_in_train_mode_with_activation_checkpointing_on(memory):
+    """A model left in train mode after a checkpointed training run generates what it does in eval mode (its adapters
+    have no dropout here): before transformers 5.24 a checkpointed layer in train mode drops the cache it is passed,
+    so the engine pauses checkpointing for the call, and gives each layer its setting back after."""
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0, 2, 1], "left", seed=3)
+    want = model.generate(input_ids, mask, max_new_tokens=20, return_dict_in_generate=True, memory=memory)
+    model.activation_checkpointing_enable()
+    model.train()
+    got = model.generate(input_ids, mask, max_new_tokens=20, return_dict_in_generate=True, memory=memory)
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(got.augmentation_mask, want.augmentation_mask)
+    layers = model.reasoner.get_decoder().layers
+    assert all(layer.gradient_checkpointing and layer.training for layer in layers)
