@@ -247,7 +247,7 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     kv_heads = key.shape[1]
     gqa = heads // kv_heads
     flat = query[:, :, 0]
-    out = flat.new_empty(ragged.n_items, kv_heads, gqa, dim)
+    out = None
     for group in ragged.groups:
         n_rows = group.mask.shape[0]
         shape = (n_rows, kv_heads, group.width, gqa, dim)  # the packed layout: a key head's query heads, T major
@@ -258,6 +258,8 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         keys, values = _keys_values(key, value, group.rows)
         result = F.scaled_dot_product_attention(queries.view(n_rows, kv_heads, group.width * gqa, dim), keys, values,
                                                 attn_mask=group.mask, scale=scaling)
+        if out is None:  # in the attention's dtype, which autocast may have lowered from the queries'
+            out = result.new_empty(ragged.n_items, kv_heads, gqa, dim)
         out[group.items] = result.view(shape).permute(0, 2, 1, 3, 4)[group.place_rows, group.place_columns]
     return out.view(ragged.n_items, 1, heads, dim), None
 

@@ -629,3 +629,17 @@ def test_generating_in_train_mode_with_activation_checkpointing_on(memory):
     assert torch.equal(got.sequences, want.sequences) and torch.equal(got.augmentation_mask, want.augmentation_mask)
     layers = model.reasoner.get_decoder().layers
     assert all(layer.gradient_checkpointing and layer.training for layer in layers)
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_generation_under_autocast_equals_the_reference_under_it(arch, trigger_mode):
+    """A trainer's mixed precision (`torch.autocast`) may be on when it samples: the engine's attention then returns
+    the lowered dtype, as Hugging Face's does (its calls of one item per batch row used to fail to write it)."""
+    model = chatty_model(arch, trigger_mode)
+    input_ids, mask, _ = make_batch(model, [0, 2, 1, 5], "left", seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(input_ids, mask, max_new_tokens=30, return_dict_in_generate=True)
+        want_seq, want_mask = reference_generate(model, input_ids, mask, max_new_tokens=30)
+    assert torch.equal(out.sequences, want_seq) and torch.equal(out.augmentation_mask, want_mask)
+    assert (out.augmentation_mask[:, 1:] == 1).any()
