@@ -29,6 +29,13 @@ def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def adapter_names(model: nn.Module) -> set[str]:
+    """The names of the adapters in `model`'s tuner layers, whoever added them (PEFT, transformers' `add_adapter` or
+    `load_adapter`, memgen)."""
+    return {name for layer in tuner_layers(model) for attr in layer.adapter_layer_names
+            for name in getattr(layer, attr, {}).keys()}
+
+
 def _linear_names(model: nn.Module) -> list[str]:
     """The distinct names (last component) of `model`'s linear layers, for an error that must suggest targets."""
     return sorted({path.rsplit(".", 1)[-1] for path, module in model.named_modules() if isinstance(module, nn.Linear)})

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 import transformers
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, StopStringCriteria
 from transformers.utils import ModelOutput
 
 from memgen import checkpoints, prefix_cache
-from memgen.adapters import adapter_parameters, adapter_state_context, add_lora_adapter, tuner_layers
+from memgen.adapters import adapter_names, adapter_parameters, adapter_state_context, add_lora_adapter, tuner_layers
 from memgen.compatibility import TESTED_DECODERS, check_engine_support
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
@@ -82,9 +83,22 @@ def _indexed(device: torch.device) -> torch.device:
 def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrainedModel:
     if isinstance(model_or_name, str):
         return AutoModelForCausalLM.from_pretrained(model_or_name)
+    if isinstance(model_or_name, PeftModel):
+        raise ValueError(f"{what} is a PEFT model ({type(model_or_name).__name__}): memgen runs it as a frozen base, "
+                         f"beside adapters of its own; merge yours into its weights first ({what}.merge_and_unload())")
     if not isinstance(model_or_name, PreTrainedModel) or not hasattr(model_or_name, "get_decoder"):
         raise ValueError(f"{what} must be a Hugging Face causal LM or its name/path, got {type(model_or_name).__name__}")
     return model_or_name
+
+
+def _check_no_adapters_of_its_own(model: PreTrainedModel, what: str) -> None:
+    """Raise if `model` carries adapters other than memgen's: memgen runs a base bare (the reasoner) or with one of
+    its own adapters active, so another adapter would be silently left out of every forward."""
+    foreign = sorted(adapter_names(model) - {MemGenWeaver.adapter_name, MemGenTrigger.adapter_name})
+    if foreign:
+        raise ValueError(f"{what} carries adapters of its own ({', '.join(foreign)}): memgen runs it as a frozen base "
+                         "without them, so they would be silently left out. Merge them into its weights first "
+                         "(load it as a peft.PeftModel and call merge_and_unload())")
 
 
 def _check_has_values(model: PreTrainedModel, what: str) -> None:
@@ -142,6 +156,7 @@ class MemGenModel(nn.Module):
         for what, base in (("reasoner", reasoner), ("weaver_base", weaver_base), ("trigger_base", trigger_base)):
             if base is not None:
                 _check_has_values(base, what)
+                _check_no_adapters_of_its_own(base, what)
         self.config = config
         self.tokenizer = tokenizer
         self.reasoner = reasoner

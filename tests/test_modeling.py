@@ -327,6 +327,26 @@ def test_bad_construction():
                                   MemGenConfig(weaver_lora={"target_modules": ["no_such_proj"]}))
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT's call on 5.23+
+def test_a_base_with_adapters_of_its_own_is_refused():
+    """memgen runs its bases bare or with its own adapter active: a user's adapter (added by transformers'
+    `add_adapter`/`load_adapter`, or a PeftModel) would be silently left out of every forward, so it is refused."""
+    from peft import LoraConfig, get_peft_model, inject_adapter_in_model
+
+    tok = chat_tokenizer()
+    adapted = tiny_causal_lm("qwen2", len(tok))  # as transformers' add_adapter leaves a model
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "o_proj"]), adapted, adapter_name="mine")
+    with pytest.raises(ValueError, match=r"reasoner carries adapters of its own \(mine\).*merge_and_unload"):
+        MemGenModel.from_reasoner(adapted, tok)
+    with pytest.raises(ValueError, match=r"weaver_base carries adapters of its own \(mine\)"):
+        MemGenModel.from_reasoner(tiny_causal_lm("qwen2", len(tok)), tok, weaver_base=adapted)
+    wrapped = get_peft_model(tiny_causal_lm("qwen2", len(tok)), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"reasoner is a PEFT model \(PeftModel\w*\).*merge_and_unload"):
+        MemGenModel.from_reasoner(wrapped, tok)
+    merged = wrapped.merge_and_unload()  # as the message says: then it builds
+    assert MemGenModel.from_reasoner(merged, tok).reasoner is merged
+
+
 def test_a_model_with_offloaded_layers_is_refused(tmp_path):
     """accelerate leaves an offloaded module's weights on the meta device; LoRA layers added there would be meta too,
     and a product with a meta weight returns uninitialised memory, not an error: refused when the model is built."""
