@@ -32,8 +32,27 @@ def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
 def adapter_names(model: nn.Module) -> set[str]:
     """The names of the adapters in `model`'s tuner layers, whoever added them (PEFT, transformers' `add_adapter` or
     `load_adapter`, memgen)."""
-    return {name for layer in tuner_layers(model) for attr in layer.adapter_layer_names
-            for name in getattr(layer, attr, {}).keys()}
+    return {name for layer in tuner_layers(model) for name in _names_in(layer)}
+
+
+def _names_in(layer: BaseTunerLayer) -> set[str]:
+    return {name for attr in layer.adapter_layer_names for name in getattr(layer, attr, {}).keys()}
+
+
+def _delete(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from every layer of `model` that carries it (a layer left with no adapter is its base
+    layer again), and from the model's PEFT config."""
+    for path, layer in list(model.named_modules()):
+        if isinstance(layer, BaseTunerLayer) and name in _names_in(layer):
+            layer.delete_adapter(name)
+            if not _names_in(layer):
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer.get_base_layer())
+    configs = getattr(model, "peft_config", None)
+    if configs is not None:
+        configs.pop(name, None)
+        if not configs:  # (made by the injection)
+            del model.peft_config
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -60,13 +79,22 @@ def add_lora_adapter(model: nn.Module, name: str, settings: dict[str, Any]) -> N
             if "not found in the base model" in str(err):
                 raise no_match from err
             raise
+    not_linear = [path for path, layer in model.named_modules() if isinstance(layer, BaseTunerLayer)
+                  and name in _names_in(layer) and name not in getattr(layer, "lora_A", {})]
+    if not_linear:
+        _delete(model, name)  # leave the model as it was given
+        raise ValueError(f"{name}_lora['target_modules'] = {settings['target_modules']} names layers that are not "
+                         f"linear ({', '.join(not_linear)}): memgen's adapters go on linear layers only (its calls "
+                         "reuse the token embeddings the reasoner makes, so an adapter on an embedding would not run)")
     layers = tuner_layers(model)
-    if not any(name in getattr(layer, "lora_A", {}) for layer in layers):
+    carrying = [layer for layer in layers if name in getattr(layer, "lora_A", {})]
+    if not carrying:
         raise no_match
-    for layer in layers:
+    for layer in carrying:  # (another adapter, the trigger's say, may sit on other layers)
         for module_dict_name in ("lora_A", "lora_B"):
             module = getattr(layer, module_dict_name)[name]
             module.to(torch.float32)  # trainable parts stay float32 under a bfloat16 base
+    for layer in layers:
         if not hasattr(layer, "_active_adapter") or not hasattr(layer, "_disable_adapters"):
             raise RuntimeError("this PEFT version keeps adapter state elsewhere; memgen supports peft>=0.15")
     _set_active(layers, None)

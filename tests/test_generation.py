@@ -643,3 +643,26 @@ def test_generation_under_autocast_equals_the_reference_under_it(arch, trigger_m
         want_seq, want_mask = reference_generate(model, input_ids, mask, max_new_tokens=30)
     assert torch.equal(out.sequences, want_seq) and torch.equal(out.augmentation_mask, want_mask)
     assert (out.augmentation_mask[:, 1:] == 1).any()
+
+
+@pytest.mark.parametrize("weaver_targets,trigger_targets", [(["q_proj"], ["k_proj", "o_proj"]),
+                                                           (["q_proj", "v_proj"], ["v_proj", "up_proj"])])
+def test_weaver_and_trigger_adapters_on_different_layers(weaver_targets, trigger_targets):
+    """Each adapter on layers of its own, or partly shared (building such a model used to fail with a KeyError)."""
+    tok = chat_tokenizer()
+    config = MemGenConfig(prompt_latents_len=3, inference_latents_len=2, trigger_mode="lora",
+                          weaver_lora={"target_modules": weaver_targets, "lora_dropout": 0.0},
+                          trigger_lora={"target_modules": trigger_targets, "lora_dropout": 0.0})
+    model = MemGenModel.from_reasoner(tiny_causal_lm("qwen2", len(tok)), tok, config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # delimiters likely, a trigger that both invokes and skips, adapters that matter
+        model.reasoner.get_output_embeddings().weight[model.delimiter_table.nonzero().flatten()] *= 2.5
+        model.trigger.output_layer.weight.normal_(0, 1.0, generator=g)
+        for name, p in [*model.stage_parameters("weaver").items(), *model.stage_parameters("trigger").items()]:
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    input_ids, mask, _ = make_batch(model, [0, 2, 1, 4], "left", seed=3)
+    out = model.generate(input_ids, mask, max_new_tokens=30, return_dict_in_generate=True)
+    want_seq, want_mask = reference_generate(model, input_ids, mask, max_new_tokens=30)
+    assert torch.equal(out.sequences, want_seq) and torch.equal(out.augmentation_mask, want_mask)
+    assert (out.augmentation_mask[:, 1:] == 1).any() and (out.augmentation_mask[:, 1:] == 0).any()

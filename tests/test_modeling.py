@@ -327,6 +327,19 @@ def test_bad_construction():
                                   MemGenConfig(weaver_lora={"target_modules": ["no_such_proj"]}))
 
 
+def test_an_adapter_on_a_layer_that_is_not_linear_is_refused_and_the_model_left_as_it_was():
+    from memgen.adapters import adapter_names
+
+    tok = chat_tokenizer()
+    reasoner = tiny_causal_lm("qwen2", len(tok))
+    with pytest.raises(ValueError, match=r"weaver_lora\['target_modules'\] = \['embed_tokens', 'q_proj'\] names layers "
+                                         r"that are not linear \(model.embed_tokens\)"):
+        MemGenModel.from_reasoner(reasoner, tok, MemGenConfig(weaver_lora={"target_modules": ["embed_tokens", "q_proj"]}))
+    assert not adapter_names(reasoner) and not hasattr(reasoner, "peft_config")
+    assert type(reasoner.get_input_embeddings()) is torch.nn.Embedding
+    assert MemGenModel.from_reasoner(reasoner, tok).reasoner is reasoner  # and it builds
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT's call on 5.23+
 def test_a_base_with_adapters_of_its_own_is_refused():
     """memgen runs its bases bare or with its own adapter active: a user's adapter (added by transformers'
