@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -101,6 +102,16 @@ def _check_no_adapters_of_its_own(model: PreTrainedModel, what: str) -> None:
                          "(load it as a peft.PeftModel and call merge_and_unload())")
 
 
+def _warn_if_shared(model: PreTrainedModel, what: str) -> None:
+    """Warn when `model` already carries memgen's adapters: another MemGenModel was built on it, and this one's
+    fresh adapters replace them in the shared layers, so that model now runs this one's."""
+    ours = sorted(adapter_names(model) & {MemGenWeaver.adapter_name, MemGenTrigger.adapter_name})
+    if ours:
+        warnings.warn(f"the {what} already carries memgen's {' and '.join(ours)} adapter{'s' * (len(ours) > 1)}: another "
+                      "MemGenModel was built on it. This one's fresh adapters replace them, so that model now runs "
+                      "this one's; build each MemGenModel on a base of its own (or drop the old model)", stacklevel=4)
+
+
 def _check_has_values(model: PreTrainedModel, what: str) -> None:
     """Raise unless every parameter of `model` holds values: one on the meta device has none (accelerate leaves an
     offloaded module's weights there), the adapters PEFT adds beside it would have none either, and a matrix product
@@ -157,6 +168,7 @@ class MemGenModel(nn.Module):
             if base is not None:
                 _check_has_values(base, what)
                 _check_no_adapters_of_its_own(base, what)
+                _warn_if_shared(base, what)
         self.config = config
         self.tokenizer = tokenizer
         self.reasoner = reasoner

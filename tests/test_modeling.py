@@ -327,6 +327,18 @@ def test_bad_construction():
                                   MemGenConfig(weaver_lora={"target_modules": ["no_such_proj"]}))
 
 
+def test_a_second_model_on_the_same_base_warns_that_the_first_now_runs_its_adapters(recwarn):
+    tok = chat_tokenizer()
+    reasoner = tiny_causal_lm("qwen2", len(tok))
+    first = MemGenModel.from_reasoner(reasoner, tok)
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="the reasoner already carries memgen's weaver adapter: another MemGenModel"):
+        second = MemGenModel.from_reasoner(reasoner, tok)
+    adapters = [{name: p for name, p in model.stage_parameters("weaver").items() if ".lora_" in name}
+                for model in (first, second)]
+    assert adapters[1] and all(adapters[0][name] is p for name, p in adapters[1].items())  # as the warning says
+
+
 def test_an_adapter_on_a_layer_that_is_not_linear_is_refused_and_the_model_left_as_it_was():
     from memgen.adapters import adapter_names
 
