@@ -417,7 +417,8 @@ class MemGenModel(nn.Module):
         Args:
             input_ids: int64 [B, L] prompts, left- or right-padded; attention_mask [B, L] marks tokens.
             max_new_tokens: >= 1. do_sample / temperature (> 0) / top_k / top_p / generator: token
-                sampling; the trigger samples its decisions with the same temperature.
+                sampling (top_k 0, as None, filters nothing, as in Hugging Face); the trigger samples its decisions
+                with the same temperature.
             eos_token_id: one id or several (default: the tokenizer's EOS).
             return_dict_in_generate: return `MemGenGenerateOutput(sequences, augmentation_mask)`
                 instead of the sequences alone.
@@ -498,7 +499,7 @@ class MemGenModel(nn.Module):
             for role, base in self._decoding_bases(mode if prompt_budget or budget else None).items():
                 check_engine_support(base, role)
             out = run_engine(self, input_ids, real.long(), max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                             temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator,
                              eos_ids=eos_ids, trigger_mode=mode, prompt_budget=prompt_budget, budget=budget,
                              repetition_penalty=float(repetition_penalty), streamer=streamer, stop=stop,
                              synced_ranks=bool(synced_ranks))
@@ -533,8 +534,9 @@ class MemGenModel(nn.Module):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if do_sample and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
             raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be an int >= 0 (0 or None: no top-k filtering, as in Hugging Face), got "
+                             f"{top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         limits = [("the reasoner's context", getattr(text_config(self.reasoner), "max_position_embeddings", None), "")]

@@ -142,7 +142,7 @@ def reference_choose_token(logits: torch.Tensor, do_sample: bool, temperature: f
     if not do_sample:
         return int(torch.argmax(logits))
     scores = logits.float() / temperature
-    if top_k is not None and top_k < scores.numel():
+    if top_k and top_k < scores.numel():  # (0, as None: no filtering)
         kth = torch.topk(scores, top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:

@@ -396,6 +396,7 @@ def test_cuda_engine_synchronises_once_per_step(trigger_mode, batch, layout, dec
     (dict(do_sample=True, temperature=0.0), "temperature must be a finite number > 0"),
     (dict(eos_token_id=10**6), "eos_token_id must be token ids"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(do_sample=True, top_k=-1), r"top_k must be an int >= 0 \(0 or None: no top-k filtering"),
     (dict(max_new_tokens=10**4), "exceed the reasoner's context"),
     (dict(trigger_mode="lora"), "needs a model built with"),
     (dict(num_return_sequences=0), "num_return_sequences must be an int >= 1"),
@@ -666,3 +667,11 @@ def test_weaver_and_trigger_adapters_on_different_layers(weaver_targets, trigger
     want_seq, want_mask = reference_generate(model, input_ids, mask, max_new_tokens=30)
     assert torch.equal(out.sequences, want_seq) and torch.equal(out.augmentation_mask, want_mask)
     assert (out.augmentation_mask[:, 1:] == 1).any() and (out.augmentation_mask[:, 1:] == 0).any()
+
+
+def test_top_k_zero_filters_nothing_as_in_hugging_face():
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0, 2], "left", seed=1)
+    runs = [model.generate(input_ids, mask, max_new_tokens=12, do_sample=True, top_k=top_k,
+                           generator=torch.Generator().manual_seed(7)) for top_k in (0, None, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
