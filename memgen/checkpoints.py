@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from memgen.config import MemGenConfig
+from memgen.config import MemGenConfig, lora_settings
 from memgen.sharding import parameters_gathered, whole
 
 logger = logging.getLogger(__name__)
@@ -235,8 +235,7 @@ def _reference_config(path: str, tensors: dict[str, torch.Tensor]) -> MemGenConf
         found = part.get("lora_config")
         if found is None:
             return None
-        keys = ("r", "lora_alpha", "target_modules", "lora_dropout")
-        return {k: found[k] for k in keys if k in found}
+        return lora_settings(found)
 
     weaver_lora = lora(weaver, "weaver")
     if weaver_lora is None or "lora_alpha" not in weaver_lora:

@@ -22,14 +22,35 @@ _LORA_KEYS = {"r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_
               "layers_to_transform", "fan_in_fan_out"}
 
 
+# LoraConfig fields that do not change the adapter (a LoraConfig passed whole may set them).
+_LORA_INERT = {"task_type", "peft_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+               "auto_mapping"}
+
 # The torch dtypes the command line and run descriptions accept for a base model's weights, by name.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def lora_settings(fields: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a PEFT LoraConfig's fields (`LoraConfig.to_dict()`, a saved adapter_config.json) that
+    MemGenConfig takes: those it passes on, and any other that changes the adapter from PEFT's default, so that
+    MemGenConfig refuses it by name rather than drop it (DoRA, extra trained modules, per-layer ranks)."""
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
+    kept = {}
+    for key, value in fields.items():
+        if key in _LORA_KEYS and value is not None:
+            kept[key] = sorted(value) if isinstance(value, set) else value  # (LoraConfig keeps its targets as a set)
+        elif key not in _LORA_KEYS and key not in _LORA_INERT and value != defaults.get(key) \
+                and value not in (None, False, "", [], {}):
+            kept[key] = value
+    return kept
+
 
 def _check_lora(name: str, value: Any) -> dict[str, Any]:
     if value is None:
         return dict(DEFAULT_LORA)
     if hasattr(value, "to_dict"):  # a peft.LoraConfig
-        value = {k: v for k, v in value.to_dict().items() if k in _LORA_KEYS and v is not None}
+        value = lora_settings(value.to_dict())
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a dict of PEFT LoraConfig settings (e.g. {DEFAULT_LORA}), got {value!r}")
     unknown = set(value) - _LORA_KEYS

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memgen import MemGenConfig, MemGenModel
+from memgen.adapters import tuner_layers
 from offline import chat_tokenizer, tiny_causal_lm
 from test_modeling import make_batch, make_model
 
@@ -148,6 +149,29 @@ def test_reference_formats_load(tmp_path, layout):
     loaded = MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok).eval()
     assert loaded.config.trigger_mode == "lora" and loaded.config.prompt_latents_len == 3
     same_model(model, loaded)
+
+
+def test_every_setting_of_the_reference_adapter_config_is_used_or_refused(tmp_path):
+    """PEFT writes every LoraConfig field to adapter_config.json: those that change the adapter are used (rsLoRA's
+    scaling) or refused by name (DoRA), never dropped."""
+    from peft import LoraConfig
+
+    model = fresh(seed=0)
+    write_reference_dir(model, tmp_path)
+    folder = os.path.join(tmp_path, "weaver", "weaver", "adapter_config.json")
+    tok = chat_tokenizer()
+    for extra, error in ((dict(use_rslora=True), None), (dict(use_dora=True), r"unsupported LoRA settings \['use_dora'\]")):
+        fields = LoraConfig(**LORA, **extra).to_dict()
+        with open(folder, "w") as f:
+            json.dump({k: sorted(v) if isinstance(v, set) else v for k, v in fields.items()}, f)
+        if error:
+            with pytest.raises(ValueError, match=error):
+                MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
+            continue
+        loaded = MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
+        assert loaded.config.weaver_lora["use_rslora"] and loaded.config.weaver_lora["r"] == 16
+        scaling = next(layer.scaling["weaver"] for layer in tuner_layers(loaded.reasoner) if "weaver" in layer.scaling)
+        assert scaling == 32 / 16 ** 0.5
 
 
 def test_reference_safetensors_must_match_the_base_it_is_loaded_on(tmp_path):

@@ -423,6 +423,20 @@ def test_config_rejects_invalid_values(kwargs, match):
         MemGenConfig(**kwargs)
 
 
+def test_a_peft_lora_config_is_taken_whole_or_refused():
+    """A LoraConfig's settings are used (its target set too); one it sets that memgen does not pass on is refused by
+    name, not dropped (DoRA, extra trained modules, per-layer ranks)."""
+    from peft import LoraConfig
+
+    config = MemGenConfig(weaver_lora=LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "q_proj"],
+                                                 use_rslora=True, task_type="CAUSAL_LM"))
+    assert {k: config.weaver_lora[k] for k in ("r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora")} == \
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, use_rslora=True)
+    for setting in (dict(use_dora=True), dict(modules_to_save=["lm_head"]), dict(rank_pattern={"q_proj": 2})):
+        with pytest.raises(ValueError, match=rf"weaver_lora has unsupported LoRA settings \['{next(iter(setting))}'\]"):
+            MemGenConfig(weaver_lora=LoraConfig(r=4, **setting))
+
+
 def test_config_round_trip():
     config = MemGenConfig(prompt_latents_len=4, max_inference_aug_num=2, trigger_mode="head", delimiters=[".", "!"])
     again = MemGenConfig.from_dict(config.to_dict())
