@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ _LORA_KEYS = {"r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_
 
 # LoraConfig fields that do not change the adapter (a LoraConfig passed whole may set them).
 _LORA_INERT = {"task_type", "peft_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-               "auto_mapping"}
+               "auto_mapping", "runtime_config"}
 
 # The torch dtypes the command line and run descriptions accept for a base model's weights, by name.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,16 +34,22 @@ def lora_settings(fields: dict[str, Any]) -> dict[str, Any]:
     """The settings of a PEFT LoraConfig's fields (`LoraConfig.to_dict()`, a saved adapter_config.json) that
     MemGenConfig takes: those it passes on, and any other that changes the adapter from PEFT's default, so that
     MemGenConfig refuses it by name rather than drop it (DoRA, extra trained modules, per-layer ranks)."""
-    from peft import LoraConfig
+    import peft
 
-    defaults = LoraConfig().to_dict()
-    kept = {}
+    defaults = peft.LoraConfig().to_dict()
+    kept, unknown = {}, []
     for key, value in fields.items():
         if key in _LORA_KEYS and value is not None:
             kept[key] = sorted(value) if isinstance(value, set) else value  # (LoraConfig keeps its targets as a set)
-        elif key not in _LORA_KEYS and key not in _LORA_INERT and value != defaults.get(key) \
-                and value not in (None, False, "", [], {}):
+        elif key in _LORA_KEYS or key in _LORA_INERT or value in (None, False, "", [], {}):
+            continue
+        elif key not in defaults:  # written by another PEFT release
+            unknown.append(key)
+        elif value != defaults[key]:
             kept[key] = value
+    if unknown:  # PEFT itself ignores them too, with a warning, when it loads such a config
+        warnings.warn(f"LoRA settings unknown to the installed PEFT {peft.__version__} are ignored: {sorted(unknown)}",
+                      stacklevel=3)
     return kept
 
 

@@ -437,6 +437,23 @@ def test_a_peft_lora_config_is_taken_whole_or_refused():
             MemGenConfig(weaver_lora=LoraConfig(r=4, **setting))
 
 
+def test_lora_settings_from_another_peft_release():
+    """An adapter_config.json as an older PEFT wrote it (runtime-only `runtime_config`, every default spelled out)
+    gives the settings alone; a field the installed PEFT does not know is ignored with a warning, as PEFT does."""
+    from memgen.config import lora_settings
+
+    written = {"alpha_pattern": {}, "base_model_name_or_path": "Qwen/Qwen2.5-1.5B-Instruct", "bias": "none",
+               "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "layers_pattern": None,
+               "loftq_config": {}, "lora_alpha": 32, "lora_dropout": 0.1, "modules_to_save": None, "peft_type": "LORA",
+               "r": 16, "rank_pattern": {}, "target_modules": ["v_proj", "q_proj"], "task_type": "CAUSAL_LM",
+               "use_dora": False, "use_rslora": False, "runtime_config": {"ephemeral_gpu_offload": False},
+               "a_later_release_s_setting": 3}
+    with pytest.warns(UserWarning, match=r"unknown to the installed PEFT .* ignored: \['a_later_release_s_setting'\]"):
+        settings = lora_settings(written)
+    assert settings == dict(bias="none", fan_in_fan_out=False, init_lora_weights=True, lora_alpha=32, lora_dropout=0.1,
+                            r=16, target_modules=["v_proj", "q_proj"], use_rslora=False)
+
+
 def test_config_round_trip():
     config = MemGenConfig(prompt_latents_len=4, max_inference_aug_num=2, trigger_mode="head", delimiters=[".", "!"])
     again = MemGenConfig.from_dict(config.to_dict())
