@@ -68,7 +68,8 @@ def _probe(model: nn.Module, decoder: nn.Module) -> str | None:
     call = direct_call(decoder) or forward_call(decoder)
     layers = text_config(model).num_hidden_layers
     try:
-        with torch.no_grad(), evaluating(decoder), attention_implementation(decoder.config, mask_attention(decoder)):  # as the engine runs
+        # as the engine runs
+        with torch.no_grad(), evaluating(decoder), attention_implementation(decoder.config, mask_attention(decoder)):
             stream = embed(ids)
             cache = RaggedCache(layers, 2, ids.shape[1], device)
             rows = torch.arange(2, device=device)

@@ -21,14 +21,13 @@ DEFAULT_LORA: dict[str, Any] = {
 # LoraConfig fields memgen passes on to PEFT (anything else is refused rather than ignored).
 _LORA_KEYS = {"r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora", "init_lora_weights",
               "layers_to_transform", "fan_in_fan_out"}
-
-
 # LoraConfig fields that do not change the adapter (a LoraConfig passed whole may set them).
 _LORA_INERT = {"task_type", "peft_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
                "auto_mapping", "runtime_config"}
 
 # The torch dtypes the command line and run descriptions accept for a base model's weights, by name.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def lora_settings(fields: dict[str, Any]) -> dict[str, Any]:
     """The settings of a PEFT LoraConfig's fields (`LoraConfig.to_dict()`, a saved adapter_config.json) that

@@ -85,8 +85,9 @@ def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrain
     if isinstance(model_or_name, str):
         return AutoModelForCausalLM.from_pretrained(model_or_name)
     if isinstance(model_or_name, PeftModel):
-        raise ValueError(f"{what} is a PEFT model ({type(model_or_name).__name__}): memgen runs it as a frozen base, "
-                         f"beside adapters of its own; merge yours into its weights first ({what}.merge_and_unload())")
+        raise ValueError(f"{what} is a PEFT model ({type(model_or_name).__name__}): memgen runs it as a frozen "
+                         f"base, beside adapters of its own; merge yours into its weights first "
+                         f"({what}.merge_and_unload())")
     if not isinstance(model_or_name, PreTrainedModel) or not hasattr(model_or_name, "get_decoder"):
         raise ValueError(f"{what} must be a Hugging Face causal LM or its name/path, got {type(model_or_name).__name__}")
     return model_or_name
@@ -107,9 +108,10 @@ def _warn_if_shared(model: PreTrainedModel, what: str) -> None:
     fresh adapters replace them in the shared layers, so that model now runs this one's."""
     ours = sorted(adapter_names(model) & {MemGenWeaver.adapter_name, MemGenTrigger.adapter_name})
     if ours:
-        warnings.warn(f"the {what} already carries memgen's {' and '.join(ours)} adapter{'s' * (len(ours) > 1)}: another "
-                      "MemGenModel was built on it. This one's fresh adapters replace them, so that model now runs "
-                      "this one's; build each MemGenModel on a base of its own (or drop the old model)", stacklevel=4)
+        warnings.warn(f"the {what} already carries memgen's {' and '.join(ours)} adapter{'s' * (len(ours) > 1)}: "
+                      "another MemGenModel was built on it. This one's fresh adapters replace them, so that model now "
+                      "runs this one's; build each MemGenModel on a base of its own (or drop the old model)",
+                      stacklevel=4)
 
 
 def _check_has_values(model: PreTrainedModel, what: str) -> None:

@@ -28,7 +28,8 @@ def checkpointing_paused(module: nn.Module) -> Iterator[None]:
     Decoding computes no gradients, so checkpointing would recompute nothing, while a checkpointed layer in train
     mode drops the KV cache it is passed (transformers before 5.24, which names it `past_key_values`): the decoding
     engine's calls would then attend to their own items only."""
-    layers = [sub for sub in module.modules() if isinstance(sub, GradientCheckpointingLayer) and sub.gradient_checkpointing]
+    layers = [sub for sub in module.modules()
+              if isinstance(sub, GradientCheckpointingLayer) and sub.gradient_checkpointing]
     for layer in layers:
         layer.gradient_checkpointing = False
     try:
