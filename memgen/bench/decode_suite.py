@@ -106,6 +106,7 @@ def cases(workload: Workload, batches: tuple[int, ...] = BATCHES, new_tokens: in
             with bare():
                 return lora.reasoner.generate(input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                                               do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                              repetition_penalty=1.0,  # over any the model's generation_config sets
                                               eos_token_id=eos, pad_token_id=workload.tokenizer.pad_token_id)
 
         def reference(input_ids=input_ids, mask=mask):
