@@ -171,6 +171,12 @@ class MemGenModel(nn.Module):
                 _check_has_values(base, what)
                 _check_no_adapters_of_its_own(base, what)
                 _warn_if_shared(base, what)
+        if config.trigger_mode == "lora" and trigger_base is not None:
+            rows = trigger_base.get_input_embeddings().num_embeddings
+            if rows < len(tokenizer):
+                raise ValueError(f"the lora trigger reads the reasoner's token ids, so trigger_base must share the "
+                                 f"reasoner's tokenizer: its embedding has {rows} rows, the tokenizer {len(tokenizer)} "
+                                 "ids")
         self.config = config
         self.tokenizer = tokenizer
         self.reasoner = reasoner

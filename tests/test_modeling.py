@@ -372,6 +372,16 @@ def test_a_base_with_adapters_of_its_own_is_refused():
     assert MemGenModel.from_reasoner(merged, tok).reasoner is merged
 
 
+def test_a_trigger_base_with_a_smaller_vocabulary_is_refused():
+    """The `lora` trigger reads the reasoner's token ids through its own embedding: a base with fewer rows than the
+    tokenizer has ids failed mid-generation with an IndexError."""
+    tok = chat_tokenizer()
+    with pytest.raises(ValueError, match=rf"trigger_base must share the reasoner's tokenizer: its embedding has "
+                                         rf"{len(tok) - 50} rows, the tokenizer {len(tok)} ids"):
+        MemGenModel.from_reasoner(tiny_causal_lm("qwen2", len(tok)), tok, MemGenConfig(trigger_mode="lora"),
+                                  trigger_base=tiny_causal_lm("llama", len(tok) - 50))
+
+
 def test_a_model_with_offloaded_layers_is_refused(tmp_path):
     """accelerate leaves an offloaded module's weights on the meta device; LoRA layers added there would be meta too,
     and a product with a meta weight returns uninitialised memory, not an error: refused when the model is built."""
