@@ -40,7 +40,7 @@ from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
 from memgen.layer_stack import applies_windows, sliding_window, text_config
 from memgen.logits import logits_function
-from memgen.modes import checkpointing_paused, evaluating
+from memgen.modes import checkpointing_paused, evaluating, exclusive
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
                            default_points, explicit_points, prompt_turns)
 from memgen.prefix_cache import PrefixCache, prefix_mask
@@ -503,7 +503,7 @@ class MemGenModel(nn.Module):
         if num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
             real = real.repeat_interleave(num_return_sequences, dim=0)
-        with root_gathered(self), checkpointing_paused(self):
+        with exclusive(*self._bases()), root_gathered(self), checkpointing_paused(self):
             for role, base in self._decoding_bases(mode if prompt_budget or budget else None).items():
                 check_engine_support(base, role)
             out = run_engine(self, input_ids, real.long(), max_new_tokens=max_new_tokens, do_sample=do_sample,

@@ -1,8 +1,10 @@
-"""Module modes scoped to a block of code: eval mode, activation checkpointing paused."""
+"""Module modes scoped to a block of code: eval mode, activation checkpointing paused, one caller at a time."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Iterator
 
 from torch import nn
@@ -37,3 +39,21 @@ def checkpointing_paused(module: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.gradient_checkpointing = True
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive(*modules: nn.Module) -> Iterator[None]:
+    """Within: the calling thread alone runs code under `exclusive` for any of `modules` (a thread that asks for
+    one of them meanwhile waits; the same thread may nest). Decoding swaps layers and attention settings on the
+    model it runs for the call, so two threads decoding one model at once would run each other's settings."""
+    with _LOCKS_LOCK:
+        locks = [_LOCKS.setdefault(module, threading.RLock()) for module in {id(m): m for m in modules}.values()]
+    locks.sort(key=id)  # one order for every caller: no two threads wait on each other
+    with contextlib.ExitStack() as held:
+        for lock in locks:
+            held.enter_context(lock)
+        yield

@@ -675,3 +675,28 @@ def test_top_k_zero_filters_nothing_as_in_hugging_face():
     runs = [model.generate(input_ids, mask, max_new_tokens=12, do_sample=True, top_k=top_k,
                            generator=torch.Generator().manual_seed(7)) for top_k in (0, None, 1)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_threads_generating_with_one_model_each_get_their_own_result():
+    """Decoding swaps layers and attention settings on the model for its call: threads sharing a model (a server's)
+    take turns, and each gets what it would alone (they used to run each other's settings: other tokens, errors)."""
+    import threading
+
+    model = chatty_model("qwen2", "lora")
+    input_ids, mask, _ = make_batch(model, [0, 2, 1, 5], "left", seed=3)
+    jobs = [dict(trigger_mode="lora"), dict(memory=False), dict(trigger_mode="always"), dict(max_new_tokens=45)]
+    want = [model.generate(input_ids, mask, **{"max_new_tokens": 30, **job}) for job in jobs]
+    got = [None] * len(jobs)
+
+    def run(i):
+        try:
+            got[i] = model.generate(input_ids, mask, **{"max_new_tokens": 30, **jobs[i]})
+        except Exception as err:  # noqa: BLE001 (reported below)
+            got[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(g, torch.Tensor) and torch.equal(g, w) for g, w in zip(got, want)), got
