@@ -623,6 +623,7 @@ class _Engine:
                                                     int((seen + pending).max()) + k)
         inputs = self.model.reasoner_to_weaver(items).to(self.weaver.dtype)
         inputs[:, width:] = self.queries[kind]
+        mask = mask.to(self.weaver.dtype)  # made in the stream's (the reasoner's) dtype; a separate base may differ
         starts = self.weaver.only(self.model.weaver.adapter_name) if self.joint_weaver else None
         hidden = self.weaver.run(cache_rows_device, (inputs, positions, slots, mask), cache_rows, pending, starts)
         return self._latents(hidden[:, width:], rows, column)

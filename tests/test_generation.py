@@ -700,3 +700,30 @@ def test_threads_generating_with_one_model_each_get_their_own_result():
     for thread in threads:
         thread.join()
     assert all(isinstance(g, torch.Tensor) and torch.equal(g, w) for g, w in zip(got, want)), got
+
+
+@pytest.mark.parametrize("reasoner_dtype,weaver_dtype,trigger_mode", [
+    (torch.bfloat16, torch.float32, "always"), (torch.float32, torch.bfloat16, "always"),
+    (torch.bfloat16, torch.float16, "head")])
+def test_a_separate_weaver_base_in_another_dtype(reasoner_dtype, weaver_dtype, trigger_mode):
+    """The weaver's own calls take their mask in its dtype (it was made in the stream's, the reasoner's, which SDPA
+    refused beside the weaver's queries)."""
+    tok = chat_tokenizer()
+    config = MemGenConfig(trigger_mode=trigger_mode, weaver_lora={"lora_dropout": 0.0}, prompt_latents_len=3,
+                          inference_latents_len=2)
+    model = MemGenModel.from_reasoner(tiny_causal_lm("qwen2", len(tok)).to(reasoner_dtype), tok, config,
+                                      weaver_base=tiny_causal_lm("llama", len(tok), hidden_size=48, seed=2)
+                                      .to(weaver_dtype)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.reasoner.get_output_embeddings().weight[model.delimiter_table.nonzero().flatten()] *= 2.5
+        for name, p in model.stage_parameters("weaver").items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        if trigger_mode == "head":
+            model.trigger.output_layer.weight.normal_(0, 1.0, generator=g)
+    input_ids, mask, _ = make_batch(model, [0, 2, 1, 4], "left", seed=3)
+    out = model.generate(input_ids, mask, max_new_tokens=30, return_dict_in_generate=True)
+    want_seq, want_mask = reference_generate(model, input_ids, mask, max_new_tokens=30)
+    assert torch.equal(out.sequences, want_seq) and torch.equal(out.augmentation_mask, want_mask)
+    assert (out.augmentation_mask[:, 1:] == 1).any()
