@@ -489,7 +489,8 @@ class MemGenModel(nn.Module):
         eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         vocab = self.delimiter_table.shape[0]
         if not eos_ids or not all(isinstance(e, int) and 0 <= e < vocab for e in eos_ids):
-            raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}")
+            unset = " (the tokenizer names no EOS token: pass eos_token_id)" if eos is None else ""
+            raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}{unset}")
         if not (isinstance(repetition_penalty, (int, float)) and 0 < repetition_penalty < float("inf")):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
         if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):

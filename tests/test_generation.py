@@ -409,6 +409,15 @@ def test_bad_generate_arguments(kwargs, match):
         model.generate(input_ids, mask, **kwargs)
 
 
+def test_a_tokenizer_without_eos_asks_for_eos_token_id():
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
+    model.tokenizer.eos_token = None
+    with pytest.raises(ValueError, match=r"got None \(the tokenizer names no EOS token: pass eos_token_id\)"):
+        model.generate(input_ids, mask, max_new_tokens=4)
+    assert model.generate(input_ids, mask, max_new_tokens=4, eos_token_id=0).shape == (2, input_ids.shape[1] + 4)
+
+
 def test_bad_generate_inputs():
     model = chatty_model("qwen2", "always")
     input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
