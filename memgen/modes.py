@@ -24,14 +24,18 @@ def evaluating(module: nn.Module) -> Iterator[None]:
             sub.training = training
 
 
+def checkpointed(module: nn.Module) -> bool:
+    """Whether Hugging Face's activation checkpointing recomputes `module` (a decoder layer) in backward."""
+    return isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing and module.training
+
+
 @contextlib.contextmanager
 def checkpointing_paused(module: nn.Module) -> Iterator[None]:
     """Within: Hugging Face's activation checkpointing off in `module`'s layers; each gets its setting back after.
     Decoding computes no gradients, so checkpointing would recompute nothing, while a checkpointed layer in train
     mode drops the KV cache it is passed (transformers before 5.24, which names it `past_key_values`): the decoding
     engine's calls would then attend to their own items only."""
-    layers = [sub for sub in module.modules()
-              if isinstance(sub, GradientCheckpointingLayer) and sub.gradient_checkpointing]
+    layers = [sub for sub in module.modules() if checkpointed(sub)]
     for layer in layers:
         layer.gradient_checkpointing = False
     try:

@@ -29,6 +29,8 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from memgen.modes import checkpointed
+
 
 _state = threading.local()
 
@@ -49,11 +51,6 @@ def enabled() -> bool:
     return getattr(_state, "enabled", True)
 
 
-def _checkpointed(module: nn.Module) -> bool:
-    """Whether Hugging Face's activation checkpointing recomputes `module` (a decoder layer) in backward."""
-    return isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing and module.training
-
-
 def cache_survives_checkpointing(decoder: nn.Module) -> bool:
     """Whether the calls of `decoder` can keep a `PrefixCache` under its activation checkpointing (true without
     any): its checkpointed layers are transformers' `GradientCheckpointingLayer`s that can be told to keep a cache
@@ -63,7 +60,7 @@ def cache_survives_checkpointing(decoder: nn.Module) -> bool:
     for module in decoder.modules():
         if type(module).__name__ == "CheckpointWrapper":
             return False
-        if _checkpointed(module):
+        if checkpointed(module):
             recompute = getattr(module, "_gradient_checkpointing_func", None)
             told = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
             reentrant = not isinstance(recompute, functools.partial) \
@@ -77,7 +74,7 @@ def cache_survives_checkpointing(decoder: nn.Module) -> bool:
 def kept_under_checkpointing(decoder: nn.Module) -> Iterator[None]:
     """Within: `decoder`'s checkpointed layers keep the cache they are passed, as the layers that only read one
     do (a call's `_Call` reads kept tensors that no later call changes, so the recomputation computes the same)."""
-    layers = [module for module in decoder.modules() if _checkpointed(module)]
+    layers = [module for module in decoder.modules() if checkpointed(module)]
     for layer in layers:
         layer._can_checkpoint_with_cache = True
     try:
