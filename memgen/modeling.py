@@ -93,20 +93,19 @@ def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrain
     return model_or_name
 
 
-def _check_no_adapters_of_its_own(model: PreTrainedModel, what: str) -> None:
+def _check_adapters(model: PreTrainedModel, what: str) -> None:
     """Raise if `model` carries adapters other than memgen's: memgen runs a base bare (the reasoner) or with one of
-    its own adapters active, so another adapter would be silently left out of every forward."""
-    foreign = sorted(adapter_names(model) - {MemGenWeaver.adapter_name, MemGenTrigger.adapter_name})
+    its own adapters active, so another adapter would be silently left out of every forward. Warn where it already
+    carries memgen's: another MemGenModel was built on it, and this one's fresh adapters replace them in the shared
+    layers, so that model now runs this one's."""
+    names = adapter_names(model)
+    memgen_names = {MemGenWeaver.adapter_name, MemGenTrigger.adapter_name}
+    foreign = sorted(names - memgen_names)
     if foreign:
         raise ValueError(f"{what} carries adapters of its own ({', '.join(foreign)}): memgen runs it as a frozen base "
                          "without them, so they would be silently left out. Merge them into its weights first "
                          "(load it as a peft.PeftModel and call merge_and_unload())")
-
-
-def _warn_if_shared(model: PreTrainedModel, what: str) -> None:
-    """Warn when `model` already carries memgen's adapters: another MemGenModel was built on it, and this one's
-    fresh adapters replace them in the shared layers, so that model now runs this one's."""
-    ours = sorted(adapter_names(model) & {MemGenWeaver.adapter_name, MemGenTrigger.adapter_name})
+    ours = sorted(names & memgen_names)
     if ours:
         warnings.warn(f"the {what} already carries memgen's {' and '.join(ours)} adapter{'s' * (len(ours) > 1)}: "
                       "another MemGenModel was built on it. This one's fresh adapters replace them, so that model now "
@@ -169,8 +168,7 @@ class MemGenModel(nn.Module):
         for what, base in (("reasoner", reasoner), ("weaver_base", weaver_base), ("trigger_base", trigger_base)):
             if base is not None:
                 _check_has_values(base, what)
-                _check_no_adapters_of_its_own(base, what)
-                _warn_if_shared(base, what)
+                _check_adapters(base, what)
         if config.trigger_mode == "lora" and trigger_base is not None:
             rows = trigger_base.get_input_embeddings().num_embeddings
             if rows < len(tokenizer):
