@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -91,6 +92,30 @@ def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrain
     if not isinstance(model_or_name, PreTrainedModel) or not hasattr(model_or_name, "get_decoder"):
         raise ValueError(f"{what} must be a Hugging Face causal LM or its name/path, got {type(model_or_name).__name__}")
     return model_or_name
+
+
+_NARROW_INTEGERS = (torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _token_ids(value: Any) -> Any:
+    """An integer tensor of token ids (int32 from numpy or ONNX pipelines, say) widened to int64, the index type
+    every op takes; anything else as given, for the checks to refuse."""
+    if isinstance(value, torch.Tensor) and value.dtype in _NARROW_INTEGERS:
+        return value.long()
+    return value
+
+
+def _eos_ids(value: Any) -> list[int] | None:
+    """`eos_token_id` as a list of ints (from an int, a list or tuple of them, or an integer tensor of at most one
+    dimension, as Hugging Face's generation config holds it); None where it is none of those."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            return None
+        value = value.tolist()
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) for e in items):
+        return None
+    return [int(e) for e in items]
 
 
 def _check_adapters(model: PreTrainedModel, what: str) -> None:
@@ -323,7 +348,9 @@ class MemGenModel(nn.Module):
     def _check_token_batch(self, input_ids, attention_mask) -> torch.Tensor:
         """Checks shared by forward and generate; returns the bool [B, L] mask of real tokens."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(f"input_ids must be an int64 tensor [B, L], got {getattr(input_ids, 'shape', input_ids)!r}")
+            got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+                   else type(input_ids).__name__)
+            raise ValueError(f"input_ids must be an integer tensor [B, L], got {got}")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must not be empty (an empty batch or no columns), got shape "
                              f"{list(input_ids.shape)}")
@@ -345,9 +372,11 @@ class MemGenModel(nn.Module):
 
     def _check_forward_inputs(self, input_ids, attention_mask, labels) -> torch.Tensor:
         real = self._check_token_batch(input_ids, attention_mask)
-        if labels is not None and (labels.shape != input_ids.shape or labels.dtype != torch.long):
-            raise ValueError(f"labels must be int64 {list(input_ids.shape)} like input_ids, got "
-                             f"{labels.dtype} {list(labels.shape)}")
+        if labels is not None and not (isinstance(labels, torch.Tensor) and labels.shape == input_ids.shape
+                                       and labels.dtype == torch.long):
+            got = (f"{labels.dtype} {list(labels.shape)}" if isinstance(labels, torch.Tensor)
+                   else type(labels).__name__)
+            raise ValueError(f"labels must be an integer tensor {list(input_ids.shape)} like input_ids, got {got}")
         return real
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -358,9 +387,9 @@ class MemGenModel(nn.Module):
         """Teacher-forced forward with latents woven at the augmentation points.
 
         Args:
-            input_ids: int64 [B, L], left- or right-padded.
+            input_ids: integer [B, L] (narrower types are widened to int64), left- or right-padded.
             attention_mask: [B, L], 1 for tokens, 0 for padding (default: all ones).
-            labels: int64 [B, L], -100 outside the answer. Required unless `augmentation_points`
+            labels: integer [B, L], -100 outside the answer. Required unless `augmentation_points`
                 is given with memory, or `memory=False`.
             augmentation_points: explicit points overriding DESIGN.md's rule: an int [B, L] mask
                 (1 = weave before token j) or one list of positions per row (single-turn rows).
@@ -382,6 +411,7 @@ class MemGenModel(nn.Module):
         forward over the prefix ending at that turn (earlier turns' latents are invisible to it);
         logits[:, j] come from the forward of the turn that contains token j + 1.
         """
+        input_ids, labels = _token_ids(input_ids), _token_ids(labels)
         real = self._check_forward_inputs(input_ids, attention_mask, labels)
         if token_logps and (labels is None or not isinstance(logps_chunk_size, int) or logps_chunk_size < 1):
             raise ValueError(f"token_logps=True needs labels (the tokens to score) and logps_chunk_size an int >= 1, "
@@ -421,11 +451,13 @@ class MemGenModel(nn.Module):
         """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
 
         Args:
-            input_ids: int64 [B, L] prompts, left- or right-padded; attention_mask [B, L] marks tokens.
+            input_ids: integer [B, L] prompts (narrower types are widened to int64), left- or right-padded;
+                attention_mask [B, L] marks tokens.
             max_new_tokens: >= 1. do_sample / temperature (> 0) / top_k / top_p / generator: token
                 sampling (top_k 0, as None, filters nothing, as in Hugging Face); the trigger samples its decisions
                 with the same temperature.
-            eos_token_id: one id or several (default: the tokenizer's EOS).
+            eos_token_id: one id or several: an int, a list or tuple, or an integer tensor (default: the
+                tokenizer's EOS).
             return_dict_in_generate: return `MemGenGenerateOutput(sequences, augmentation_mask)`
                 instead of the sequences alone.
             num_return_sequences: samples per prompt (> 1 needs do_sample, as in Hugging Face): the output's
@@ -476,6 +508,7 @@ class MemGenModel(nn.Module):
         if not memory:
             prompt_budget = budget = 0
         latents = (self.config.prompt_latents_len if prompt_budget else 0) + self.config.inference_latents_len * budget
+        input_ids = _token_ids(input_ids)
         real = self._check_generate_inputs(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
                                            top_k, top_p, generator, latents)
         if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
@@ -484,9 +517,9 @@ class MemGenModel(nn.Module):
             raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy decoding "
                              "returns the same sequence for every copy of a prompt")
         eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        eos_ids = _eos_ids(eos)
         vocab = self.delimiter_table.shape[0]
-        if not eos_ids or not all(isinstance(e, int) and 0 <= e < vocab for e in eos_ids):
+        if eos_ids is None or not all(0 <= e < vocab for e in eos_ids):
             unset = " (the tokenizer names no EOS token: pass eos_token_id)" if eos is None else ""
             raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}{unset}")
         if not (isinstance(repetition_penalty, (int, float)) and 0 < repetition_penalty < float("inf")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
@@ -395,6 +396,9 @@ def test_cuda_engine_synchronises_once_per_step(trigger_mode, batch, layout, dec
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
     (dict(do_sample=True, temperature=0.0), "temperature must be a finite number > 0"),
     (dict(eos_token_id=10**6), "eos_token_id must be token ids"),
+    (dict(eos_token_id=[]), "eos_token_id must be token ids"),
+    (dict(eos_token_id=torch.tensor([[0]])), "eos_token_id must be token ids"),
+    (dict(eos_token_id=0.0), "eos_token_id must be token ids"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(do_sample=True, top_k=-1), r"top_k must be an int >= 0 \(0 or None: no top-k filtering"),
     (dict(max_new_tokens=10**4), "exceed the reasoner's context"),
@@ -418,6 +422,20 @@ def test_a_tokenizer_without_eos_asks_for_eos_token_id():
     assert model.generate(input_ids, mask, max_new_tokens=4, eos_token_id=0).shape == (2, input_ids.shape[1] + 4)
 
 
+def test_token_ids_of_any_integer_type_generate_as_int64_ones():
+    """Hugging Face takes int32 token ids (numpy or ONNX pipelines make them) and an EOS given as a tensor or a numpy
+    integer, as its generation config holds it: each gives what the plain form gives."""
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [1, 0, 2], "left", seed=1)
+    want = model.generate(input_ids, mask, max_new_tokens=12, eos_token_id=[5, 0], return_dict_in_generate=True)
+    for ids, eos in ((input_ids.int(), [5, 0]), (input_ids, torch.tensor([5, 0])), (input_ids, (np.int64(5), 0))):
+        out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=eos, return_dict_in_generate=True)
+        assert out.sequences.dtype == torch.long
+        assert torch.equal(out.sequences, want.sequences) and torch.equal(out.augmentation_mask, want.augmentation_mask)
+    one = model.generate(input_ids, mask, max_new_tokens=12, eos_token_id=torch.tensor(5))
+    assert torch.equal(one, model.generate(input_ids, mask, max_new_tokens=12, eos_token_id=5))
+
+
 def test_bad_generate_inputs():
     model = chatty_model("qwen2", "always")
     input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
@@ -425,6 +443,10 @@ def test_bad_generate_inputs():
         model.generate(input_ids[:0], mask[:0])
     with pytest.raises(ValueError, match="is on meta"):
         model.generate(input_ids.to("meta"), mask.to("meta"))
+    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor \[B, L\], got torch.float32 of shape"):
+        model.generate(input_ids.float(), mask)
+    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor \[B, L\], got list"):
+        model.generate(input_ids.tolist(), mask)
     holes = mask.clone()
     holes[0, -2] = 0
     with pytest.raises(ValueError, match="contiguous"):

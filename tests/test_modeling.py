@@ -119,6 +119,15 @@ def test_forward_matches_reference(arch, padding, n_delimiters):
     assert counts == [1 + min(n, 4) for n in n_delimiters], counts
 
 
+def test_int32_token_ids_give_the_int64_forward():
+    model = make_model("qwen2")
+    input_ids, mask, labels = make_batch(model, [2, 0, 3], "right", seed=4)
+    want = model(input_ids, mask, labels)
+    got = model(input_ids.int(), mask, labels.int())
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
+    assert torch.equal(got.augmentation_points, want.augmentation_points)
+
+
 def make_conversations(model, turns_per_row, padding="left", seed=0):
     """Rows of alternating prompt and answer segments; answers carry delimiters."""
     rng = random.Random(seed)
@@ -303,8 +312,10 @@ def test_bad_labels_and_shapes():
         model(input_ids, mask, first)
     with pytest.raises(ValueError, match="attention_mask must match"):
         model(input_ids, mask[:, 1:], labels)
-    with pytest.raises(ValueError, match="labels must be int64"):
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor \[2, \d+\] like input_ids"):
         model(input_ids, mask, labels[:1])
+    with pytest.raises(ValueError, match="like input_ids, got list"):
+        model(input_ids, mask, labels.tolist())
     with pytest.raises(ValueError, match="labels are required"):
         model(input_ids, mask)
     with pytest.raises(ValueError, match="not an answer position"):
