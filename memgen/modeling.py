@@ -269,6 +269,12 @@ class MemGenModel(nn.Module):
         DeepSpeed ZeRO-3 gathers those tensors, a collective) with `is_main_process` True on the one that writes."""
         checkpoints.save(self, str(path), is_main_process=is_main_process)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The reasoner's token embedding module, which embeds every token the model reads (the weaver reads the
+        reasoner's embeddings through its projection). Hugging Face's NEFTune (`TrainingArguments(
+        neftune_noise_alpha=...)`) hooks it."""
+        return self.reasoner.get_input_embeddings()
+
     # ------------------------------------------------------------------ memory
 
     def _bases(self) -> list[PreTrainedModel]:

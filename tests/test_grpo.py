@@ -52,6 +52,8 @@ def test_gradient_of_the_unclipped_objective_is_the_policy_gradient():
     (dict(temperature=0.0), "temperature must be"), (dict(epsilon=1.5), "epsilon in"),
     (dict(remove_unused_columns=True), "remove_unused_columns must be False"),
     (dict(max_new_tokens=0), "max_new_tokens must be"),
+    (dict(label_smoothing_factor=0.1), r"label_smoothing_factor \(0.1\) and neftune_noise_alpha"),
+    (dict(neftune_noise_alpha=5.0), "act on a labelled loss"),
 ])
 def test_config_checks(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -147,6 +149,8 @@ def test_bad_arguments(tmp_path):
         GRPOTrainer(model, object(), _prompts(2), reward=lambda t, y: 0.0)
     with pytest.raises(ValueError, match="reward must be a callable"):
         GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=None)
+    with pytest.raises(ValueError, match="compute_loss_func: GRPO computes its own loss"):
+        GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=lambda t, y: 0.0, compute_loss_func=lambda *a: 0)
 
 
 def test_resuming_grpo_continues_exactly(tmp_path):

@@ -4,6 +4,7 @@ checkpoints, which resume exactly where they stopped."""
 from __future__ import annotations
 
 import inspect
+import math
 import os
 
 import pytest
@@ -133,6 +134,57 @@ def test_a_batch_without_insertion_points_trains_nothing_and_does_not_fail(tmp_p
     assert all(torch.equal(p, weaver[k]) for k, p in model.stage_parameters("weaver").items())
     sft_trainer(model, plain + _rows(4), _args(tmp_path / "mixed", max_steps=2, per_device_train_batch_size=8)).train()
     assert any(not torch.equal(p, weaver[k]) for k, p in model.stage_parameters("weaver").items())
+
+
+def _first_batch(model):
+    return MemGenCollator(model.tokenizer.pad_token_id)([encode_example(model.tokenizer, r) for r in _rows(4)])
+
+
+def test_label_smoothing_smooths_the_shifted_answer_loss(tmp_path):
+    """Trainer takes the labels out of the model's inputs to smooth them itself; MemGen needs them to place its
+    points (it raised 'labels are required'), and its logits[:, i] predict token i + 1."""
+    model = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    trainer = sft_trainer(model, _rows(8), _args(tmp_path, max_steps=2, label_smoothing_factor=0.1))
+    batch = _first_batch(model)
+    with torch.no_grad():
+        out = model(**batch)
+        answer = batch["labels"][:, 1:] != -100
+        uniform = -torch.log_softmax(out.logits[:, :-1].float(), -1).mean(-1)[answer].mean()
+        loss = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(loss, 0.9 * out.loss + 0.1 * uniform)
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_a_custom_loss_function_gets_the_outputs_and_the_labels(tmp_path):
+    model = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    seen = []
+
+    def twice_the_loss(outputs, labels, num_items_in_batch=None):
+        seen.append(labels)
+        return 2 * outputs.loss
+
+    trainer = sft_trainer(model, _rows(8), _args(tmp_path, max_steps=2), compute_loss_func=twice_the_loss)
+    batch = _first_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), 2 * model(**batch).loss)
+    assert torch.equal(seen[-1], batch["labels"])
+    trainer.train()
+    assert len(seen) == 3
+
+
+def test_neftune_noises_the_reasoner_embeddings_while_training_only(tmp_path):
+    model = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    assert model.get_input_embeddings() is model.reasoner.get_input_embeddings()
+    losses = {}
+    for alpha in (None, 5.0):
+        model = make_model("qwen2", k_prompt=4, k_inference=2).train()
+        trainer = sft_trainer(model, _rows(8), _args(tmp_path / str(alpha), max_steps=2, neftune_noise_alpha=alpha))
+        trainer.train()
+        losses[alpha] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        batch = _first_batch(model)
+        assert torch.equal(model(**batch).loss, model(**batch).loss)  # the hook is gone after training
+    assert losses[None][0] != losses[5.0][0]
 
 
 def test_datasets_rows_encode_like_lists():

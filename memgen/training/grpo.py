@@ -67,6 +67,11 @@ class GRPOConfig(TrainingArguments):
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: GRPO reads the rows' prompt and target")
+        if self.label_smoothing_factor or self.neftune_noise_alpha is not None:
+            raise ValueError(f"label_smoothing_factor ({self.label_smoothing_factor!r}) and neftune_noise_alpha "
+                             f"({self.neftune_noise_alpha!r}) act on a labelled loss and its inputs: GRPO's loss is on "
+                             "its rollouts' own log-probabilities, which noise in the training forward alone would "
+                             "bias. Leave them unset")
 
 
 def check_sharding(trainer: Any) -> None:
@@ -151,6 +156,8 @@ class GRPOTrainer(MemGenTrainer):
             raise ValueError(f"args must be a GRPOConfig, got {type(args).__name__}")
         if not callable(reward):
             raise ValueError("reward must be a callable (completion text, target) -> float")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("compute_loss_func: GRPO computes its own loss (the clipped objective on its rollouts)")
         super().__init__(model, args, stage=self.stage_name, train_dataset=train_dataset,
                          data_collator=lambda rows: rows, **kwargs)
         check_sharding(self)

@@ -100,6 +100,26 @@ class MemGenTrainer(Trainer):
             self.accelerator.unwrap_model(self.model).weaver_trained = True
         return output
 
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Trainer's loss, except that with label smoothing (`label_smoothing_factor`) or a `compute_loss_func` the
+        model still gets the labels: it places its augmentation points from them (Trainer takes them out of the
+        model's inputs for those). Smoothing shifts the labels, as Trainer does for a causal LM: `logits[:, i]`
+        predicts token i + 1."""
+        if (self.label_smoother is None and self.compute_loss_func is None) or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        labels = inputs["labels"]
+        outputs = model(**inputs)
+        if self.compute_loss_func is not None:
+            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts every rank's tokens while DDP averages the ranks' gradients (as Trainer)
+                loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        else:
+            loss = self.label_smoother(outputs, labels, shift_labels=True)
+        return (loss, outputs) if return_outputs else loss
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds `peak_memory_mib`, the peak since the previous log (CUDA: allocated by torch; CPU: the
         process's resident set), so each logged step shows what it needed."""
