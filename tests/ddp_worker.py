@@ -4,6 +4,7 @@ on the CPU (gloo); each rank writes its trained tensors to OUT/rank<r>.safetenso
 import os
 import sys
 
+import datasets
 import torch
 from safetensors.torch import save_file
 from transformers import TrainingArguments
@@ -22,10 +23,14 @@ def main(stage: str, out: str) -> None:
     common = dict(output_dir=out, use_cpu=True, report_to=[], per_device_train_batch_size=2, max_steps=3,
                   learning_rate=3e-2, logging_steps=1, save_strategy="no", disable_tqdm=True, log_level="error",
                   seed=0, dataloader_num_workers=0, ddp_backend="gloo")
+    stage, _, streamed = stage.partition("-")  # "-streamed": rows from a datasets.IterableDataset
+    rows = _rows(16) if stage == "sft" else _prompts(8)
+    if streamed:
+        rows = datasets.Dataset.from_list(rows).to_iterable_dataset()
     if stage == "sft":
-        trainer = sft_trainer(model, _rows(16), TrainingArguments(**common))
+        trainer = sft_trainer(model, rows, TrainingArguments(**common))
     else:
-        trainer = GRPOTrainer(model, GRPOConfig(group_size=4, max_new_tokens=6, **common), _prompts(8),
+        trainer = GRPOTrainer(model, GRPOConfig(group_size=4, max_new_tokens=6, **common), rows,
                               reward=lambda text, target: float(len(text) % 3 == 0))
     trainer.train()
     assert trainer.args.world_size == 2, trainer.args.world_size

@@ -40,7 +40,7 @@ def _torchrun(worker: str, *args) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[:4000] + "\n...\n" + done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("stage", ["sft", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "grpo", "sft-streamed", "grpo-streamed"])
 def test_two_processes_end_with_identical_trainable_weights(tmp_path, stage):
     _torchrun("ddp_worker.py", stage, tmp_path)
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]

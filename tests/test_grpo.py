@@ -54,6 +54,7 @@ def test_gradient_of_the_unclipped_objective_is_the_policy_gradient():
     (dict(max_new_tokens=0), "max_new_tokens must be"),
     (dict(label_smoothing_factor=0.1), r"label_smoothing_factor \(0.1\) and neftune_noise_alpha"),
     (dict(neftune_noise_alpha=5.0), "act on a labelled loss"),
+    (dict(accelerator_config={"dispatch_batches": True}), "dispatch_batches must be False"),
 ])
 def test_config_checks(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -151,6 +152,19 @@ def test_bad_arguments(tmp_path):
         GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=None)
     with pytest.raises(ValueError, match="compute_loss_func: GRPO computes its own loss"):
         GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=lambda t, y: 0.0, compute_loss_func=lambda *a: 0)
+
+
+def test_grpo_on_a_streamed_dataset(tmp_path):
+    """Unset, accelerate had the first rank read a streamed dataset's rows and broadcast them, which takes tensors
+    only: GRPO's text rows failed in accelerate's find_batch_size."""
+    import datasets
+
+    model = make_model("qwen2", k_prompt=4, k_inference=2)
+    weaver = {k: v.detach().clone() for k, v in model.stage_parameters("weaver").items()}
+    rows = datasets.Dataset.from_list(_prompts(4)).to_iterable_dataset()
+    GRPOTrainer(model, _config(tmp_path, max_steps=1, group_size=2), rows,
+                reward=lambda text, target: float(len(text) % 3 == 0)).train()
+    assert any(not torch.equal(p, weaver[k]) for k, p in model.stage_parameters("weaver").items())
 
 
 def test_resuming_grpo_continues_exactly(tmp_path):

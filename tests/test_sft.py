@@ -194,6 +194,24 @@ def test_datasets_rows_encode_like_lists():
     rows = _rows(3)
     assert list(encode_dataset(model.tokenizer, datasets.Dataset.from_list(rows))) == \
         encode_dataset(model.tokenizer, rows)
+    # streamed datasets, which may not know their columns before they are read (IterableDataset.map raised on
+    # `desc`)
+    def generate_rows():
+        yield from rows
+
+    for streamed in (datasets.Dataset.from_list(rows).to_iterable_dataset(),
+                     datasets.IterableDataset.from_generator(generate_rows)):
+        assert list(encode_dataset(model.tokenizer, streamed)) == encode_dataset(model.tokenizer, rows)
+
+
+def test_sft_on_a_streamed_dataset(tmp_path):
+    import datasets
+
+    model = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    weaver = {k: v.detach().clone() for k, v in model.stage_parameters("weaver").items()}
+    rows = datasets.Dataset.from_list(_rows(8)).to_iterable_dataset()
+    sft_trainer(model, rows, _args(tmp_path, max_steps=2)).train()
+    assert any(not torch.equal(p, weaver[k]) for k, p in model.stage_parameters("weaver").items())
 
 
 def test_checkpoints_hold_no_pickles_and_resuming_continues_exactly(tmp_path):

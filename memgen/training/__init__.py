@@ -15,12 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import datasets
+
 from memgen.training.data import MemGenCollator, encode_example
 from memgen.training.trainer import MemGenTrainer
 
 
 def encode_dataset(tokenizer: Any, rows: Any, max_length: int | None = None) -> Any:
-    """Encode prompt/answer or messages rows (a `datasets.Dataset` or a list of dicts) for SFT."""
+    """Encode prompt/answer or messages rows for SFT: a `datasets.Dataset` (encoded once, up front), a
+    `datasets.IterableDataset` (a streamed one: encoded as it is read; Trainer then needs `max_steps`) or an
+    iterable of dicts."""
+    if isinstance(rows, datasets.IterableDataset):
+        # a streamed dataset may not know its columns before it is read: keep the encoded ones instead
+        return rows.map(lambda row: encode_example(tokenizer, row, max_length)).select_columns(["input_ids", "labels"])
     if hasattr(rows, "map") and hasattr(rows, "column_names"):
         return rows.map(lambda row: encode_example(tokenizer, row, max_length), remove_columns=rows.column_names,
                         desc="encoding rows")

@@ -89,6 +89,11 @@ class MemGenTrainer(Trainer):
     """A `Trainer` for one MemGen stage ("weaver" or "trigger") whose checkpoints are safetensors and JSON."""
 
     def __init__(self, model: Any, args: Any = None, stage: str = "weaver", **kwargs: Any) -> None:
+        if args is not None and args.accelerator_config.dispatch_batches is None:
+            # Unset, accelerate has the first rank read a streamed dataset's batches for every rank and concatenate
+            # them, which needs one width for all, while the collator pads each batch to its own (and GRPO's rows
+            # are text). Each rank reads its own share instead.
+            args.accelerator_config.dispatch_batches = False
         model.set_trainable(stage)
         self.stage = stage
         super().__init__(model=model, args=args, **kwargs)
