@@ -9,11 +9,13 @@ import os
 
 import pytest
 import torch
+from tokenizers import processors
 from transformers import TrainingArguments
 
 from memgen.modeling import _checkpointing_method
 from memgen.training import MemGenCollator, encode_dataset, encode_example, sft_trainer
-from offline import chat_tokenizer, tiny_causal_lm
+from memgen.training.data import leading_special_tokens, prompt_batch
+from offline import chat_tokenizer, sentencepiece_style, tiny_causal_lm
 from test_modeling import make_model
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
@@ -40,6 +42,28 @@ def test_prompt_answer_rows_without_a_template_label_the_answer_and_eos():
     assert encoded["input_ids"][-1] == tok.eos_token_id
     assert _labelled_text(tok, encoded) == [" A: three.<|endoftext|>"]
     assert encoded["labels"][: len(tok("Q: one, two?")["input_ids"])] == [-100] * len(tok("Q: one, two?")["input_ids"])
+
+
+@pytest.mark.parametrize("template", ["<s> $A", "<s> $A </s>"])
+def test_text_without_a_template_starts_as_the_tokenizer_starts_text(template):
+    """A Llama- or Mistral-style tokenizer starts encoded text with its BOS, as their base models saw text in
+    training: SFT rows and generation prompts start with it too (they had none), and nothing else the tokenizer
+    adds (an EOS after the prompt) is taken."""
+    tok = sentencepiece_style()
+    tok.pad_token = tok.unk_token
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", bos), ("</s>", eos)])
+    assert tok("Step 1")["input_ids"][0] == bos  # the tokenizer does start text with its BOS
+    assert leading_special_tokens(tok) == [bos]
+    prompt = tok("Step 1: read.", add_special_tokens=False)["input_ids"]
+    encoded = encode_example(tok, {"prompt": "Step 1: read.", "answer": " Step 2"})
+    assert encoded["input_ids"][: len(prompt) + 1] == [bos] + prompt
+    assert encoded["labels"][: len(prompt) + 1] == [-100] * (len(prompt) + 1)
+    assert encoded["input_ids"].count(eos) == 1 and encoded["input_ids"][-1] == eos
+    ids, mask = prompt_batch(tok, ["Step 1: read.", "Step 3"])
+    assert ids[0].tolist() == [bos] + prompt and ids[1][mask[1].bool()].tolist()[0] == bos
+    assert leading_special_tokens(chat_tokenizer()) == []  # Qwen-style: nothing before text
 
 
 def test_conversations_label_every_assistant_turn_and_nothing_else():

@@ -5,7 +5,8 @@ A row is either `{"prompt": str, "answer": str}` (one user turn, one assistant t
 conversation with one or more assistant turns). With a chat template, each assistant turn's
 tokens, up to and including the template's end-of-turn tokens, carry labels. A conversation with
 several assistant turns is what `MemGenModel.forward` treats turn by turn. Without a template, the
-prompt and the answer are concatenated and the answer ends with the EOS token.
+prompt and the answer are concatenated, after the special tokens the tokenizer starts text with (a BOS),
+and the answer ends with the EOS token.
 """
 
 from __future__ import annotations
@@ -37,6 +38,19 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def leading_special_tokens(tokenizer: Any) -> list[int]:
+    """The ids a tokenizer puts before any text it encodes: the BOS of Llama's and Mistral's tokenizers, nothing for
+    Qwen's. Text without a chat template starts with them, as the model saw text in training; a chat template
+    writes its own."""
+    probe = "a"
+    plain, full = _ids(tokenizer, probe), tokenizer(probe)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start: start + len(plain)] == plain:
+            return full[:start]
+    raise ValueError(f"the tokenizer encodes {probe!r} with its special tokens as {full}, which does not contain its "
+                     f"encoding without them ({plain}): where its special tokens go cannot be told")
+
+
 def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int | None = None) -> dict[str, list[int]]:
     """`{"input_ids", "labels"}` of one row; labels are the token ids on assistant turns and -100 elsewhere.
 
@@ -62,7 +76,8 @@ def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int | None =
     else:
         if len(messages) != 2 or [m["role"] for m in messages] != ["user", "assistant"]:
             raise ValueError("a tokenizer without a chat template takes prompt/answer rows only, not conversations")
-        prompt, answer = _ids(tokenizer, messages[0]["content"]), _ids(tokenizer, messages[1]["content"])
+        prompt = leading_special_tokens(tokenizer) + _ids(tokenizer, messages[0]["content"])
+        answer = _ids(tokenizer, messages[1]["content"])
         answer = answer + [tokenizer.eos_token_id]
         input_ids, labels = prompt + answer, [IGNORE] * len(prompt) + answer
     if labels[0] != IGNORE:
@@ -103,7 +118,10 @@ def prompt_batch(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, 
     if getattr(tokenizer, "chat_template", None):
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                  add_generation_prompt=True) for p in prompts]
-    ids = [_ids(tokenizer, p) for p in prompts]
+        ids = [_ids(tokenizer, p) for p in prompts]
+    else:
+        start = leading_special_tokens(tokenizer)
+        ids = [start + _ids(tokenizer, p) for p in prompts]
     if any(not row for row in ids):
         raise ValueError("a prompt encodes to no tokens")
     batch = MemGenCollator(tokenizer.pad_token_id, "left")([{"input_ids": row, "labels": row} for row in ids])
