@@ -118,6 +118,16 @@ def _eos_ids(value: Any) -> list[int] | None:
     return [int(e) for e in items]
 
 
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer saved with `name`, with its EOS as pad token where it names none (Llama's and Mistral's do not):
+    pads only fill masked positions and what follows a finished row's EOS. Tokenizers memgen is handed are the
+    caller's to set up; this is for those it loads itself (a reasoner, or a checkpoint's base, given by name)."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _check_adapters(model: PreTrainedModel, what: str) -> None:
     """Raise if `model` carries adapters other than memgen's: memgen runs a base bare (the reasoner) or with one of
     its own adapters active, so another adapter would be silently left out of every forward. Warn where it already
@@ -232,7 +242,8 @@ class MemGenModel(nn.Module):
     def from_reasoner(cls, reasoner: PreTrainedModel | str, tokenizer: Any = None,
                       config: MemGenConfig | None = None, weaver_base: PreTrainedModel | str | None = None,
                       trigger_base: PreTrainedModel | str | None = None) -> "MemGenModel":
-        """Build MemGen around `reasoner` (a loaded causal LM or a name/path), with fresh weaver and trigger."""
+        """Build MemGen around `reasoner` (a loaded causal LM or a name/path), with fresh weaver and trigger. Without
+        `tokenizer`, the reasoner's is loaded by its name (`load_tokenizer`: its EOS pads where it names no pad)."""
         config = MemGenConfig() if config is None else config
         if not isinstance(config, MemGenConfig):
             raise ValueError(f"config must be a MemGenConfig, got {type(config).__name__}")
@@ -241,7 +252,7 @@ class MemGenModel(nn.Module):
         if tokenizer is None:
             if not name:
                 raise ValueError("pass the tokenizer: the reasoner has no name to load one from")
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = load_tokenizer(name)
         weaver_base = None if weaver_base is None else _load_causal_lm(weaver_base, "weaver_base")
         trigger_base = None if trigger_base is None else _load_causal_lm(trigger_base, "trigger_base")
         config.reasoner_name_or_path = config.reasoner_name_or_path or name

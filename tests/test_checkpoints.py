@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from memgen import MemGenConfig, MemGenModel
 from memgen.adapters import tuner_layers
-from offline import chat_tokenizer, tiny_causal_lm
+from offline import chat_tokenizer, sentencepiece_style, tiny_causal_lm
 from test_modeling import make_batch, make_model
 
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
@@ -73,6 +73,25 @@ def test_base_model_loaded_by_its_recorded_name(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     loaded = MemGenModel.from_pretrained(tmp_path / "ckpt").eval()
     same_model(model, loaded)
+
+
+def test_a_base_whose_tokenizer_names_no_pad_token_loads_by_name(tmp_path):
+    """Llama's and Mistral's tokenizers name no pad token. Where memgen loads the tokenizer itself (a reasoner or a
+    checkpoint's base given by name) it pads with EOS, as the command line did; from_pretrained raised before.
+    A tokenizer the caller hands over is theirs to set up."""
+    tok = sentencepiece_style()
+    base_dir = tmp_path / "base"
+    tiny_causal_lm("llama", len(tok), seed=4).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    model = MemGenModel.from_reasoner(str(base_dir), config=MemGenConfig(weaver_lora={"lora_dropout": 0.0})).eval()
+    assert model.tokenizer.pad_token_id == model.tokenizer.eos_token_id == tok.eos_token_id
+    randomize(model, 2)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MemGenModel.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.tokenizer.pad_token_id == tok.eos_token_id
+    same_model(model, loaded)
+    with pytest.raises(ValueError, match="the tokenizer has no pad token"):
+        MemGenModel.from_reasoner(str(base_dir), tok)
 
 
 def _peft_adapter(model, adapter, folder):

@@ -85,9 +85,10 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
 def build_model(model: str | None, memgen: str | None, config: dict[str, Any] | None = None,
                 dtype: str = "float32") -> Any:
     """A MemGen model: loaded from a memgen checkpoint, or fresh around the reasoner `model`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from memgen import MemGenConfig, MemGenModel
+    from memgen.modeling import load_tokenizer
 
     reasoner = tokenizer = None
     name = model
@@ -95,9 +96,7 @@ def build_model(model: str | None, memgen: str | None, config: dict[str, Any] | 
         name = MemGenConfig.from_pretrained(memgen).reasoner_name_or_path
     if name is not None:
         reasoner = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(name)
     if memgen:
         return MemGenModel.from_pretrained(memgen, reasoner=reasoner, tokenizer=tokenizer)
     return MemGenModel.from_reasoner(reasoner, tokenizer, MemGenConfig(**(config or {})))
