@@ -3,6 +3,8 @@ forward at their own insertion points, and the mean reward rising on a learnable
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -152,6 +154,14 @@ def test_bad_arguments(tmp_path):
         GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=None)
     with pytest.raises(ValueError, match="compute_loss_func: GRPO computes its own loss"):
         GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=lambda t, y: 0.0, compute_loss_func=lambda *a: 0)
+
+
+def test_the_collator_pickles_for_loader_workers(tmp_path):
+    """Data loader workers started by spawn or forkserver (Python 3.14's default on Linux) unpickle the collator,
+    which was a lambda."""
+    trainer = GRPOTrainer(make_model(), _config(tmp_path), _prompts(2), reward=lambda t, y: 0.0)
+    rows = _prompts(3)
+    assert pickle.loads(pickle.dumps(trainer.data_collator))(rows) == rows
 
 
 def test_grpo_on_a_streamed_dataset(tmp_path):

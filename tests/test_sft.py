@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import pickle
 
 import pytest
 import torch
@@ -226,6 +227,16 @@ def test_datasets_rows_encode_like_lists():
     for streamed in (datasets.Dataset.from_list(rows).to_iterable_dataset(),
                      datasets.IterableDataset.from_generator(generate_rows)):
         assert list(encode_dataset(model.tokenizer, streamed)) == encode_dataset(model.tokenizer, rows)
+
+
+def test_a_streamed_dataset_pickles_for_loader_workers():
+    """Data loader workers started by spawn or forkserver (Python 3.14's default on Linux) unpickle the dataset: a
+    stream encoded through a lambda could not be pickled."""
+    import datasets
+
+    model = make_model()
+    streamed = encode_dataset(model.tokenizer, datasets.Dataset.from_list(_rows(3)).to_iterable_dataset())
+    assert list(pickle.loads(pickle.dumps(streamed))) == encode_dataset(model.tokenizer, _rows(3))
 
 
 def test_sft_on_a_streamed_dataset(tmp_path):

@@ -13,6 +13,7 @@ Checkpoints are memgen checkpoints plus optimizer and random states, all safeten
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import datasets
@@ -25,13 +26,13 @@ def encode_dataset(tokenizer: Any, rows: Any, max_length: int | None = None) -> 
     """Encode prompt/answer or messages rows for SFT: a `datasets.Dataset` (encoded once, up front), a
     `datasets.IterableDataset` (a streamed one: encoded as it is read; Trainer then needs `max_steps`) or an
     iterable of dicts."""
+    encode = functools.partial(encode_example, tokenizer, max_length=max_length)  # picklable, for loader workers
     if isinstance(rows, datasets.IterableDataset):
         # a streamed dataset may not know its columns before it is read: keep the encoded ones instead
-        return rows.map(lambda row: encode_example(tokenizer, row, max_length)).select_columns(["input_ids", "labels"])
+        return rows.map(encode).select_columns(["input_ids", "labels"])
     if hasattr(rows, "map") and hasattr(rows, "column_names"):
-        return rows.map(lambda row: encode_example(tokenizer, row, max_length), remove_columns=rows.column_names,
-                        desc="encoding rows")
-    return [encode_example(tokenizer, row, max_length) for row in rows]
+        return rows.map(encode, remove_columns=rows.column_names, desc="encoding rows")
+    return [encode(row) for row in rows]
 
 
 def sft_trainer(model: Any, train_dataset: Any, args: Any, eval_dataset: Any = None, max_length: int | None = None,

@@ -144,6 +144,12 @@ class Rollouts:
     texts: list[str]
 
 
+def rows_as_given(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """GRPO's collator: a batch is its rows (prompts are encoded with the rollouts). A function, not a lambda, so
+    that data loader workers started by spawn or forkserver can unpickle it."""
+    return rows
+
+
 class GRPOTrainer(MemGenTrainer):
     """GRPO on a MemGen stage, through Hugging Face `Trainer` (DDP and `torchrun` work as for any Trainer).
 
@@ -162,7 +168,7 @@ class GRPOTrainer(MemGenTrainer):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func: GRPO computes its own loss (the clipped objective on its rollouts)")
         super().__init__(model, args, stage=self.stage_name, train_dataset=train_dataset,
-                         data_collator=lambda rows: rows, **kwargs)
+                         data_collator=rows_as_given, **kwargs)
         check_sharding(self)
         self.reward = reward
         self.initial_state = {k: p.detach().clone() for k, p in model.stage_parameters(self.stage_name).items()} \
