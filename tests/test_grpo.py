@@ -156,6 +156,25 @@ def test_bad_arguments(tmp_path):
         GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=lambda t, y: 0.0, compute_loss_func=lambda *a: 0)
 
 
+@pytest.mark.parametrize("value,match", [(float("nan"), "must return a finite number, got nan"),
+                                         (float("inf"), "must return a finite number, got inf"),
+                                         (None, "must return a real number, got NoneType"),
+                                         ("1.0", "must return a real number, got str")])
+def test_a_reward_that_is_not_a_finite_number_is_refused(tmp_path, value, match):
+    """A NaN reward made its group's advantages, and then the weights, NaN without an error."""
+    trainer = GRPOTrainer(make_model(), _config(tmp_path, max_steps=1, group_size=2), _prompts(2),
+                          reward=lambda text, target: value)
+    with pytest.raises(ValueError, match=match + r".* for the completion '.*' \(target None\)"):
+        trainer.train()
+
+
+def test_rewards_may_be_bools_or_one_element_tensors(tmp_path):
+    for value in (True, torch.tensor(0.5)):
+        trainer = GRPOTrainer(make_model(), _config(tmp_path, max_steps=1, group_size=2), _prompts(2),
+                              reward=lambda text, target: value)
+        assert trainer.rollouts(_prompts(2)).rewards.tolist() == [float(value)] * 4
+
+
 def test_the_collator_pickles_for_loader_workers(tmp_path):
     """Data loader workers started by spawn or forkserver (Python 3.14's default on Linux) unpickle the collator,
     which was a lambda."""

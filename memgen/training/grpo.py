@@ -20,6 +20,8 @@ Under DeepSpeed ZeRO-3 they gather the whole model on each rank for their durati
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,12 +202,24 @@ class GRPOTrainer(MemGenTrainer):
         keep = completion_mask(new, eos)
         texts = [tok.decode(new[b][keep[b]], skip_special_tokens=True) for b in range(len(prompts))]
         targets = [r["target"] for r in rows for _ in range(g)]
-        rewards = torch.tensor([float(self.reward(t, y)) for t, y in zip(texts, targets)])
+        rewards = torch.tensor([self._score(t, y) for t, y in zip(texts, targets)])
         decisions = torch.where(keep, out.augmentation_mask.cpu(), -100)
         scores = self.scores(rewards, decisions)
         advantages = group_advantages(scores, g, scale=self.args.loss_type != "dr_grpo")
         return self._repack(prompts, new, keep, decisions, rewards, scores, advantages, texts, device,
                             tok.pad_token_id)
+
+    def _score(self, text: str, target: Any) -> float:
+        """The reward of one completion, refused unless a finite real number: a NaN or infinite reward would turn
+        every advantage of its group, and then the trained weights, into NaN without an error."""
+        value = self.reward(text, target)
+        if not isinstance(value, numbers.Real) and not (torch.is_tensor(value) and value.numel() == 1):
+            raise ValueError(f"reward must return a real number, got {type(value).__name__} ({value!r:.80}) for the "
+                             f"completion {text[:80]!r} (target {target!r:.80})")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"reward must return a finite number, got {float(value)} for the completion "
+                             f"{text[:80]!r} (target {target!r:.80})")
+        return float(value)
 
     def scores(self, rewards: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
         """What advantages are computed from: the rewards themselves (the trigger stage shapes them)."""
