@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 
+import datasets
 import pytest
 import torch
 
@@ -152,6 +153,17 @@ def test_bad_arguments(tmp_path):
         GRPOTrainer(model, object(), _prompts(2), reward=lambda t, y: 0.0)
     with pytest.raises(ValueError, match="reward must be a callable"):
         GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=None)
+    with pytest.raises(ValueError, match=r"rows need a 'prompt' string and a 'target' .*got \['answer', 'question'\]"):
+        GRPOTrainer(model, _config(tmp_path), [{"question": "q", "answer": "a"}], reward=lambda t, y: 0.0)
+    with pytest.raises(ValueError, match=r"needs 'prompt' and 'target' columns .*got \['answer', 'question'\]"):
+        GRPOTrainer(model, _config(tmp_path), datasets.Dataset.from_list([{"question": "q", "answer": "a"}]),
+                    reward=lambda t, y: 0.0)
+    def rows_without_targets():
+        yield from [{"prompt": "q"}] * 2
+
+    streamed = datasets.IterableDataset.from_generator(rows_without_targets)  # no columns known: checked as read
+    with pytest.raises(ValueError, match=r"rows need a 'prompt' string and a 'target' .*got \['prompt'\]"):
+        GRPOTrainer(model, _config(tmp_path, max_steps=1, group_size=2), streamed, reward=lambda t, y: 0.0).train()
     with pytest.raises(ValueError, match="compute_loss_func: GRPO computes its own loss"):
         GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=lambda t, y: 0.0, compute_loss_func=lambda *a: 0)
 
