@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from memgen.training.data import prompt_batch
+from memgen.training.data import check_prompt_rows, prompt_batch
 from memgen.training.grpo import completion_mask
 
 
@@ -27,6 +27,7 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
     rows = list(rows)
     if not rows:
         raise ValueError("rows must not be empty")
+    check_prompt_rows(rows, "evaluate")
     tok, device = model.tokenizer, model.delimiter_table.device
     eos = tok.eos_token_id
     scores, insertions = [], []

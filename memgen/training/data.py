@@ -112,6 +112,16 @@ class MemGenCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def check_prompt_rows(rows: Sequence[Any], what: str) -> None:
+    """Raise unless every row is a mapping with a `prompt` string and a `target` (what a reward compares with); `what`
+    names the rows' user (GRPO, evaluate) in the message."""
+    for row in rows:
+        if not (hasattr(row, "keys") and isinstance(row.get("prompt"), str) and "target" in row):
+            got = sorted(row.keys()) if hasattr(row, "keys") else type(row).__name__
+            raise ValueError(f"{what}'s rows need a 'prompt' string and a 'target' (as memgen.tasks.load_task gives), "
+                             f"got {got}")
+
+
 def prompt_batch(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (input_ids, attention_mask) of user prompts for generation, through the chat template
     (with the assistant's generation prompt) when the tokenizer has one."""

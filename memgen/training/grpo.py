@@ -31,7 +31,7 @@ from transformers import TrainingArguments
 
 from memgen.modes import evaluating
 from memgen.sharding import gathered_for_decoding
-from memgen.training.data import MemGenCollator, prompt_batch
+from memgen.training.data import MemGenCollator, check_prompt_rows, prompt_batch
 from memgen.training.trainer import MemGenTrainer
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -146,15 +146,6 @@ class Rollouts:
     texts: list[str]
 
 
-def _check_rows(rows: list[Any]) -> None:
-    """Raise unless every row is a mapping with a `prompt` string and a `target` (what the reward compares with)."""
-    for row in rows:
-        if not (hasattr(row, "keys") and isinstance(row.get("prompt"), str) and "target" in row):
-            got = sorted(row.keys()) if hasattr(row, "keys") else type(row).__name__
-            raise ValueError(f"GRPO's rows need a 'prompt' string and a 'target' (as memgen.tasks.load_task gives), "
-                             f"got {got}")
-
-
 def rows_as_given(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """GRPO's collator: a batch is its rows (prompts are encoded with the rollouts). A function, not a lambda, so
     that data loader workers started by spawn or forkserver can unpickle it."""
@@ -179,7 +170,7 @@ class GRPOTrainer(MemGenTrainer):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func: GRPO computes its own loss (the clipped objective on its rollouts)")
         if isinstance(train_dataset, (list, tuple)):
-            _check_rows(train_dataset)
+            check_prompt_rows(train_dataset, "GRPO")
         columns = getattr(train_dataset, "column_names", None)  # a streamed dataset may not know them yet
         if columns is not None and not {"prompt", "target"} <= set(columns):
             raise ValueError(f"train_dataset needs 'prompt' and 'target' columns (as memgen.tasks.load_task gives), "
@@ -200,7 +191,7 @@ class GRPOTrainer(MemGenTrainer):
 
     def rollouts(self, rows: list[dict[str, Any]]) -> Rollouts:
         """Sample `group_size` completions per row and score them; no gradients."""
-        _check_rows(rows)
+        check_prompt_rows(rows, "GRPO")
         model = self.accelerator.unwrap_model(self.model)
         tok, device, g = model.tokenizer, model.delimiter_table.device, self.args.group_size
         ids, mask = prompt_batch(tok, [r["prompt"] for r in rows])
