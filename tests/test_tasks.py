@@ -83,6 +83,12 @@ def test_bad_sources_and_rows_raise_clearly(tmp_path):
         load_task("gsm8k", [str(_write_jsonl(tmp_path / "a.jsonl", ROWS["gsm8k"])), str(tmp_path / "b.parquet")])
     with pytest.raises(ValueError, match="limit must be"):
         load_task("gsm8k", str(tmp_path / "a.jsonl"), limit=0)
+    csv = tmp_path / "rows.csv"  # an existing file of another kind was taken for a hub name ("couldn't find")
+    csv.write_text("question,answer\nq,#### 1\n")
+    with pytest.raises(ValueError, match=r"source files must be .json, .jsonl, .parquet files, got \['.*rows.csv'\]"):
+        load_task("gsm8k", str(csv))
+    with pytest.raises(ValueError, match="source takes one hub dataset name"):  # the second was dropped
+        load_task("gsm8k", ["openai/gsm8k", "other/gsm8k"])
     with pytest.raises(ValueError, match="has no public dataset"):
         load_task("qa")
     with pytest.raises(ValueError, match=r"lacks the field\(s\) \['solution'\]"):

@@ -140,6 +140,11 @@ def load_task(name: str, source: str | Sequence[str] | None = None, split: str =
     task = TASKS[name]
     files = [source] if isinstance(source, (str, Path)) else list(source) if source is not None else []
     local = [Path(f) for f in files if Path(f).suffix in _LOCAL]
+    other_files = [str(f) for f in files if Path(f).suffix not in _LOCAL and Path(f).is_file()]
+    if other_files:
+        raise ValueError(f"source files must be {', '.join(sorted(_LOCAL))} files, got {other_files}")
+    if len(files) > 1 and not local:
+        raise ValueError(f"source takes one hub dataset name (or local files), got {files}")
     if local:
         kinds = {_LOCAL[f.suffix] for f in local}
         if len(local) != len(files) or len(kinds) > 1:
