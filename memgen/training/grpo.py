@@ -70,8 +70,8 @@ class GRPOConfig(TrainingArguments):
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: GRPO reads the rows' prompt and target")
         if self.accelerator_config.dispatch_batches:
-            raise ValueError("accelerator_config.dispatch_batches must be False: the first rank would read every rank's "
-                             "rows and broadcast them, which takes tensors only, and GRPO's rows carry text")
+            raise ValueError("accelerator_config.dispatch_batches must be False: the first rank would read every "
+                             "rank's rows and broadcast them, which takes tensors only, and GRPO's rows carry text")
         if self.label_smoothing_factor or self.neftune_noise_alpha is not None:
             raise ValueError(f"label_smoothing_factor ({self.label_smoothing_factor!r}) and neftune_noise_alpha "
                              f"({self.neftune_noise_alpha!r}) act on a labelled loss and its inputs: GRPO's loss is on "
