@@ -747,9 +747,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
              generator: torch.Generator | None, eos_ids: list[int], trigger_mode: str, prompt_budget: int,
              budget: int, repetition_penalty: float = 1.0, streamer=None,
              stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             synced_ranks: bool = False) -> MemGenGenerateOutput:
+             synced_ranks: bool = False, pad_id: int | None = None) -> MemGenGenerateOutput:
     """MemGen generation for validated inputs (see `MemGenModel.generate`).
 
+    pad_id: what fills each row after its EOS (default: the tokenizer's pad token).
     stop: maps the new tokens so far [B, t] to bool [B], rows whose text now ends with a stop string.
     synced_ranks: keep the ranks of the default process group in step (a sharded model).
     """
@@ -775,7 +776,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     run_ahead = run_ahead and (reads_first or engine.joint_weaver)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    pad = model.tokenizer.pad_token_id
+    pad = model.tokenizer.pad_token_id if pad_id is None else pad_id
     new_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
     aug_mask = torch.full((batch, max_new_tokens), -100, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, device=device)

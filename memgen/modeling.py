@@ -464,7 +464,7 @@ class MemGenModel(nn.Module):
                  num_return_sequences: int = 1, memory: bool = True, trigger_mode: str | None = None,
                  max_prompt_aug_num: int | None = None, max_inference_aug_num: int | None = None,
                  repetition_penalty: float = 1.0, streamer: Any = None, stop_strings: str | list[str] | None = None,
-                 synced_ranks: bool | None = None):
+                 synced_ranks: bool | None = None, pad_token_id: int | None = None):
         """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
 
         Args:
@@ -475,6 +475,7 @@ class MemGenModel(nn.Module):
                 with the same temperature.
             eos_token_id: one id or several: an int, a list or tuple, or an integer tensor (default: the
                 tokenizer's EOS).
+            pad_token_id: the token that fills each row after its EOS (default: the tokenizer's pad token).
             return_dict_in_generate: return `MemGenGenerateOutput(sequences, augmentation_mask)`
                 instead of the sequences alone.
             num_return_sequences: samples per prompt (> 1 needs do_sample, as in Hugging Face): the output's
@@ -539,6 +540,9 @@ class MemGenModel(nn.Module):
         if eos_ids is None or not all(0 <= e < vocab for e in eos_ids):
             unset = " (the tokenizer names no EOS token: pass eos_token_id)" if eos is None else ""
             raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}{unset}")
+        pad = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or not 0 <= pad < vocab:
+            raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad!r}")
         if not (isinstance(repetition_penalty, (int, float)) and 0 < repetition_penalty < float("inf")):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
         if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
@@ -559,7 +563,7 @@ class MemGenModel(nn.Module):
                              temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator,
                              eos_ids=eos_ids, trigger_mode=mode, prompt_budget=prompt_budget, budget=budget,
                              repetition_penalty=float(repetition_penalty), streamer=streamer, stop=stop,
-                             synced_ranks=bool(synced_ranks))
+                             synced_ranks=bool(synced_ranks), pad_id=int(pad))
         return out if return_dict_in_generate else out.sequences
 
     def _decoding_bases(self, mode: str | None) -> dict[str, PreTrainedModel]:

@@ -436,6 +436,30 @@ def test_token_ids_of_any_integer_type_generate_as_int64_ones():
     assert torch.equal(one, model.generate(input_ids, mask, max_new_tokens=12, eos_token_id=5))
 
 
+def test_pad_token_id_fills_the_rows_after_their_eos():
+    """Hugging Face code passes pad_token_id (often the EOS, to silence a warning): it chooses what follows a finished
+    row's EOS, and nothing else."""
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [1, 0, 2, 0], "left", seed=1)
+    width = input_ids.shape[1]
+    free = model.generate(input_ids, mask, max_new_tokens=20)[:, width:]
+    # an EOS that some row reaches a few tokens in and some other row never does: rows of both kinds
+    eos = next(int(t) for t in free[:, 3:].flatten() if (~(free == t).any(1)).any())
+    default = model.generate(input_ids, mask, max_new_tokens=20, eos_token_id=eos, return_dict_in_generate=True)
+    custom = model.generate(input_ids, mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=eos,
+                            return_dict_in_generate=True)
+    after_eos = (default.sequences[:, width:] == eos).long().cumsum(1) - (default.sequences[:, width:] == eos).long()
+    after_eos = after_eos > 0
+    assert after_eos.any()
+    assert (default.sequences[:, width:][after_eos] == model.tokenizer.pad_token_id).all()
+    assert (custom.sequences[:, width:][after_eos] == eos).all()
+    assert torch.equal(custom.sequences[:, width:][~after_eos], default.sequences[:, width:][~after_eos])
+    assert torch.equal(custom.augmentation_mask, default.augmentation_mask)
+    for bad in (-1, 10**6, 1.0, True):
+        with pytest.raises(ValueError, match="pad_token_id must be a token id"):
+            model.generate(input_ids, mask, max_new_tokens=2, pad_token_id=bad)
+
+
 def test_bad_generate_inputs():
     model = chatty_model("qwen2", "always")
     input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
