@@ -240,7 +240,8 @@ class _Siblings:
             self.b = torch.block_diag(*[lora_B.weight * scaling if _power_of_two(scaling) else lora_B.weight
                                         for _, lora_B, scaling in adapters])  # [sum out, sum r]
             if not all(_power_of_two(scaling) for _, _, scaling in adapters):
-                self.scale = torch.cat([torch.full((lora_B.weight.shape[0],), 1.0 if _power_of_two(s) else s)
+                self.scale = torch.cat([torch.full((lora_B.weight.shape[0],), 1.0 if _power_of_two(s) else s,
+                                                   dtype=torch.float32)
                                         for _, lora_B, s in adapters]).to(self.b)
 
     def update(self, member: int, x: torch.Tensor, start: int, end: int) -> torch.Tensor:

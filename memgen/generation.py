@@ -310,11 +310,12 @@ class _Engine:
         self.do_sample, self.temperature = do_sample, temperature
         # Sampling draws one uniform per row and column, up front: the token a row samples at a column (and its
         # decision before it) does not depend on when the row gets there, nor on the other rows.
-        self.token_uniforms = (torch.rand(batch, max_new_tokens, generator=generator, device=device)
-                               if do_sample else None)
+        # (float32 whatever torch's default dtype: a program that set it to bfloat16 would sample otherwise)
+        self.token_uniforms = (torch.rand(batch, max_new_tokens, generator=generator, dtype=torch.float32,
+                                          device=device) if do_sample else None)
         learned = trigger_mode != "always" and (prompt_budget > 0 or budget > 0)  # `always` samples no decision
-        self.decision_uniforms = (torch.rand(batch, max_new_tokens, generator=generator, device=device)
-                                  if do_sample and learned else None)
+        self.decision_uniforms = (torch.rand(batch, max_new_tokens, generator=generator, dtype=torch.float32,
+                                             device=device) if do_sample and learned else None)
         self.k = {PROMPT: config.prompt_latents_len, INFERENCE: config.inference_latents_len}
         self.memory = prompt_budget > 0 or budget > 0
         self.recording = self.memory  # whether reads append their items to the weaver's stream
@@ -343,7 +344,7 @@ class _Engine:
         self.lm_head = logits_function(model.reasoner)
         self.last_hidden = torch.zeros(batch, self.embed.weight.shape[1], dtype=self.reasoner.dtype, device=device)
         self.packed_padding = PACKED_PADDING_ITEMS.get(device.type, 0)
-        self.latent_norms = torch.full((batch, max_new_tokens), float("nan"), device=device)
+        self.latent_norms = torch.full((batch, max_new_tokens), float("nan"), dtype=torch.float32, device=device)
         if self.memory:
             if self.joint_weaver:
                 self.weaver, self.weaver_offset = self.reasoner, self.reasoner.offsets[model.weaver.adapter_name]

@@ -15,7 +15,11 @@ from torch.nn import functional as F
 
 
 class Projection(nn.Linear):
-    """nn.Linear computing in its weights' dtype, whatever its input's."""
+    """nn.Linear computing in its weights' dtype, whatever its input's; made float32 whatever torch's default dtype
+    (a program that set it to bfloat16 would otherwise train these in bfloat16)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)

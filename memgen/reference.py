@@ -93,7 +93,7 @@ def reference_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         attention_mask = torch.ones_like(input_ids)
     vocab = model.reasoner.get_output_embeddings().weight.shape[0]
     config = model.config
-    logits = torch.zeros(batch, length, vocab, device=input_ids.device)
+    logits = torch.zeros(batch, length, vocab, dtype=torch.float32, device=input_ids.device)
     for b in range(batch):
         columns = [j for j in range(length) if attention_mask[b, j]]
         ids = [int(input_ids[b, j]) for j in columns]
@@ -105,7 +105,7 @@ def reference_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             row_labels = [int(labels[b, j]) for j in columns]
             spans = _spans(row_labels)
             with_prompt = prompt_turns(len(spans), config.max_prompt_aug_num, generator)
-            row = torch.zeros(len(ids), vocab, device=input_ids.device)
+            row = torch.zeros(len(ids), vocab, dtype=torch.float32, device=input_ids.device)
             start = 0
             for t, (span_start, span_end) in enumerate(spans):
                 last = t == len(spans) - 1
@@ -162,7 +162,7 @@ def _decide(logits: torch.Tensor | None, do_sample: bool, temperature: float,
     skip, invoke = float(logits[0]), float(logits[1])
     if not do_sample:
         return int(invoke > skip)
-    u = float(torch.rand((), generator=generator))
+    u = float(torch.rand((), generator=generator, dtype=torch.float32))
     p_invoke = float(torch.softmax(logits.float() / temperature, -1)[1])
     return int(u < p_invoke)
 

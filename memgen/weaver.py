@@ -28,12 +28,13 @@ class MemGenWeaver(nn.Module):
         super().__init__()
         self.model = base  # may be the reasoner itself: one copy of the weights
         hidden = text_config(base).hidden_size
-        self.prompt_query_latents = nn.Parameter(torch.randn(prompt_latents_len, hidden))
-        self.inference_query_latents = nn.Parameter(torch.randn(inference_latents_len, hidden))
-        self.prompt_latent_ln = nn.LayerNorm(hidden)
-        self.inference_latent_ln = nn.LayerNorm(hidden)
-        self.prompt_latent_scale = nn.Parameter(torch.ones(1))
-        self.inference_latent_scale = nn.Parameter(torch.ones(1))
+        f32 = torch.float32  # trained: float32 whatever torch's default dtype, as the adapters are
+        self.prompt_query_latents = nn.Parameter(torch.randn(prompt_latents_len, hidden, dtype=f32))
+        self.inference_query_latents = nn.Parameter(torch.randn(inference_latents_len, hidden, dtype=f32))
+        self.prompt_latent_ln = nn.LayerNorm(hidden, dtype=f32)
+        self.inference_latent_ln = nn.LayerNorm(hidden, dtype=f32)
+        self.prompt_latent_scale = nn.Parameter(torch.ones(1, dtype=f32))
+        self.inference_latent_scale = nn.Parameter(torch.ones(1, dtype=f32))
 
     @property
     def hidden_size(self) -> int:

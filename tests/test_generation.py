@@ -13,7 +13,7 @@ from memgen.bench.decode_suite import weaver_calls
 from memgen.reference import reference_generate
 from memgen.sharding import gathered_for_decoding
 from offline import chat_tokenizer, tiny_causal_lm
-from test_modeling import make_batch
+from test_modeling import make_batch, make_model
 from test_reference_generation import chatty_model
 
 
@@ -458,6 +458,35 @@ def test_pad_token_id_fills_the_rows_after_their_eos():
     for bad in (-1, 10**6, 1.0, True):
         with pytest.raises(ValueError, match="pad_token_id must be a token id"):
             model.generate(input_ids, mask, max_new_tokens=2, pad_token_id=bad)
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+def test_torch_default_dtype_changes_nothing(trigger_mode):
+    """Programs that set torch's default dtype to bfloat16: the engine made its latent norms and its sampling uniforms
+    in it (generation raised in index_put; sampling would have drawn from rounded uniforms), and memgen's own trained
+    modules were made in it."""
+    model = chatty_model("qwen2", trigger_mode)
+    input_ids, mask, labels = make_batch(model, [1, 0, 2, 0], "left", seed=1)
+
+    def run():
+        greedy = model.generate(input_ids, mask, max_new_tokens=16, return_dict_in_generate=True)
+        sampled = model.generate(input_ids, mask, max_new_tokens=16, do_sample=True, return_dict_in_generate=True,
+                                 generator=torch.Generator().manual_seed(0))
+        return greedy, sampled, model(input_ids, mask, labels).loss
+
+    want = run()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = run()
+        built = make_model(trigger_mode=trigger_mode)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for out, ref in zip(got[:2], want[:2]):
+        assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.augmentation_mask, ref.augmentation_mask)
+        assert torch.equal(out.latent_norms.nan_to_num(), ref.latent_norms.nan_to_num())
+    assert torch.equal(got[2], want[2])
+    trained = [*built.stage_parameters("weaver").values(), *built.stage_parameters("trigger").values()]
+    assert {p.dtype for p in trained} == {torch.float32}
 
 
 def test_bad_generate_inputs():

@@ -209,7 +209,7 @@ class GRPOTrainer(MemGenTrainer):
         keep = completion_mask(new, eos)
         texts = [tok.decode(new[b][keep[b]], skip_special_tokens=True) for b in range(len(prompts))]
         targets = [r["target"] for r in rows for _ in range(g)]
-        rewards = torch.tensor([self._score(t, y) for t, y in zip(texts, targets)])
+        rewards = torch.tensor([self._score(t, y) for t, y in zip(texts, targets)], dtype=torch.float32)
         decisions = torch.where(keep, out.augmentation_mask.cpu(), -100)
         scores = self.scores(rewards, decisions)
         advantages = group_advantages(scores, g, scale=self.args.loss_type != "dr_grpo")
