@@ -81,12 +81,24 @@ def marked_text(tokenizer, tokens: list[int], woven_before: list[int]) -> str:
     return "".join(pieces) + text[start:]
 
 
+def _check_device(command: str, device: str) -> None:
+    """Exit with a message, before anything loads, where `device` is not one this torch can use."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise SystemExit(f"memgen {command}: --device {device!r} is not a device ({error})") from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"memgen {command}: --device {device!r}, but this torch ({torch.__version__}) sees no CUDA "
+                         "device")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from memgen.training.run import build_model
 
     prompts = _prompts(args)
     if args.num_return_sequences < 1 or (args.num_return_sequences > 1 and not args.sample):
         raise SystemExit("memgen generate: --num-return-sequences must be >= 1, and above 1 needs --sample")
+    _check_device("generate", args.device)
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(device=args.device).eval()
     tok = model.tokenizer
     batch = _encode(tok, prompts, args.chat)
@@ -214,6 +226,7 @@ def _eval(args: argparse.Namespace) -> int:
     from memgen.tasks import TASKS, load_task
     from memgen.training.run import build_model
 
+    _check_device("eval", args.device)
     try:
         rows = list(load_task(args.task, args.data, args.split, args.limit))
     except ValueError as error:

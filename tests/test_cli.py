@@ -79,3 +79,9 @@ def test_bad_arguments_exit_with_a_message(saved, capsys):
         main(["generate", "--prompt", "x"])  # no --memgen
     with pytest.raises(SystemExit, match="must not be empty"):
         main(["generate", "--memgen", str(root / "ckpt"), "--prompt", ""])
+    with pytest.raises(SystemExit, match="--device 'cdua' is not a device"):
+        main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "x", "--device", "cdua"])
+    if not torch.cuda.is_available():  # it raised torch's "Torch not compiled with CUDA enabled", after loading
+        for command in (["generate", "--prompt", "x"], ["eval", "--task", "gsm8k"]):
+            with pytest.raises(SystemExit, match="--device 'cuda', but this torch .* sees no CUDA device"):
+                main([command[0], "--memgen", str(root / "ckpt"), *command[1:], "--device", "cuda"])
