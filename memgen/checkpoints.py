@@ -25,7 +25,10 @@ import logging
 import os
 from typing import Any
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file, save_file
 
 from memgen.config import MemGenConfig, lora_settings
@@ -47,10 +50,31 @@ def save(model, path: str, is_main_process: bool = True) -> None:
     save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt", "producer": "memgen"})
 
 
+def checkpoint_directory(path: str, revision: str | None = None) -> str:
+    """`path` where it is a local directory; otherwise a Hugging Face Hub repository of that id, downloaded (or taken
+    from the Hub's cache; `revision`: a branch, tag or commit), as Hugging Face's `from_pretrained` does."""
+    if os.path.isdir(path):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} names a version of a Hub repository; {path!r} is a local "
+                             "directory")
+        return path
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} is a file: pass the checkpoint's directory")
+    try:
+        validate_repo_id(path)  # a mistyped local path goes no further
+    except HFValidationError as error:
+        raise FileNotFoundError(f"no checkpoint directory at {path!r}, nor is it a Hub repository id") from error
+    try:
+        return huggingface_hub.snapshot_download(repo_id=path, revision=revision)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+        raise FileNotFoundError(f"no checkpoint directory at {path!r}, and the Hugging Face Hub gave no repository of "
+                                f"that id: {error}") from error
+
+
 def load(cls, path: str, reasoner: Any, tokenizer: Any, config: MemGenConfig | None = None,
-         weaver_base: Any = None, trigger_base: Any = None, check_base_weights: bool = True):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+         weaver_base: Any = None, trigger_base: Any = None, check_base_weights: bool = True,
+         revision: str | None = None):
+    path = checkpoint_directory(path, revision)
     if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         config = MemGenConfig.from_pretrained(path) if config is None else config
         state, ignored = load_file(os.path.join(path, WEIGHTS_NAME)), {}

@@ -265,12 +265,13 @@ class MemGenModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, reasoner: PreTrainedModel | str | None = None,
                         tokenizer: Any = None, **kwargs: Any) -> "MemGenModel":
-        """Load a memgen checkpoint, or either checkpoint format of the reference implementation.
+        """Load a memgen checkpoint, or either checkpoint format of the reference implementation, from a local
+        directory or a Hugging Face Hub repository id (downloaded, or taken from the Hub's cache).
 
         The base model comes from `reasoner` or, when not given, from the name recorded in the checkpoint.
-        Keyword arguments: config, weaver_base, trigger_base, and check_base_weights (default True): where the
-        checkpoint carries its frozen base weights (the reference's `model.safetensors`), raise unless they are
-        the bases' own.
+        Keyword arguments: config, weaver_base, trigger_base, revision (a Hub repository's branch, tag or commit),
+        and check_base_weights (default True): where the checkpoint carries its frozen base weights (the
+        reference's `model.safetensors`), raise unless they are the bases' own.
         """
         return checkpoints.load(cls, str(path), reasoner, tokenizer, **kwargs)
 

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 
+import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -286,3 +287,33 @@ def test_reference_pickles_are_read_with_weights_only(tmp_path):
 def test_no_checkpoint_here(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no memgen checkpoint"):
         MemGenModel.from_pretrained(tmp_path, reasoner=tiny_causal_lm("qwen2", 10))
+
+
+def test_a_hub_repository_id_loads_through_the_hub(tmp_path, monkeypatch):
+    """from_pretrained takes a Hugging Face Hub repository id, as Hugging Face's does; the download is faked here
+    (the tests run offline)."""
+    model = make_model("qwen2", trigger_mode="lora")
+    randomize(model, 3)
+    model.save_pretrained(tmp_path / "snapshot")
+    calls = []
+
+    def snapshot_download(repo_id, revision=None):
+        calls.append((repo_id, revision))
+        if repo_id != "org/memgen-weaver":
+            raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach the Hub, and nothing is cached")
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    tok = chat_tokenizer()
+    loaded = MemGenModel.from_pretrained("org/memgen-weaver", reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok,
+                                         revision="v1")
+    same_model(model, loaded)
+    with pytest.raises(FileNotFoundError, match="the Hugging Face Hub gave no repository of that id: cannot reach"):
+        MemGenModel.from_pretrained("org/other", reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok)
+    with pytest.raises(FileNotFoundError, match="nor is it a Hub repository id"):
+        MemGenModel.from_pretrained(str(tmp_path / "missing" / "dir"), reasoner=model.reasoner)
+    with pytest.raises(FileNotFoundError, match="is a file: pass the checkpoint's directory"):
+        MemGenModel.from_pretrained(tmp_path / "snapshot" / "memgen.safetensors", reasoner=model.reasoner)
+    with pytest.raises(ValueError, match="names a version of a Hub repository"):
+        MemGenModel.from_pretrained(tmp_path / "snapshot", reasoner=model.reasoner, revision="v1")
+    assert calls == [("org/memgen-weaver", "v1"), ("org/other", None)]  # local paths never reach the Hub
