@@ -87,8 +87,10 @@ def test_conversations_label_every_assistant_turn_and_nothing_else():
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                    {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}, None,
      "without a chat template takes prompt/answer rows only"),
-    ({"messages": [{"role": "assistant", "content": "b"}]}, CHATML, "no prompt before its first assistant turn"),
-    ({"prompt": "a b c d e f g h", "answer": "i j k l m n"}, None, "more than max_length=5"),
+    ({"messages": [{"role": "assistant", "content": "b"}]}, CHATML,
+     "the row starting 'b' has no prompt before its first assistant turn"),
+    ({"prompt": "a b c d e f g h", "answer": "i j k l m n"}, None,
+     "the row starting 'a b c d e f g h' has .* more than max_length=5"),
     ({"prompt": "Hi", "answer": "Yo"}, "{{ messages[-1]['content'] }}", "growing prefix"),
 ])
 def test_bad_rows_raise_clearly(row, template, match):

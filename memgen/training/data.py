@@ -80,11 +80,12 @@ def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int | None =
         answer = _ids(tokenizer, messages[1]["content"])
         answer = answer + [tokenizer.eos_token_id]
         input_ids, labels = prompt + answer, [IGNORE] * len(prompt) + answer
+    which = f"the row starting {messages[0]['content'][:60]!r}"  # which one, in a dataset of thousands
     if labels[0] != IGNORE:
-        raise ValueError("the row has no prompt before its first assistant turn")
+        raise ValueError(f"{which} has no prompt before its first assistant turn")
     if max_length is not None and len(input_ids) > max_length:
-        raise ValueError(f"a row has {len(input_ids)} tokens, more than max_length={max_length}; raise max_length or "
-                         "shorten the row (rows are never truncated silently)")
+        raise ValueError(f"{which} has {len(input_ids)} tokens, more than max_length={max_length}; raise max_length "
+                         "or shorten the row (rows are never truncated silently)")
     return {"input_ids": input_ids, "labels": labels}
 
 
