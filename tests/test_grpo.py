@@ -187,6 +187,34 @@ def test_rewards_may_be_bools_or_one_element_tensors(tmp_path):
         assert trainer.rollouts(_prompts(2)).rewards.tolist() == [float(value)] * 4
 
 
+def test_evaluation_samples_the_eval_rows_and_logs_their_reward_apart(tmp_path):
+    """An eval_dataset crashed evaluation (Trainer's prediction_step took GRPO's rows for a dict of tensors). Each
+    evaluation batch samples its own rollouts; their reward is logged as eval_reward, and the training logs keep the
+    training rollouts' own."""
+    seen = {"train": [], "eval": []}
+    trainer = None
+
+    def reward(text, target):
+        value = float(len(text) % 3)
+        seen["train" if trainer.model.training else "eval"].append(value)
+        return value
+
+    eval_rows = [{"prompt": p["prompt"] + " eval", "target": None} for p in _prompts(3)]
+    trainer = GRPOTrainer(make_model(), _config(tmp_path, max_steps=1, group_size=2, per_device_eval_batch_size=2,
+                                                eval_strategy="steps", eval_steps=1),
+                          _prompts(4), reward=reward, eval_dataset=eval_rows)
+    trainer.train()
+    assert len(seen["eval"]) == 3 * 2  # every eval row, group_size rollouts each, in two batches
+    metrics = trainer.evaluate()
+    assert len(seen["eval"]) == 12
+    second = seen["eval"][6:]  # batches of 2 rows and 1 row, 2 rollouts each: the mean of their means
+    assert metrics["eval_reward"] == pytest.approx((sum(second[:4]) / 4 + sum(second[4:]) / 2) / 2)
+    assert "eval_loss" in metrics and "eval_invocation_rate" in metrics
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert train_logs[0]["reward"] == pytest.approx(sum(seen["train"]) / len(seen["train"]))
+    assert not any(k.startswith("eval_") for h in train_logs for k in h)
+
+
 def test_the_collator_pickles_for_loader_workers(tmp_path):
     """Data loader workers started by spawn or forkserver (Python 3.14's default on Linux) unpickle the collator,
     which was a lambda."""

@@ -121,3 +121,11 @@ def test_bad_arguments(tmp_path):
         always(torch.tensor([[1, 2]]), trigger_logits=True)
     with pytest.raises(ValueError, match="need labels and the augmentation_points"):
         make_model("qwen2", trigger_mode="head")(torch.tensor([[1, 2]]), trigger_logits=True)
+
+
+def test_trigger_rl_evaluates_on_eval_rows(tmp_path):
+    model = chatty_model("qwen2", "lora", k_prompt=2, k_inference=2)
+    trainer = TriggerTrainer(model, _config(tmp_path, max_new_tokens=8), _prompts(4), reward=lambda text, target: 1.0,
+                             allow_untrained_weaver=True, eval_dataset=_prompts(2))
+    metrics = trainer.evaluate()
+    assert metrics["eval_reward"] == 1.0 and "eval_shaped_reward" in metrics and "eval_loss" in metrics

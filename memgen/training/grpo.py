@@ -181,7 +181,8 @@ class GRPOTrainer(MemGenTrainer):
         self.reward = reward
         self.initial_state = {k: p.detach().clone() for k, p in model.stage_parameters(self.stage_name).items()} \
             if args.beta > 0 else None
-        self._metrics: dict[str, list[float]] = {}
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}  # rollout metrics per mode
+        self._eval_draws = 0  # evaluation batches sampled so far: each draws its own rollouts
 
     # ------------------------------------------------------------------ rollouts
 
@@ -189,8 +190,9 @@ class GRPOTrainer(MemGenTrainer):
         """How rollouts are sampled (the trigger stage samples its decisions too)."""
         return {"trigger_mode": "always"}
 
-    def rollouts(self, rows: list[dict[str, Any]]) -> Rollouts:
-        """Sample `group_size` completions per row and score them; no gradients."""
+    def rollouts(self, rows: list[dict[str, Any]], draw: int = 0) -> Rollouts:
+        """Sample `group_size` completions per row and score them; no gradients. `draw` tells apart the samplings of
+        one step on one rank (0: the training rollouts; evaluation batches count from 1)."""
         check_prompt_rows(rows, "GRPO")
         model = self.accelerator.unwrap_model(self.model)
         tok, device, g = model.tokenizer, model.delimiter_table.device, self.args.group_size
@@ -198,7 +200,8 @@ class GRPOTrainer(MemGenTrainer):
         width = ids.shape[1]
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask) for _ in range(g)]
         eos = self.args.eos_token_ids or [tok.eos_token_id]
-        seed = self.args.seed + 1_000_003 * (self.state.global_step * self.args.world_size + self.args.process_index)
+        seed = (self.args.seed + 1_000_003 * (self.state.global_step * self.args.world_size + self.args.process_index)
+                + 7_919 * draw)
         generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad(), evaluating(model), gathered_for_decoding(self.model_wrapped):
             out = model.generate(ids.to(device), mask.to(device), max_new_tokens=self.args.max_new_tokens,
@@ -271,6 +274,12 @@ class GRPOTrainer(MemGenTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self.rollouts(inputs)
+        loss, clipped, kl, outputs = self._loss(model, batch)
+        self._record(batch, clipped, kl)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss(self, model: Any, batch: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
+        """(loss, clipped fraction, per-token KL or None, the outputs compute_loss returns) of a step's rollouts."""
         # before the policy's forward: swapping the initial tensors in afterwards would alter its saved graph
         reference = self._reference_logps(batch) if self.args.beta > 0 else None
         logps = self._policy_logps(model, batch)
@@ -280,8 +289,7 @@ class GRPOTrainer(MemGenTrainer):
             kl = torch.exp(delta) - delta - 1  # k3 estimator of KL(policy || initial weaver), >= 0
         loss, clipped = clipped_loss(logps, logps.detach(), batch.advantages, batch.completion, self.args.epsilon,
                                      self.args.loss_type, self.args.max_new_tokens, kl, self.args.beta)
-        self._record(batch, clipped, kl)
-        return (loss, logps) if return_outputs else loss
+        return loss, clipped, kl, logps
 
     def _record(self, batch: Rollouts, clipped: torch.Tensor, kl: torch.Tensor | None) -> None:
         decided = (batch.decided >= 0).sum()
@@ -292,11 +300,30 @@ class GRPOTrainer(MemGenTrainer):
         if kl is not None:
             values["kl"] = (kl.detach() * batch.completion).sum() / batch.completion.sum().clamp(min=1)
         for k, v in values.items():
-            self._metrics.setdefault(k, []).append(float(v))
+            self._metric(k, v)
+
+    def _metric(self, name: str, value: Any) -> None:
+        """Record a rollout metric for the next log of the current mode (training, or evaluation: eval mode)."""
+        self._metrics["train" if self.model.training else "eval"].setdefault(name, []).append(float(value))
+
+    def prediction_step(self, model: Any, inputs: list[dict[str, Any]], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+        """Evaluation on `eval_dataset` rows: their rollouts (sampled as in training, each batch its own draw) and
+        their loss, without gradients. The rollouts' reward and other metrics are logged under the evaluation's
+        prefix (`eval_reward`, ...) beside `eval_loss`."""
+        self._eval_draws += 1
+        with torch.no_grad():
+            batch = self.rollouts(inputs, draw=self._eval_draws)
+            loss, clipped, kl, _ = self._loss(model, batch)
+        self._record(batch, clipped, kl)
+        return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds the mean of each rollout metric since the last log (reward, KL, invocation rate, ...)."""
-        if "loss" in logs:
-            logs.update({k: sum(v) / len(v) for k, v in self._metrics.items() if v})
-            self._metrics = {}
+        """Adds the mean of each rollout metric since the last log (reward, KL, invocation rate, ...): a training
+        log gets the training rollouts', an evaluation's (its `<prefix>_loss`) the evaluation's, prefixed alike."""
+        evaluation = next((k[: -len("loss")] for k in logs if k.endswith("_loss")), None)
+        mode, prefix = ("train", "") if "loss" in logs else ("eval", evaluation) if evaluation else (None, "")
+        if mode is not None:
+            logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
+            self._metrics[mode] = {}
         super().log(logs, *args, **kwargs)

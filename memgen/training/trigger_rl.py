@@ -80,10 +80,10 @@ class TriggerTrainer(GRPOTrainer):
 
     def _record(self, batch, clipped, kl) -> None:
         super()._record(batch, clipped, kl)
-        self._metrics.setdefault("shaped_reward", []).append(float(batch.scores.mean()))
+        self._metric("shaped_reward", batch.scores.mean())
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = self.rollouts(inputs)
+    def _loss(self, model, batch):
+        """The clipped objective on the log-probabilities of the decisions the rollouts took."""
         logits = model(batch.input_ids, batch.attention_mask, batch.labels, augmentation_points=batch.points,
                        trigger_logits=True).trigger_logits
         taken = torch.full_like(batch.decided, -100)
@@ -93,5 +93,4 @@ class TriggerTrainer(GRPOTrainer):
         logps = logps.squeeze(-1)
         loss, clipped = clipped_loss(logps, logps.detach(), batch.advantages, mask, self.args.epsilon,
                                      self.args.loss_type, self.args.max_new_tokens)
-        self._record(batch, clipped, None)
-        return (loss, logits) if return_outputs else loss
+        return loss, clipped, None, logits
