@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from memgen.training import MemGenCollator
+from memgen.training import MemGenCollator, MemGenTrainer
 from test_modeling import make_model
 
 
@@ -43,3 +44,12 @@ def test_trainer_sft_lowers_the_loss_and_leaves_the_reasoner_alone(tmp_path):
     for key, value in model.reasoner.state_dict().items():
         if "lora_" not in key:
             assert torch.equal(value, base_before[key]), key
+
+
+def test_the_trigger_stage_needs_a_loss_that_involves_the_trigger(tmp_path):
+    """The teacher-forced loss does not involve the trigger: a trigger stage on it ran with a zero gradient norm and
+    trained nothing, silently."""
+    model = make_model(trigger_mode="lora")
+    with pytest.raises(ValueError, match="stage='trigger' with the teacher-forced loss would train nothing"):
+        MemGenTrainer(model, TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]), stage="trigger",
+                      train_dataset=sft_rows(model, 4), data_collator=MemGenCollator(model.tokenizer.pad_token_id))

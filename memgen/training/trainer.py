@@ -89,6 +89,10 @@ class MemGenTrainer(Trainer):
     """A `Trainer` for one MemGen stage ("weaver" or "trigger") whose checkpoints are safetensors and JSON."""
 
     def __init__(self, model: Any, args: Any = None, stage: str = "weaver", **kwargs: Any) -> None:
+        if stage == "trigger" and type(self).compute_loss is MemGenTrainer.compute_loss:
+            raise ValueError("stage='trigger' with the teacher-forced loss would train nothing: that loss does not "
+                             "involve the trigger. Train the trigger with TriggerTrainer (trigger RL), or subclass "
+                             "MemGenTrainer with a compute_loss on forward(..., trigger_logits=True)")
         if args is not None and args.accelerator_config.dispatch_batches is None:
             # Unset, accelerate has the first rank read a streamed dataset's batches for every rank and concatenate
             # them, which needs one width for all, while the collator pads each batch to its own (and GRPO's rows
