@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from memgen.training.data import check_prompt_rows, prompt_batch
-from memgen.training.grpo import completion_mask
+from memgen.training.grpo import completion_mask, scored
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
         keep = completion_mask(new, [eos])
         for b, row in enumerate(chunk):
             text = tok.decode(new[b][keep[b]], skip_special_tokens=True)
-            scores.append(float(reward(text, row["target"])))
+            scores.append(scored(reward, text, row["target"]))
             insertions.append(int(woven[b][keep[b]].sum()))
     return {"accuracy": sum(scores) / len(scores), "rows": len(scores),
             "insertions_per_response": sum(insertions) / len(insertions)}

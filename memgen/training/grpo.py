@@ -89,6 +89,19 @@ def check_sharding(trainer: Any) -> None:
                          "beta=0, or DDP / ZeRO-1/2")
 
 
+def scored(reward: Callable[[str, Any], Any], text: str, target: Any) -> float:
+    """`reward(text, target)`, refused unless a finite real number (a bool or a one-element tensor too): in GRPO a
+    NaN or infinite reward would turn every advantage of its group, and then the trained weights, into NaN."""
+    value = reward(text, target)
+    if not isinstance(value, numbers.Real) and not (torch.is_tensor(value) and value.numel() == 1):
+        raise ValueError(f"reward must return a real number, got {type(value).__name__} ({value!r:.80}) for the "
+                         f"completion {text[:80]!r} (target {target!r:.80})")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"reward must return a finite number, got {float(value)} for the completion {text[:80]!r} "
+                         f"(target {target!r:.80})")
+    return float(value)
+
+
 def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """bool [B, T]: each completion's tokens up to and including its first EOS."""
     is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))
@@ -212,24 +225,12 @@ class GRPOTrainer(MemGenTrainer):
         keep = completion_mask(new, eos)
         texts = [tok.decode(new[b][keep[b]], skip_special_tokens=True) for b in range(len(prompts))]
         targets = [r["target"] for r in rows for _ in range(g)]
-        rewards = torch.tensor([self._score(t, y) for t, y in zip(texts, targets)], dtype=torch.float32)
+        rewards = torch.tensor([scored(self.reward, t, y) for t, y in zip(texts, targets)], dtype=torch.float32)
         decisions = torch.where(keep, out.augmentation_mask.cpu(), -100)
         scores = self.scores(rewards, decisions)
         advantages = group_advantages(scores, g, scale=self.args.loss_type != "dr_grpo")
         return self._repack(prompts, new, keep, decisions, rewards, scores, advantages, texts, device,
                             tok.pad_token_id)
-
-    def _score(self, text: str, target: Any) -> float:
-        """The reward of one completion, refused unless a finite real number: a NaN or infinite reward would turn
-        every advantage of its group, and then the trained weights, into NaN without an error."""
-        value = self.reward(text, target)
-        if not isinstance(value, numbers.Real) and not (torch.is_tensor(value) and value.numel() == 1):
-            raise ValueError(f"reward must return a real number, got {type(value).__name__} ({value!r:.80}) for the "
-                             f"completion {text[:80]!r} (target {target!r:.80})")
-        if not math.isfinite(float(value)):
-            raise ValueError(f"reward must return a finite number, got {float(value)} for the completion "
-                             f"{text[:80]!r} (target {target!r:.80})")
-        return float(value)
 
     def scores(self, rewards: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
         """What advantages are computed from: the rewards themselves (the trigger stage shapes them)."""
