@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from memgen.adapters import tuner_layers
+from memgen.evaluation import evaluate
+from memgen.training.data import prompt_batch
 from memgen.training.grpo import GRPOConfig, GRPOTrainer, clipped_loss, completion_mask, group_advantages
 from test_modeling import make_model
 
@@ -153,7 +155,7 @@ def test_bad_arguments(tmp_path):
         GRPOTrainer(model, object(), _prompts(2), reward=lambda t, y: 0.0)
     with pytest.raises(ValueError, match="reward must be a callable"):
         GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=None)
-    with pytest.raises(ValueError, match=r"rows need a 'prompt' string and a 'target' .*got \['answer', 'question'\]"):
+    with pytest.raises(ValueError, match=r"rows need a 'prompt' .* and a 'target' .*got \['answer', 'question'\]"):
         GRPOTrainer(model, _config(tmp_path), [{"question": "q", "answer": "a"}], reward=lambda t, y: 0.0)
     with pytest.raises(ValueError, match=r"needs 'prompt' and 'target' columns .*got \['answer', 'question'\]"):
         GRPOTrainer(model, _config(tmp_path), datasets.Dataset.from_list([{"question": "q", "answer": "a"}]),
@@ -162,7 +164,7 @@ def test_bad_arguments(tmp_path):
         yield from [{"prompt": "q"}] * 2
 
     streamed = datasets.IterableDataset.from_generator(rows_without_targets)  # no columns known: checked as read
-    with pytest.raises(ValueError, match=r"rows need a 'prompt' string and a 'target' .*got \['prompt'\]"):
+    with pytest.raises(ValueError, match=r"rows need a 'prompt' .* and a 'target' .*got \['prompt'\]"):
         GRPOTrainer(model, _config(tmp_path, max_steps=1, group_size=2), streamed, reward=lambda t, y: 0.0).train()
     with pytest.raises(ValueError, match="compute_loss_func: GRPO computes its own loss"):
         GRPOTrainer(model, _config(tmp_path), _prompts(2), reward=lambda t, y: 0.0, compute_loss_func=lambda *a: 0)
@@ -213,6 +215,31 @@ def test_evaluation_samples_the_eval_rows_and_logs_their_reward_apart(tmp_path):
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert train_logs[0]["reward"] == pytest.approx(sum(seen["train"]) / len(seen["train"]))
     assert not any(k.startswith("eval_") for h in train_logs for k in h)
+
+
+def test_conversation_prompts_continue_through_the_chat_template(tmp_path):
+    """A row's prompt may be a conversation (TRL's conversational format): rendered by the chat template with the
+    assistant's generation prompt, as a string prompt is as one user turn."""
+    from test_sft import CHATML
+
+    model = make_model()
+    tok = model.tokenizer
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: apple, river"}]
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        prompt_batch(tok, [conversation])
+    tok.chat_template = CHATML
+    ids, mask = prompt_batch(tok, [conversation, "Q: stone"])
+    want = tok(tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+    assert ids[0][mask[0].bool()].tolist() == want
+    assert ids[1][mask[1].bool()].tolist() == tok(tok.apply_chat_template(
+        [{"role": "user", "content": "Q: stone"}], tokenize=False, add_generation_prompt=True))["input_ids"]
+    rows = [{"prompt": conversation, "target": None}, {"prompt": "Q: stone", "target": None}]
+    trainer = GRPOTrainer(model, _config(tmp_path, max_steps=1, group_size=2), rows, reward=lambda t, y: len(t) % 2)
+    trainer.train()
+    assert evaluate(model, rows, lambda t, y: 1.0, max_new_tokens=3)["rows"] == 2
+    with pytest.raises(ValueError, match="rows need a 'prompt' .* and a 'target'"):
+        GRPOTrainer(model, _config(tmp_path), [{"prompt": [{"role": "user"}], "target": None}], reward=lambda t, y: 0)
 
 
 def test_the_collator_pickles_for_loader_workers(tmp_path):

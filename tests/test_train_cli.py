@@ -100,7 +100,7 @@ def test_evaluate_scores_each_completion_with_the_task_reward():
         evaluate(model, [], reward)
     with pytest.raises(ValueError, match=r"reward must return a finite number, got nan for the completion"):
         evaluate(model, rows, lambda text, target: float("nan"), max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"evaluate's rows need a 'prompt' string and a 'target' .*got \['question'\]"):
+    with pytest.raises(ValueError, match=r"evaluate's rows need a 'prompt' .* and a 'target' .*got \['question'\]"):
         evaluate(model, [*rows, {"question": "Q: four"}], reward)
 
 

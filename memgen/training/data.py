@@ -113,24 +113,37 @@ class MemGenCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _is_conversation(prompt: Any) -> bool:
+    """Whether `prompt` is a conversation: a non-empty list of {'role': str, 'content': str} messages."""
+    return (isinstance(prompt, list) and bool(prompt)
+            and all(hasattr(m, "get") and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in prompt))
+
+
 def check_prompt_rows(rows: Sequence[Any], what: str) -> None:
-    """Raise unless every row is a mapping with a `prompt` string and a `target` (what a reward compares with); `what`
-    names the rows' user (GRPO, evaluate) in the message."""
+    """Raise unless every row is a mapping with a `prompt` (a string, or a conversation: a list of {'role',
+    'content'} messages) and a `target` (what a reward compares with); `what` names the rows' user (GRPO,
+    evaluate) in the message."""
     for row in rows:
-        if not (hasattr(row, "keys") and isinstance(row.get("prompt"), str) and "target" in row):
+        if not (hasattr(row, "keys") and "target" in row
+                and (isinstance(row.get("prompt"), str) or _is_conversation(row.get("prompt")))):
             got = sorted(row.keys()) if hasattr(row, "keys") else type(row).__name__
-            raise ValueError(f"{what}'s rows need a 'prompt' string and a 'target' (as memgen.tasks.load_task gives), "
-                             f"got {got}")
+            raise ValueError(f"{what}'s rows need a 'prompt' (a string, or a list of {{'role', 'content'}} messages) "
+                             f"and a 'target' (as memgen.tasks.load_task gives), got {got}")
 
 
-def prompt_batch(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (input_ids, attention_mask) of user prompts for generation, through the chat template
-    (with the assistant's generation prompt) when the tokenizer has one."""
+def prompt_batch(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask) of prompts for generation: a string is one user turn, a list of
+    {'role', 'content'} messages a conversation to continue. Through the chat template (with the assistant's
+    generation prompt) when the tokenizer has one; otherwise strings only, after the tokenizer's leading special
+    tokens."""
     if getattr(tokenizer, "chat_template", None):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-        ids = [_ids(tokenizer, p) for p in prompts]
+        conversations = [p if _is_conversation(p) else [{"role": "user", "content": p}] for p in prompts]
+        ids = [_ids(tokenizer, tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True))
+               for c in conversations]
     else:
+        if any(not isinstance(p, str) for p in prompts):
+            raise ValueError("a conversation as prompt (a list of messages) needs a tokenizer with a chat template")
         start = leading_special_tokens(tokenizer)
         ids = [start + _ids(tokenizer, p) for p in prompts]
     if any(not row for row in ids):

@@ -168,7 +168,8 @@ def rows_as_given(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class GRPOTrainer(MemGenTrainer):
     """GRPO on a MemGen stage, through Hugging Face `Trainer` (DDP and `torchrun` work as for any Trainer).
 
-    train_dataset: rows with `prompt` (str) and `target` (anything the reward takes), e.g. from
+    train_dataset: rows with `prompt` (a string, one user turn; or a conversation, a list of {'role', 'content'}
+    messages that the chat template continues) and `target` (anything the reward takes), e.g. from
     `memgen.tasks.load_task`. reward: (completion text, target) -> float, e.g. `TASKS["gsm8k"].reward`.
     """
 
