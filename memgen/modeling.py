@@ -401,7 +401,7 @@ class MemGenModel(nn.Module):
                 labels: torch.Tensor | None = None, augmentation_points: Any = None,
                 memory: bool = True, generator: torch.Generator | None = None,
                 trigger_logits: bool = False, token_logps: bool = False,
-                logps_chunk_size: int = 1024) -> MemGenOutput:
+                logps_chunk_size: int = 1024, logps_temperature: float = 1.0) -> MemGenOutput:
         """Teacher-forced forward with latents woven at the augmentation points.
 
         Args:
@@ -424,6 +424,8 @@ class MemGenModel(nn.Module):
                 each chunk's logits, so neither the [B, L, V] logits nor their float32 log-softmax is
                 ever held whole (with a 150k vocabulary they are a step's largest tensors). Single-turn
                 rows or explicit `augmentation_points` only.
+            logps_temperature: with `token_logps`, score the tokens under the logits divided by it: the
+                distribution that sampling at that temperature draws from (GRPO passes its sampling temperature).
 
         Rows with several answer spans are conversations: each assistant turn is a single-turn
         forward over the prefix ending at that turn (earlier turns' latents are invisible to it);
@@ -434,6 +436,8 @@ class MemGenModel(nn.Module):
         if token_logps and (labels is None or not isinstance(logps_chunk_size, int) or logps_chunk_size < 1):
             raise ValueError(f"token_logps=True needs labels (the tokens to score) and logps_chunk_size an int >= 1, "
                              f"got labels={'None' if labels is None else 'given'}, logps_chunk_size={logps_chunk_size!r}")
+        if token_logps and not (isinstance(logps_temperature, (int, float)) and 0 < logps_temperature < float("inf")):
+            raise ValueError(f"logps_temperature must be a finite number > 0, got {logps_temperature!r}")
         if token_logps and trigger_logits:
             raise ValueError("pass token_logps=True or trigger_logits=True, not both: they are different outputs")
         if trigger_logits:
@@ -455,7 +459,7 @@ class MemGenModel(nn.Module):
                                     self.config.max_inference_aug_num)
         if token_logps:
             return MemGenOutput(augmentation_points=points, token_logps=_differentiable(self._token_logps(
-                input_ids, real, points, labels, logps_chunk_size)))
+                input_ids, real, points, labels, logps_chunk_size, float(logps_temperature))))
         return self._output(self._interleaved_logits(input_ids, real, points), labels, points)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
@@ -692,8 +696,9 @@ class MemGenModel(nn.Module):
         return logits * real[..., None].to(logits.dtype)
 
     def _token_logps(self, input_ids: torch.Tensor, real: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
-                     chunk_size: int) -> torch.Tensor:
-        """[B, L] float32 log-probabilities of the labelled tokens, the LM head run chunk by chunk."""
+                     chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
+        """[B, L] float32 log-probabilities of the labelled tokens under the logits / `temperature`, the LM head run
+        chunk by chunk."""
         hidden, item_index, n_latents = self._interleaved_hidden(input_ids, real, points)
         read_at = _predicting_items(real, item_index, n_latents)
         scored = torch.zeros_like(real)
@@ -703,7 +708,7 @@ class MemGenModel(nn.Module):
         head = logits_function(self.reasoner)
 
         def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return torch.log_softmax(head(h).float(), -1).gather(-1, t[:, None]).squeeze(-1)
+            return torch.log_softmax(head(h).float() / temperature, -1).gather(-1, t[:, None]).squeeze(-1)
 
         def run(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled():  # keep only h: backward recomputes this chunk's logits

@@ -242,6 +242,21 @@ def test_conversation_prompts_continue_through_the_chat_template(tmp_path):
         GRPOTrainer(model, _config(tmp_path), [{"prompt": [{"role": "user"}], "target": None}], reward=lambda t, y: 0)
 
 
+def test_the_policy_gradient_scores_tokens_at_the_sampling_temperature(tmp_path):
+    """Rollouts sampled at temperature T come from softmax(logits / T); their log-probabilities (and so the policy
+    gradient and the KL) were taken under softmax(logits), a policy that sampled nothing, wherever T != 1."""
+    model = make_model("qwen2", k_prompt=4, k_inference=2)
+    trainer = GRPOTrainer(model, _config(tmp_path, group_size=2, temperature=0.5), _prompts(2),
+                          reward=lambda t, y: 0.0)
+    batch = trainer.rollouts(_prompts(2))
+    logps = trainer._policy_logps(model, batch)
+    logits = model(batch.input_ids, batch.attention_mask, batch.labels, augmentation_points=batch.points).logits
+    want = torch.zeros_like(logps)
+    want[:, 1:] = torch.log_softmax(logits[:, :-1].float() / 0.5, -1).gather(
+        -1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(logps[batch.completion], want[batch.completion], rtol=1e-5, atol=1e-5)
+
+
 def test_the_collator_pickles_for_loader_workers(tmp_path):
     """Data loader workers started by spawn or forkserver (Python 3.14's default on Linux) unpickle the collator,
     which was a lambda."""

@@ -189,15 +189,17 @@ def test_explicit_points_override_the_rule(form):
     assert torch.equal(out.augmentation_points != 0, chosen)
 
 
-def _plain_token_logps(logits, input_ids, labels):
-    """The reference: log-softmax of the whole [B, L, V] logits, read at each labelled token."""
+def _plain_token_logps(logits, input_ids, labels, temperature=1.0):
+    """The reference: log-softmax of the whole [B, L, V] logits / temperature, read at each labelled token."""
     logps = torch.zeros(input_ids.shape)
-    logps[:, 1:] = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    logps[:, 1:] = torch.log_softmax(logits[:, :-1].float() / temperature, -1).gather(
+        -1, input_ids[:, 1:, None]).squeeze(-1)
     return torch.where(labels != -100, logps, 0.0)
 
 
-@pytest.mark.parametrize("padding,chunk_size,seed", [("left", 1, 0), ("right", 7, 1), ("left", 10_000, 2)])
-def test_chunked_token_logps_equal_the_full_log_softmax(padding, chunk_size, seed):
+@pytest.mark.parametrize("padding,chunk_size,seed,temperature", [("left", 1, 0, 1.0), ("right", 7, 1, 0.7),
+                                                                 ("left", 10_000, 2, 1.3)])
+def test_chunked_token_logps_equal_the_full_log_softmax(padding, chunk_size, seed, temperature):
     model = make_model("qwen2", k_prompt=3, k_inference=2, seed=seed).train()
     input_ids, mask, labels = make_batch(model, [3, 0, 5, 1, 2], padding, seed=seed)
     g = torch.Generator().manual_seed(seed)
@@ -207,12 +209,13 @@ def test_chunked_token_logps_equal_the_full_log_softmax(padding, chunk_size, see
     def run(**kwargs):
         model.zero_grad()
         out = model(input_ids, mask, labels, augmentation_points=points, **kwargs)
-        logps = out.token_logps if "token_logps" in kwargs else _plain_token_logps(out.logits, input_ids, labels)
+        logps = (out.token_logps if "token_logps" in kwargs
+                 else _plain_token_logps(out.logits, input_ids, labels, temperature))
         (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum().backward()
         return logps.detach(), {k: p.grad.clone() for k, p in weaver.items() if p.grad is not None}
 
     want, want_grads = run()
-    got, got_grads = run(token_logps=True, logps_chunk_size=chunk_size)
+    got, got_grads = run(token_logps=True, logps_chunk_size=chunk_size, logps_temperature=temperature)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got[labels == -100] == 0).all() and (got[labels != -100][1:] != 0).all()
     assert want_grads.keys() == got_grads.keys() and want_grads
@@ -229,6 +232,9 @@ def test_token_logps_needs_labels_and_a_chunk_size():
         model(input_ids, mask, labels, token_logps=True, logps_chunk_size=0)
     with pytest.raises(ValueError, match="not both"):
         model(input_ids, mask, labels, token_logps=True, trigger_logits=True)
+    for bad in (0, -1.0, float("inf"), "1"):
+        with pytest.raises(ValueError, match="logps_temperature must be a finite number > 0"):
+            model(input_ids, mask, labels, token_logps=True, logps_temperature=bad)
 
 
 def test_memory_off_and_zero_budgets_are_the_bare_reasoner():

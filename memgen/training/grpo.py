@@ -270,9 +270,12 @@ class GRPOTrainer(MemGenTrainer):
                     p.copy_(current[k])
 
     def _policy_logps(self, model: Any, batch: Rollouts) -> torch.Tensor:
-        """[B, L] the completion tokens' log-probabilities, replayed at the rollouts' insertion points."""
+        """[B, L] the completion tokens' log-probabilities, replayed at the rollouts' insertion points, under the
+        distribution the rollouts were sampled from (the logits at the sampling temperature), as the policy gradient
+        needs; the trigger stage scores its decisions the same way."""
         return model(batch.input_ids, batch.attention_mask, batch.labels, augmentation_points=batch.points,
-                     token_logps=True, logps_chunk_size=self.args.logps_chunk_size).token_logps
+                     token_logps=True, logps_chunk_size=self.args.logps_chunk_size,
+                     logps_temperature=self.args.temperature).token_logps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self.rollouts(inputs)
