@@ -7,9 +7,10 @@ each op runs and, when the native library is missing, why.
 from memgen import ops
 from memgen.config import MemGenConfig
 from memgen.delimiters import DEFAULT_DELIMITERS, build_delimiter_table
+from memgen.generation_settings import generation_kwargs
 from memgen.modeling import MemGenModel, MemGenOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_DELIMITERS", "MemGenConfig", "MemGenModel", "MemGenOutput", "build_delimiter_table", "ops",
-           "__version__"]
+__all__ = ["DEFAULT_DELIMITERS", "MemGenConfig", "MemGenModel", "MemGenOutput", "build_delimiter_table",
+           "generation_kwargs", "ops", "__version__"]

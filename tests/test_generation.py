@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
+from transformers import AttentionInterface, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from memgen import MemGenConfig, MemGenModel, generation
+from memgen import MemGenConfig, MemGenModel, generation, generation_kwargs
 from memgen.attention import RaggedGroups
 from memgen.bench.decode_suite import weaver_calls
 from memgen.reference import reference_generate
@@ -221,6 +221,32 @@ def test_memory_off_equals_hugging_face_generate():
                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     assert torch.equal(ours.sequences, theirs[:, : ours.sequences.shape[1]])
     assert (ours.augmentation_mask == -100).all()
+
+
+def test_a_generation_config_decodes_as_hugging_face_does_with_it():
+    """generation_kwargs turns a model's GenerationConfig into generate's arguments: with memory off, the same tokens
+    as Hugging Face's generate under that config (here greedy, with a repetition penalty and two EOS ids)."""
+    model = chatty_model("qwen3")
+    input_ids, mask, _ = make_batch(model, [0, 0, 0], "left", seed=4)
+    tok = model.tokenizer
+    free = model.generate(input_ids, mask, max_new_tokens=16, memory=False)[:, input_ids.shape[1]:]
+    second_eos = int(free[0, 5])  # a token some row reaches: the config's second EOS must stop it
+    config = GenerationConfig(do_sample=False, repetition_penalty=1.3, eos_token_id=[tok.eos_token_id, second_eos],
+                              pad_token_id=tok.pad_token_id, bos_token_id=1, max_length=4096, max_new_tokens=16)
+    kwargs = generation_kwargs(config)
+    assert kwargs == {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.3,
+                      "eos_token_id": [tok.eos_token_id, second_eos], "pad_token_id": tok.pad_token_id,
+                      "max_new_tokens": 16}
+    ours = model.generate(input_ids, mask, memory=False, **kwargs)
+    theirs = model.reasoner.generate(input_ids, attention_mask=mask, generation_config=config)
+    assert torch.equal(ours, theirs[:, : ours.shape[1]]) and (ours[:, input_ids.shape[1]:] == second_eos).any()
+    sampling = generation_kwargs(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20))
+    assert sampling == {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.0}
+    model.generate(input_ids, mask, max_new_tokens=4, generator=torch.Generator().manual_seed(0), **sampling)
+    with pytest.raises(ValueError, match=r"sets \['no_repeat_ngram_size', 'num_beams'\], which memgen's generate"):
+        generation_kwargs(GenerationConfig(num_beams=4, no_repeat_ngram_size=3))
+    with pytest.raises(ValueError, match="must be a transformers.GenerationConfig"):
+        generation_kwargs({"do_sample": True})
 
 
 def test_sampling_is_reproducible_and_matches_the_reference_in_distribution():
