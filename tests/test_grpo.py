@@ -212,9 +212,12 @@ def test_evaluation_samples_the_eval_rows_and_logs_their_reward_apart(tmp_path):
     second = seen["eval"][6:]  # batches of 2 rows and 1 row, 2 rollouts each: the mean of their means
     assert metrics["eval_reward"] == pytest.approx((sum(second[:4]) / 4 + sum(second[4:]) / 2) / 2)
     assert "eval_loss" in metrics and "eval_invocation_rate" in metrics
+    assert trainer.predict(eval_rows).metrics["test_reward"] == pytest.approx(
+        (sum(seen["eval"][12:16]) / 4 + sum(seen["eval"][16:]) / 2) / 2)  # predict's prefix, never logged
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert train_logs[0]["reward"] == pytest.approx(sum(seen["train"]) / len(seen["train"]))
-    assert not any(k.startswith("eval_") for h in train_logs for k in h)
+    assert not any(k.startswith(("eval_", "test_")) for h in train_logs for k in h)
+    assert not any("reward" in k for h in trainer.state.log_history if "train_loss" in h for k in h)
 
 
 def test_conversation_prompts_continue_through_the_chat_template(tmp_path):

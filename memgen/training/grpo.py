@@ -323,12 +323,22 @@ class GRPOTrainer(MemGenTrainer):
         self._record(batch, clipped, kl)
         return loss.detach(), None, None
 
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+        """Trainer's loop (`evaluate`, `predict`), its metrics joined by the mean of each rollout metric of the
+        evaluation's batches under its prefix (`eval_reward`, ...)."""
+        self._metrics["eval"] = {}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        output.metrics.update({f"{metric_key_prefix}_{k}": sum(v) / len(v)
+                               for k, v in self._metrics["eval"].items() if v})
+        self._metrics["eval"] = {}
+        return output
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds the mean of each rollout metric since the last log (reward, KL, invocation rate, ...): a training
-        log gets the training rollouts', an evaluation's (its `<prefix>_loss`) the evaluation's, prefixed alike."""
-        evaluation = next((k[: -len("loss")] for k in logs if k.endswith("_loss")), None)
-        mode, prefix = ("train", "") if "loss" in logs else ("eval", evaluation) if evaluation else (None, "")
-        if mode is not None:
-            logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
-            self._metrics[mode] = {}
+        """Adds the mean of each training rollout metric since the last log (reward, KL, invocation rate, ...) to a
+        training step's log."""
+        if "loss" in logs:
+            logs.update({k: sum(v) / len(v) for k, v in self._metrics["train"].items() if v})
+            self._metrics["train"] = {}
         super().log(logs, *args, **kwargs)
