@@ -12,7 +12,7 @@ from memgen import MemGenModel
 from memgen.cli import main
 from memgen.evaluation import evaluate
 from memgen.training.grpo import completion_mask
-from memgen.training.run import load_run_config
+from memgen.training.run import load_run_config, train_from_config
 from test_modeling import make_model
 from test_tasks import ROWS, _write_jsonl
 
@@ -58,6 +58,18 @@ def test_the_three_stages_run_from_yaml_and_chain_through_checkpoints(workspace,
         assert torch.equal(value, weaver_after_trigger[key]), key
     assert any(not torch.equal(a, b) for a, b in zip(after_grpo.stage_parameters("trigger").values(),
                                                       after_trigger.stage_parameters("trigger").values()))
+
+
+def test_a_run_evaluates_on_its_evaluation_rows(workspace, tmp_path):
+    root, data = workspace
+    run = load_run_config(_yaml(tmp_path / "grpo.yaml", stage="grpo", model=str(root / "base"), task="gsm8k",
+                                data=str(data), eval_data=str(data), eval_limit=2,
+                                training={**TRAINING, "output_dir": str(tmp_path / "out"), "max_steps": 1,
+                                          "group_size": 2, "max_new_tokens": 4, "eval_strategy": "steps",
+                                          "eval_steps": 1}))
+    trainer = train_from_config(run)
+    evaluations = [h for h in trainer.state.log_history if "eval_reward" in h]
+    assert len(evaluations) == 1 and len(trainer.eval_dataset) == 2
 
 
 def test_eval_reports_accuracy_with_and_without_memory(workspace, capsys, tmp_path):
@@ -112,6 +124,12 @@ def test_evaluate_scores_each_completion_with_the_task_reward():
     ({"stage": "sft", "model": "m", "training": {"output_dir": "o"}}, [], "needs 'task'"),
     ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["limit"], "key=value"),
     ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["dtype=int8"], "dtype must"),
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["eval_limit=5"],
+     "eval_limit limits evaluation rows"),
+    ({"stage": "grpo", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["eval_data=t.jsonl"],
+     "evaluation needs both"),  # rows but no eval_strategy: they would never be read
+    ({"stage": "grpo", "model": "m", "task": "gsm8k", "training": {"output_dir": "o", "eval_strategy": "steps"}}, [],
+     "evaluation needs both"),
 ])
 def test_bad_run_descriptions_raise_before_loading_anything(tmp_path, run, overrides, match):
     with pytest.raises(ValueError, match=match):

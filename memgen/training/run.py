@@ -8,6 +8,9 @@
     data: data/train.jsonl                # optional: local files or a hub name (default: the task's dataset)
     split: train
     limit: 1000                           # optional: the first N rows
+    eval_data: data/test.jsonl            # optional: evaluation rows (files or a hub name), with
+    eval_split: test                      #   their split (default: test); either key needs training.eval_strategy
+    eval_limit: 200                       # optional: the first N evaluation rows
     max_length: 1024                      # optional (sft): rows longer than this raise
     dtype: bfloat16                       # the base model's weights (trained tensors stay float32)
     allow_untrained_weaver: false         # trigger RL against a weaver never trained or loaded
@@ -29,8 +32,8 @@ import yaml
 from memgen.config import TORCH_DTYPES
 
 STAGES = ("sft", "grpo", "trigger")
-_KEYS = {"stage", "model", "memgen", "config", "task", "data", "split", "limit", "max_length", "dtype",
-         "allow_untrained_weaver", "training"}
+_KEYS = {"stage", "model", "memgen", "config", "task", "data", "split", "limit", "eval_data", "eval_split",
+         "eval_limit", "max_length", "dtype", "allow_untrained_weaver", "training"}
 
 
 _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -77,6 +80,12 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
         raise ValueError("the run description needs 'model' (the reasoner) or 'memgen' (a checkpoint)")
     if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
         raise ValueError("training must be a mapping with at least output_dir")
+    evaluating = "eval_data" in run or "eval_split" in run
+    if "eval_limit" in run and not evaluating:
+        raise ValueError("eval_limit limits evaluation rows: name them with eval_data (or eval_split)")
+    if evaluating != (run["training"].get("eval_strategy", "no") != "no"):
+        raise ValueError("evaluation needs both evaluation rows (eval_data or eval_split) and "
+                         "training.eval_strategy ('steps' or 'epoch'); the run names only one")
     if run.get("dtype", "float32") not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {run.get('dtype')!r}")
     return run
@@ -117,14 +126,17 @@ def train_from_config(run: dict[str, Any]) -> Any:
     args_class = {"sft": TrainingArguments, "grpo": GRPOConfig, "trigger": TriggerConfig}[stage]
     args = args_class(**run["training"])
     rows = load_task(run["task"], run.get("data"), run.get("split", "train"), run.get("limit"))
+    evaluating = "eval_data" in run or "eval_split" in run
+    eval_rows = (load_task(run["task"], run.get("eval_data"), run.get("eval_split", "test"), run.get("eval_limit"))
+                 if evaluating else None)
     model = build_model(run.get("model"), run.get("memgen"), run.get("config"), run.get("dtype", "float32")).train()
     reward = TASKS[run["task"]].reward
     if stage == "sft":
-        trainer = sft_trainer(model, rows, args, max_length=run.get("max_length"))
+        trainer = sft_trainer(model, rows, args, eval_dataset=eval_rows, max_length=run.get("max_length"))
     elif stage == "grpo":
-        trainer = GRPOTrainer(model, args, rows, reward)
+        trainer = GRPOTrainer(model, args, rows, reward, eval_dataset=eval_rows)
     else:
-        trainer = TriggerTrainer(model, args, rows, reward,
+        trainer = TriggerTrainer(model, args, rows, reward, eval_dataset=eval_rows,
                                  allow_untrained_weaver=bool(run.get("allow_untrained_weaver", False)))
     trainer.train(resume_from_checkpoint=run["training"].get("resume_from_checkpoint"))
     trainer.save_model(args.output_dir)
