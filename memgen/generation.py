@@ -748,10 +748,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
              generator: torch.Generator | None, eos_ids: list[int], trigger_mode: str, prompt_budget: int,
              budget: int, repetition_penalty: float = 1.0, streamer=None,
              stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             synced_ranks: bool = False, pad_id: int | None = None) -> MemGenGenerateOutput:
+             synced_ranks: bool = False, pad_id: int) -> MemGenGenerateOutput:
     """MemGen generation for validated inputs (see `MemGenModel.generate`).
 
-    pad_id: what fills each row after its EOS (default: the tokenizer's pad token).
+    pad_id: what fills each row after its EOS.
     stop: maps the new tokens so far [B, t] to bool [B], rows whose text now ends with a stop string.
     synced_ranks: keep the ranks of the default process group in step (a sharded model).
     """
@@ -777,8 +777,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     run_ahead = run_ahead and (reads_first or engine.joint_weaver)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    pad = model.tokenizer.pad_token_id if pad_id is None else pad_id
-    new_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+    new_tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     aug_mask = torch.full((batch, max_new_tokens), -100, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, device=device)
     penalize = repetition_penalty != 1.0
@@ -834,7 +833,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             # memory, a synchronisation per step on CUDA
             idle = torch.ones_like(finished).index_fill_(0, stepping_device, False) | finished
         uniforms = _at_columns(engine.token_uniforms, at) if do_sample else None
-        tokens = torch.where(idle, pad, _choose_tokens(logits, do_sample, temperature, top_k, top_p, uniforms))
+        tokens = torch.where(idle, pad_id, _choose_tokens(logits, do_sample, temperature, top_k, top_p, uniforms))
         if uniform:
             new_tokens[:, at] = tokens
             width = at + 1

@@ -105,6 +105,16 @@ def _token_ids(value: Any) -> Any:
     return value
 
 
+def _is_integer(value: Any) -> bool:
+    """Whether `value` is an integer (Python's, numpy's), not a bool: what a token id may be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_finite(value: Any) -> bool:
+    """Whether `value` is a real number in (0, inf): what a temperature or a repetition penalty may be."""
+    return isinstance(value, (int, float)) and 0 < value < float("inf")
+
+
 def _eos_ids(value: Any) -> list[int] | None:
     """`eos_token_id` as a list of ints (from an int, a list or tuple of them, or an integer tensor of at most one
     dimension, as Hugging Face's generation config holds it); None where it is none of those."""
@@ -113,7 +123,7 @@ def _eos_ids(value: Any) -> list[int] | None:
             return None
         value = value.tolist()
     items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not items or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) for e in items):
+    if not items or not all(_is_integer(e) for e in items):
         return None
     return [int(e) for e in items]
 
@@ -436,7 +446,7 @@ class MemGenModel(nn.Module):
         if token_logps and (labels is None or not isinstance(logps_chunk_size, int) or logps_chunk_size < 1):
             raise ValueError(f"token_logps=True needs labels (the tokens to score) and logps_chunk_size an int >= 1, "
                              f"got labels={'None' if labels is None else 'given'}, logps_chunk_size={logps_chunk_size!r}")
-        if token_logps and not (isinstance(logps_temperature, (int, float)) and 0 < logps_temperature < float("inf")):
+        if token_logps and not _positive_finite(logps_temperature):
             raise ValueError(f"logps_temperature must be a finite number > 0, got {logps_temperature!r}")
         if token_logps and trigger_logits:
             raise ValueError("pass token_logps=True or trigger_logits=True, not both: they are different outputs")
@@ -546,9 +556,9 @@ class MemGenModel(nn.Module):
             unset = " (the tokenizer names no EOS token: pass eos_token_id)" if eos is None else ""
             raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos!r}{unset}")
         pad = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-        if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or not 0 <= pad < vocab:
+        if not _is_integer(pad) or not 0 <= pad < vocab:
             raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad!r}")
-        if not (isinstance(repetition_penalty, (int, float)) and 0 < repetition_penalty < float("inf")):
+        if not _positive_finite(repetition_penalty):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
         if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
             raise ValueError("streamer must have put(tokens) and end() methods, like transformers.TextStreamer")
@@ -598,7 +608,7 @@ class MemGenModel(nn.Module):
             raise ValueError("each row's tokens must be contiguous (left or right padding only)")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if do_sample and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        if do_sample and not _positive_finite(temperature):
             raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
             raise ValueError(f"top_k must be an int >= 0 (0 or None: no top-k filtering, as in Hugging Face), got "

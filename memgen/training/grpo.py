@@ -330,15 +330,18 @@ class GRPOTrainer(MemGenTrainer):
         self._metrics["eval"] = {}
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        output.metrics.update({f"{metric_key_prefix}_{k}": sum(v) / len(v)
-                               for k, v in self._metrics["eval"].items() if v})
-        self._metrics["eval"] = {}
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._taken_means("eval").items()})
         return output
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the mean of each training rollout metric since the last log (reward, KL, invocation rate, ...) to a
         training step's log."""
         if "loss" in logs:
-            logs.update({k: sum(v) / len(v) for k, v in self._metrics["train"].items() if v})
-            self._metrics["train"] = {}
+            logs.update(self._taken_means("train"))
         super().log(logs, *args, **kwargs)
+
+    def _taken_means(self, mode: str) -> dict[str, float]:
+        """The mean of each rollout metric recorded in `mode` ("train" or "eval") since the last take; emptied."""
+        means = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        self._metrics[mode] = {}
+        return means

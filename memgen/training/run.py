@@ -48,6 +48,11 @@ def _numbers(value: Any) -> Any:
     return float(value) if isinstance(value, str) and _EXPONENT.match(value) else value
 
 
+def _evaluates(run: dict[str, Any]) -> bool:
+    """Whether the run names evaluation rows (eval_data, or eval_split of the task's dataset)."""
+    return "eval_data" in run or "eval_split" in run
+
+
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """The YAML run description with `key=value` overrides applied, checked before anything is loaded."""
     path = Path(path)
@@ -80,7 +85,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
         raise ValueError("the run description needs 'model' (the reasoner) or 'memgen' (a checkpoint)")
     if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
         raise ValueError("training must be a mapping with at least output_dir")
-    evaluating = "eval_data" in run or "eval_split" in run
+    evaluating = _evaluates(run)
     if "eval_limit" in run and not evaluating:
         raise ValueError("eval_limit limits evaluation rows: name them with eval_data (or eval_split)")
     if evaluating != (run["training"].get("eval_strategy", "no") != "no"):
@@ -126,9 +131,8 @@ def train_from_config(run: dict[str, Any]) -> Any:
     args_class = {"sft": TrainingArguments, "grpo": GRPOConfig, "trigger": TriggerConfig}[stage]
     args = args_class(**run["training"])
     rows = load_task(run["task"], run.get("data"), run.get("split", "train"), run.get("limit"))
-    evaluating = "eval_data" in run or "eval_split" in run
     eval_rows = (load_task(run["task"], run.get("eval_data"), run.get("eval_split", "test"), run.get("eval_limit"))
-                 if evaluating else None)
+                 if _evaluates(run) else None)
     model = build_model(run.get("model"), run.get("memgen"), run.get("config"), run.get("dtype", "float32")).train()
     reward = TASKS[run["task"]].reward
     if stage == "sft":
