@@ -73,7 +73,7 @@ def checkpoint_directory(path: str, revision: str | None = None) -> str:
 
 def load(cls, path: str, reasoner: Any, tokenizer: Any, config: MemGenConfig | None = None,
          weaver_base: Any = None, trigger_base: Any = None, check_base_weights: bool = True,
-         revision: str | None = None):
+         revision: str | None = None, **model_kwargs: Any):
     path = checkpoint_directory(path, revision)
     if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         config = MemGenConfig.from_pretrained(path) if config is None else config
@@ -95,7 +95,8 @@ def load(cls, path: str, reasoner: Any, tokenizer: Any, config: MemGenConfig | N
         weaver_base = config.weaver_name_or_path
     if trigger_base is None and config.trigger_name_or_path:
         trigger_base = config.trigger_name_or_path
-    model = cls.from_reasoner(reasoner, tokenizer, config, weaver_base=weaver_base, trigger_base=trigger_base)
+    model = cls.from_reasoner(reasoner, tokenizer, config, weaver_base=weaver_base, trigger_base=trigger_base,
+                              **model_kwargs)
     if check_base_weights and ignored:
         check_bases(model, ignored)
     if config.trigger_mode == "always":

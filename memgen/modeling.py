@@ -82,9 +82,16 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
-def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str) -> PreTrainedModel:
+def _input_device(base: PreTrainedModel) -> torch.device:
+    """Where `base` reads its inputs: its token embeddings' device."""
+    return base.get_input_embeddings().weight.device
+
+
+def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str,
+                    model_kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
+    """`model_or_name` checked, or loaded by name with `AutoModelForCausalLM.from_pretrained(name, **model_kwargs)`."""
     if isinstance(model_or_name, str):
-        return AutoModelForCausalLM.from_pretrained(model_or_name)
+        return AutoModelForCausalLM.from_pretrained(model_or_name, **(model_kwargs or {}))
     if isinstance(model_or_name, PeftModel):
         raise ValueError(f"{what} is a PEFT model ({type(model_or_name).__name__}): memgen runs it as a frozen "
                          f"base, beside adapters of its own; merge yours into its weights first "
@@ -230,19 +237,22 @@ class MemGenModel(nn.Module):
             base.requires_grad_(False)
         add_lora_adapter(weaver_base, MemGenWeaver.adapter_name, config.weaver_lora)
         self.weaver = MemGenWeaver(weaver_base, config.prompt_latents_len, config.inference_latents_len)
+        # memgen's own modules sit where their outputs are read: a reasoner loaded onto a GPU gives a model there
         d_reasoner, d_weaver = text_config(reasoner).hidden_size, text_config(weaver_base).hidden_size
-        self.reasoner_to_weaver = Projection(d_reasoner, d_weaver)
-        self.weaver_to_reasoner = Projection(d_weaver, d_reasoner)
+        device = _input_device(reasoner)
+        self.reasoner_to_weaver = Projection(d_reasoner, d_weaver, _input_device(weaver_base))
+        self.weaver_to_reasoner = Projection(d_weaver, d_reasoner, device)
         if config.trigger_mode == "lora":
             add_lora_adapter(trigger_base, MemGenTrigger.adapter_name, config.trigger_lora)
-            self.trigger = MemGenTrigger("lora", text_config(trigger_base).hidden_size, trigger_base)
+            self.trigger = MemGenTrigger("lora", text_config(trigger_base).hidden_size, trigger_base,
+                                         _input_device(trigger_base))
         elif config.trigger_mode == "head":
-            self.trigger = MemGenTrigger("head", d_reasoner)
+            self.trigger = MemGenTrigger("head", d_reasoner, device=device)
         else:
             self.trigger = None
         vocab = reasoner.get_input_embeddings().num_embeddings
-        self.register_buffer("delimiter_table", build_delimiter_table(tokenizer, config.delimiters, vocab_size=vocab),
-                             persistent=False)
+        table = build_delimiter_table(tokenizer, config.delimiters, vocab_size=vocab)
+        self.register_buffer("delimiter_table", table.to(device), persistent=False)
         self.set_trainable("weaver")
         self.weaver_trained = False  # set by loading a checkpoint or by a weaver training run; trigger RL checks it
 
@@ -251,20 +261,30 @@ class MemGenModel(nn.Module):
     @classmethod
     def from_reasoner(cls, reasoner: PreTrainedModel | str, tokenizer: Any = None,
                       config: MemGenConfig | None = None, weaver_base: PreTrainedModel | str | None = None,
-                      trigger_base: PreTrainedModel | str | None = None) -> "MemGenModel":
+                      trigger_base: PreTrainedModel | str | None = None, **model_kwargs: Any) -> "MemGenModel":
         """Build MemGen around `reasoner` (a loaded causal LM or a name/path), with fresh weaver and trigger. Without
-        `tokenizer`, the reasoner's is loaded by its name (`load_tokenizer`: its EOS pads where it names no pad)."""
+        `tokenizer`, the reasoner's is loaded by its name (`load_tokenizer`: its EOS pads where it names no pad).
+
+        `model_kwargs` (dtype, device_map, attn_implementation, quantization_config, ...) go to
+        `AutoModelForCausalLM.from_pretrained` for every base given by name; with none given by name they are refused,
+        as they would change nothing. memgen's own modules are placed beside the bases (a reasoner on a GPU gives a
+        model there)."""
         config = MemGenConfig() if config is None else config
         if not isinstance(config, MemGenConfig):
             raise ValueError(f"config must be a MemGenConfig, got {type(config).__name__}")
+        named = [what for what, base in (("reasoner", reasoner), ("weaver_base", weaver_base),
+                                         ("trigger_base", trigger_base)) if isinstance(base, str)]
+        if model_kwargs and not named:
+            raise ValueError(f"{sorted(model_kwargs)} would load a base by name, but every base is given loaded: "
+                             "load it with them yourself, or pass its name")
         name = reasoner if isinstance(reasoner, str) else getattr(reasoner, "name_or_path", None)
-        reasoner = _load_causal_lm(reasoner, "reasoner")
+        reasoner = _load_causal_lm(reasoner, "reasoner", model_kwargs)
         if tokenizer is None:
             if not name:
                 raise ValueError("pass the tokenizer: the reasoner has no name to load one from")
             tokenizer = load_tokenizer(name)
-        weaver_base = None if weaver_base is None else _load_causal_lm(weaver_base, "weaver_base")
-        trigger_base = None if trigger_base is None else _load_causal_lm(trigger_base, "trigger_base")
+        weaver_base = None if weaver_base is None else _load_causal_lm(weaver_base, "weaver_base", model_kwargs)
+        trigger_base = None if trigger_base is None else _load_causal_lm(trigger_base, "trigger_base", model_kwargs)
         config.reasoner_name_or_path = config.reasoner_name_or_path or name
         if weaver_base is not None:
             config.weaver_name_or_path = getattr(weaver_base, "name_or_path", None)
@@ -279,9 +299,11 @@ class MemGenModel(nn.Module):
         directory or a Hugging Face Hub repository id (downloaded, or taken from the Hub's cache).
 
         The base model comes from `reasoner` or, when not given, from the name recorded in the checkpoint.
-        Keyword arguments: config, weaver_base, trigger_base, revision (a Hub repository's branch, tag or commit),
-        and check_base_weights (default True): where the checkpoint carries its frozen base weights (the
-        reference's `model.safetensors`), raise unless they are the bases' own.
+        Keyword arguments: config, weaver_base, trigger_base, revision (the checkpoint's: a Hub repository's branch,
+        tag or commit), check_base_weights (default True): where the checkpoint carries its frozen base weights (the
+        reference's `model.safetensors`), raise unless they are the bases' own; any other goes to
+        `AutoModelForCausalLM.from_pretrained` for the bases loaded by name (dtype, device_map, ...), as in
+        `from_reasoner`.
         """
         return checkpoints.load(cls, str(path), reasoner, tokenizer, **kwargs)
 
@@ -290,6 +312,18 @@ class MemGenModel(nn.Module):
         safetensors. Under several processes call it on every rank (a model sharded by FSDP or partitioned by
         DeepSpeed ZeRO-3 gathers those tensors, a collective) with `is_main_process` True on the one that writes."""
         checkpoints.save(self, str(path), is_main_process=is_main_process)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model takes its inputs (the reasoner's embeddings' device), as Hugging Face's `model.device`:
+        `model.generate(**batch.to(model.device))`."""
+        return self.delimiter_table.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The reasoner's dtype, as Hugging Face's `model.dtype` (memgen's own trained tensors are float32 unless
+        the whole model is cast)."""
+        return self.reasoner.dtype
 
     def get_input_embeddings(self) -> nn.Module:
         """The reasoner's token embedding module, which embeds every token the model reads (the weaver reads the

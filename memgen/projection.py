@@ -16,10 +16,13 @@ from torch.nn import functional as F
 
 class Projection(nn.Linear):
     """nn.Linear computing in its weights' dtype, whatever its input's; made float32 whatever torch's default dtype
-    (a program that set it to bfloat16 would otherwise train these in bfloat16)."""
+    (a program that set it to bfloat16 would otherwise train these in bfloat16). Its initial values are drawn on the
+    CPU, so that a seed gives the same layer on every device, and then moved to `device`."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__(in_features, out_features, dtype=torch.float32)
+        if device is not None:
+            self.to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)

@@ -20,14 +20,16 @@ from memgen.projection import Projection
 class MemGenTrigger(nn.Module):
     adapter_name = "trigger"
 
-    def __init__(self, mode: str, hidden_size: int, base: nn.Module | None = None) -> None:
+    def __init__(self, mode: str, hidden_size: int, base: nn.Module | None = None,
+                 device: torch.device | str | None = None) -> None:
+        """`device`: where the output layer goes (the `lora` base's or the reasoner's hidden states' device)."""
         super().__init__()
         self.mode = mode
         if mode == "lora":
             if base is None:
                 raise ValueError("a `lora` trigger needs a base model")
             self.model = base
-        self.output_layer = Projection(hidden_size, 2)
+        self.output_layer = Projection(hidden_size, 2, device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,15 @@ class MemGenWeaver(nn.Module):
         super().__init__()
         self.model = base  # may be the reasoner itself: one copy of the weights
         hidden = text_config(base).hidden_size
-        f32 = torch.float32  # trained: float32 whatever torch's default dtype, as the adapters are
-        self.prompt_query_latents = nn.Parameter(torch.randn(prompt_latents_len, hidden, dtype=f32))
-        self.inference_query_latents = nn.Parameter(torch.randn(inference_latents_len, hidden, dtype=f32))
-        self.prompt_latent_ln = nn.LayerNorm(hidden, dtype=f32)
-        self.inference_latent_ln = nn.LayerNorm(hidden, dtype=f32)
-        self.prompt_latent_scale = nn.Parameter(torch.ones(1, dtype=f32))
-        self.inference_latent_scale = nn.Parameter(torch.ones(1, dtype=f32))
+        # Trained: float32 whatever torch's default dtype, as the adapters are. Drawn on the CPU (one seed, the same
+        # queries on every device), then placed beside the base's embeddings, where the weaver's inputs are.
+        f32, device = torch.float32, base.get_input_embeddings().weight.device
+        self.prompt_query_latents = nn.Parameter(torch.randn(prompt_latents_len, hidden, dtype=f32).to(device))
+        self.inference_query_latents = nn.Parameter(torch.randn(inference_latents_len, hidden, dtype=f32).to(device))
+        self.prompt_latent_ln = nn.LayerNorm(hidden, dtype=f32, device=device)
+        self.inference_latent_ln = nn.LayerNorm(hidden, dtype=f32, device=device)
+        self.prompt_latent_scale = nn.Parameter(torch.ones(1, dtype=f32, device=device))
+        self.inference_latent_scale = nn.Parameter(torch.ones(1, dtype=f32, device=device))
 
     @property
     def hidden_size(self) -> int:

@@ -76,6 +76,29 @@ def test_base_model_loaded_by_its_recorded_name(tmp_path):
     same_model(model, loaded)
 
 
+def test_loading_arguments_reach_the_bases_loaded_by_name(tmp_path):
+    """`from_reasoner(name, dtype=..., device_map=..., attn_implementation=...)` and `from_pretrained(ckpt, ...)`
+    load the bases as `AutoModelForCausalLM.from_pretrained` would (they were refused as unknown arguments)."""
+    tok = chat_tokenizer()
+    base_dir = tmp_path / "base"
+    tiny_causal_lm("qwen2", len(tok), seed=4).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    config = MemGenConfig(trigger_mode="lora", weaver_lora={"lora_dropout": 0.0})
+    model = MemGenModel.from_reasoner(str(base_dir), config=config, dtype=torch.bfloat16, device_map="cpu",
+                                      attn_implementation="eager").eval()
+    assert model.dtype == torch.bfloat16 and model.reasoner.config._attn_implementation == "eager"
+    assert all(p.dtype == torch.float32 for p in model.stage_parameters("weaver").values())
+    randomize(model, 2)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MemGenModel.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16, attn_implementation="eager").eval()
+    assert loaded.dtype == torch.bfloat16 and loaded.reasoner.config._attn_implementation == "eager"
+    same_model(model, loaded)
+    assert MemGenModel.from_pretrained(tmp_path / "ckpt").dtype == torch.float32  # the saved base's own dtype
+    with pytest.raises(ValueError, match=r"\['dtype'\] would load a base by name, but every base is given loaded"):
+        MemGenModel.from_pretrained(tmp_path / "ckpt", reasoner=tiny_causal_lm("qwen2", len(tok), seed=4),
+                                    tokenizer=tok, dtype=torch.bfloat16)
+
+
 def test_a_base_whose_tokenizer_names_no_pad_token_loads_by_name(tmp_path):
     """Llama's and Mistral's tokenizers name no pad token. Where memgen loads the tokenizer itself (a reasoner or a
     checkpoint's base given by name) it pads with EOS, as the command line did; from_pretrained raised before.

@@ -299,6 +299,45 @@ def test_bfloat16_base_keeps_float32_trainables():
         assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+def test_device_and_dtype_name_where_inputs_go():
+    """Hugging Face habits: `batch.to(model.device)` and `model.dtype` (the reasoner's)."""
+    model = make_model("qwen2", trigger_mode="lora", dtype=torch.bfloat16)
+    assert model.device == torch.device("cpu") and model.dtype == torch.bfloat16
+    input_ids, mask, _ = make_batch(model, [2, 1], seed=3)
+    out = model.generate(input_ids.to(model.device), mask.to(model.device), max_new_tokens=4)
+    assert out.shape == (2, input_ids.shape[1] + 4)
+    assert model.to(torch.float32).dtype == torch.float32
+
+
+def _own_tensors(model):
+    """memgen's own parameters and buffers: what is not a base's (the adapters are, PEFT adds them to the base)."""
+    bases = {id(t) for base in (model.reasoner, model.weaver.model) for t in (*base.parameters(), *base.buffers())}
+    return {name: t for name, t in (*model.named_parameters(), *model.named_buffers()) if id(t) not in bases}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
+def test_a_reasoner_on_a_gpu_gives_a_model_there_with_the_cpu_s_initial_values(trigger_mode):
+    """A reasoner loaded onto a GPU (`device_map="cuda"`, `.to("cuda")`) gives a MemGen model whose own modules are
+    there too, drawn as on the CPU from the same seed; it generates without a `.to()` of its own."""
+    tok = chat_tokenizer()
+    config = MemGenConfig(trigger_mode=trigger_mode, prompt_latents_len=3, inference_latents_len=2)
+    built = {}
+    for device in ("cpu", "cuda"):
+        reasoner = tiny_causal_lm("qwen2", len(tok), seed=0).to(device)
+        torch.manual_seed(7)
+        built[device] = MemGenModel.from_reasoner(reasoner, tok, config).eval()
+    on_gpu, on_cpu = built["cuda"], built["cpu"]
+    assert {t.device.type for t in (*on_gpu.parameters(), *on_gpu.buffers())} == {"cuda"}
+    assert on_gpu.device == torch.device("cuda", torch.cuda.current_device())
+    mine, theirs = _own_tensors(on_gpu), _own_tensors(on_cpu)
+    assert mine.keys() == theirs.keys() and len(mine) > 4
+    assert all(torch.equal(mine[k].cpu(), theirs[k]) for k in mine)
+    input_ids, mask, _ = make_batch(on_cpu, [2, 1], seed=3)
+    out = on_gpu.generate(input_ids.to(on_gpu.device), mask.to(on_gpu.device), max_new_tokens=8)
+    assert out.device == on_gpu.device and out.shape == (2, input_ids.shape[1] + 8)
+
+
 # ------------------------------------------------------------------ bad input
 
 
