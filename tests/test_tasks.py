@@ -74,6 +74,54 @@ def test_parquet_files_and_limit(tmp_path):
     assert len(data) == 1 and data[0]["target"] == "72"
 
 
+def test_save_to_disk_directories_load_their_rows(tmp_path):
+    """A `save_to_disk` directory (what offline clusters are handed) loads: a Dataset as it is, a DatasetDict's split
+    (`load_dataset` refuses such a directory)."""
+    import datasets
+
+    datasets.Dataset.from_list(ROWS["gsm8k"]).save_to_disk(str(tmp_path / "one"))
+    assert load_task("gsm8k", str(tmp_path / "one"))["target"] == ["72", "1000"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS["gsm8k"][:1]),
+                          "test": datasets.Dataset.from_list(ROWS["gsm8k"][1:])}).save_to_disk(str(tmp_path / "both"))
+    assert load_task("gsm8k", tmp_path / "both", split="test")["target"] == ["1000"]
+    with pytest.raises(ValueError, match=r"split 'validation' is not in the dataset saved at .*; it has \['test', "
+                                         r"'train'\]"):
+        load_task("gsm8k", str(tmp_path / "both"), split="validation")
+
+
+def _hub_copy(folder: Path) -> Path:
+    """A local copy of a hub dataset with GSM8K's two configurations, laid out as the hub lays out openai/gsm8k."""
+    socratic = [dict(r, answer=r["answer"].replace("####", "Why? Because.\n####")) for r in ROWS["gsm8k"]]
+    for config, rows in (("main", ROWS["gsm8k"]), ("socratic", socratic)):
+        (folder / config).mkdir(parents=True)
+        _write_jsonl(folder / config / "train.jsonl", rows)
+    (folder / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+        for c in ("main", "socratic")) + "---\n")
+    return folder
+
+
+def test_the_task_s_own_configuration_is_the_default_for_its_dataset(tmp_path, monkeypatch):
+    """GSM8K's hub dataset has two configurations: `load_task("gsm8k", "openai/gsm8k")` (or a local copy of it)
+    failed with "Config name is missing"; the task's own ("main") is now the default, and `config` picks another."""
+    folder = _hub_copy(tmp_path / "gsm8k")
+    assert "Why? Because." not in load_task("gsm8k", str(folder))[0]["answer"]
+    assert "Why? Because." in load_task("gsm8k", str(folder), config="socratic")[0]["answer"]
+    import datasets
+
+    asked = []
+    def offline_hub(path, name=None, split=None):
+        asked.append((path, name, split))
+        return datasets.Dataset.from_list(ROWS["gsm8k"])
+    monkeypatch.setattr(datasets, "load_dataset", offline_hub)
+    load_task("gsm8k", "openai/gsm8k", split="test")
+    load_task("gsm8k")
+    load_task("gsm8k", "someone/gsm8k-mirror")
+    load_task("gsm8k", "openai/gsm8k", config="socratic")
+    assert asked == [("openai/gsm8k", "main", "test"), ("openai/gsm8k", "main", "train"),
+                     ("someone/gsm8k-mirror", None, "train"), ("openai/gsm8k", "socratic", "train")]
+
+
 def test_bad_sources_and_rows_raise_clearly(tmp_path):
     with pytest.raises(ValueError, match="task must be one of"):
         load_task("nope")
@@ -91,6 +139,10 @@ def test_bad_sources_and_rows_raise_clearly(tmp_path):
         load_task("gsm8k", ["openai/gsm8k", "other/gsm8k"])
     with pytest.raises(ValueError, match="has no public dataset"):
         load_task("qa")
+    with pytest.raises(ValueError, match="local files and save_to_disk directories have none"):
+        load_task("gsm8k", str(tmp_path / "a.jsonl"), config="main")
+    with pytest.raises(ValueError, match="config must be a non-empty string"):
+        load_task("gsm8k", config="")
     with pytest.raises(ValueError, match=r"lacks the field\(s\) \['solution'\]"):
         load_task("math", _write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p"}]))
     with pytest.raises(ValueError, match="#### <number>"):

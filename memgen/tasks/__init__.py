@@ -1,9 +1,10 @@
 """Tasks: datasets (through `datasets`) and their rewards, in one shape for SFT, GRPO and evaluation.
 
-`load_task(name, source=None, split="train")` returns a `datasets.Dataset` whose rows hold
-`prompt` (the user's message), `answer` (a reference response, the SFT target) and `target` (what
-the reward compares with: a number, a boxed expression, a letter, a list of aliases, or test code).
-`source` is a Hugging Face hub name or local json / jsonl / parquet files; by default the task's
+`load_task(name, source=None, split="train", limit=None, config=None)` returns a `datasets.Dataset`
+whose rows hold `prompt` (the user's message), `answer` (a reference response, the SFT target) and
+`target` (what the reward compares with: a number, a boxed expression, a letter, a list of aliases,
+or test code). `source` is a Hugging Face hub name (or a local copy of a hub dataset), local json /
+jsonl / parquet files, or a directory written by `datasets`' `save_to_disk`; by default the task's
 public dataset. `TASKS[name].reward(completion, target)` scores a completion in [0, 1].
 
 | task | rows read | target | reward |
@@ -125,11 +126,39 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 _LOCAL = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_task(name: str, source: str | Sequence[str] | None = None, split: str = "train", limit: int | None = None):
+def _saved_to_disk(path: Path) -> bool:
+    """Whether `path` is a directory that `Dataset.save_to_disk` or `DatasetDict.save_to_disk` wrote."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def _from_disk(path: Path, split: str):
+    """The rows of a `save_to_disk` directory: a Dataset as it is, a DatasetDict's `split`."""
+    import datasets
+
+    saved = datasets.load_from_disk(str(path))
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise ValueError(f"split {split!r} is not in the dataset saved at {str(path)!r}; it has {sorted(saved)}")
+        return saved[split]
+    return saved
+
+
+def _local_copy_of(source: str, task: Task) -> bool:
+    """Whether `source` is a local directory holding a dataset with the task's configuration (a copy of its hub
+    dataset, e.g. from `huggingface_hub.snapshot_download`)."""
+    import datasets
+
+    return Path(source).is_dir() and task.hub[1] in datasets.get_dataset_config_names(source)
+
+
+def load_task(name: str, source: str | Sequence[str] | None = None, split: str = "train", limit: int | None = None,
+              config: str | None = None):
     """The task's rows as a `datasets.Dataset` with columns prompt, answer, target.
 
-    source: a hub dataset name, or local files (.json, .jsonl, .parquet; a path or a list of them);
-    None: the task's public dataset. limit: keep the first `limit` rows.
+    source: a hub dataset name (or a local copy of a hub dataset), local files (.json, .jsonl, .parquet; a path or
+    a list of them), or a directory written by `save_to_disk` (a DatasetDict gives its `split`); None: the task's
+    public dataset. config: the hub dataset's configuration; by default the task's own (GSM8K's "main") where
+    source is None or the task's hub name. limit: keep the first `limit` rows.
     """
     import datasets
 
@@ -137,6 +166,8 @@ def load_task(name: str, source: str | Sequence[str] | None = None, split: str =
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+    if config is not None and (not isinstance(config, str) or not config):
+        raise ValueError(f"config must be a non-empty string (a hub dataset's configuration name), got {config!r}")
     task = TASKS[name]
     files = [source] if isinstance(source, (str, Path)) else list(source) if source is not None else []
     local = [Path(f) for f in files if Path(f).suffix in _LOCAL]
@@ -145,7 +176,13 @@ def load_task(name: str, source: str | Sequence[str] | None = None, split: str =
         raise ValueError(f"source files must be {', '.join(sorted(_LOCAL))} files, got {other_files}")
     if len(files) > 1 and not local:
         raise ValueError(f"source takes one hub dataset name (or local files), got {files}")
-    if local:
+    saved = len(files) == 1 and _saved_to_disk(Path(files[0]))
+    if config is not None and (local or saved):
+        raise ValueError(f"config names a hub dataset's configuration; local files and save_to_disk directories "
+                         f"have none (got config={config!r} with {[str(f) for f in files]})")
+    if saved:
+        raw = _from_disk(Path(files[0]), split)
+    elif local:
         kinds = {_LOCAL[f.suffix] for f in local}
         if len(local) != len(files) or len(kinds) > 1:
             raise ValueError(f"source files must all be .json/.jsonl or all .parquet, got {files}")
@@ -154,7 +191,9 @@ def load_task(name: str, source: str | Sequence[str] | None = None, split: str =
             raise ValueError(f"source files not found: {missing}")
         raw = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in local], split="train")
     else:
-        hub, config = (files[0], None) if files else task.hub
+        hub = str(files[0]) if files else task.hub[0]
+        if config is None and task.hub[1] and (hub == task.hub[0] or _local_copy_of(hub, task)):
+            config = task.hub[1]
         if not hub:
             raise ValueError(f"task {name!r} has no public dataset: pass source (local files or a hub name)")
         raw = datasets.load_dataset(hub, config, split=split)
