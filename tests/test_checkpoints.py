@@ -194,6 +194,29 @@ def test_reference_formats_load(tmp_path, layout):
     same_model(model, loaded)
 
 
+def test_the_command_line_loads_every_checkpoint_format_s_base_in_its_dtype(tmp_path):
+    """`--dtype` (memgen generate / eval, memgen train's `dtype`) reaches the base of a reference checkpoint, which
+    names it under the reference's own key (it loaded in the saved dtype there), and of memgen's own."""
+    from memgen.training.run import build_model
+
+    tok = chat_tokenizer()
+    base_dir = tmp_path / "base"
+    tiny_causal_lm("qwen2", len(tok), seed=0).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    model = fresh(seed=0)
+    randomize(model, 3)
+    write_reference_dir(model, tmp_path / "reference")
+    settings = json.loads((tmp_path / "reference" / "config.json").read_text())
+    (tmp_path / "reference" / "config.json").write_text(json.dumps({**settings, "model_name": str(base_dir)}))
+    model.config.reasoner_name_or_path = str(base_dir)
+    model.save_pretrained(tmp_path / "own")
+    for checkpoint in ("reference", "own"):
+        loaded = build_model(None, str(tmp_path / checkpoint), dtype="bfloat16")
+        assert loaded.dtype == torch.bfloat16, checkpoint
+        assert all(torch.equal(v, trained_state(model)[k]) for k, v in trained_state(loaded).items())
+    assert build_model(str(base_dir), None, {"trigger_mode": "head"}, dtype="bfloat16").dtype == torch.bfloat16
+
+
 def test_every_setting_of_the_reference_adapter_config_is_used_or_refused(tmp_path):
     """PEFT writes every LoraConfig field to adapter_config.json: those that change the adapter are used (rsLoRA's
     scaling) or refused by name (DoRA), never dropped."""

@@ -98,22 +98,13 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
 
 def build_model(model: str | None, memgen: str | None, config: dict[str, Any] | None = None,
                 dtype: str = "float32") -> Any:
-    """A MemGen model: loaded from a memgen checkpoint, or fresh around the reasoner `model`."""
-    from transformers import AutoModelForCausalLM
-
+    """A MemGen model: loaded from a memgen (or reference) checkpoint, or fresh around the reasoner `model`; every
+    base loaded by name (the reasoner, and a checkpoint's separate weaver or trigger base) is loaded in `dtype`."""
     from memgen import MemGenConfig, MemGenModel
-    from memgen.modeling import load_tokenizer
 
-    reasoner = tokenizer = None
-    name = model
-    if name is None:
-        name = MemGenConfig.from_pretrained(memgen).reasoner_name_or_path
-    if name is not None:
-        reasoner = AutoModelForCausalLM.from_pretrained(name, dtype=TORCH_DTYPES[dtype])
-        tokenizer = load_tokenizer(name)
     if memgen:
-        return MemGenModel.from_pretrained(memgen, reasoner=reasoner, tokenizer=tokenizer)
-    return MemGenModel.from_reasoner(reasoner, tokenizer, MemGenConfig(**(config or {})))
+        return MemGenModel.from_pretrained(memgen, reasoner=model, dtype=TORCH_DTYPES[dtype])
+    return MemGenModel.from_reasoner(model, config=MemGenConfig(**(config or {})), dtype=TORCH_DTYPES[dtype])
 
 
 def train_from_config(run: dict[str, Any]) -> Any:
