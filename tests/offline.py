@@ -98,3 +98,14 @@ def tiny_causal_lm(arch: str, vocab_size: int, hidden_size: int = 64, seed: int 
     else:
         raise ValueError(arch)
     return model.eval()
+
+
+def save_base(model, path) -> None:
+    """Save a MemGen model's reasoner and tokenizer as a base loadable by name: its bare weights, under the names it
+    was loaded with (saved as it is, PEFT's LoRA layers inside it would give `base_layer` names, which a fresh load
+    does not take: it would initialise those projections anew)."""
+    from memgen.adapters import BareBase
+
+    with BareBase(model.reasoner)():
+        model.reasoner.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)

@@ -10,6 +10,7 @@ import torch
 
 from memgen import MemGenModel
 from memgen.cli import MARKER, main, marked_text
+from offline import save_base
 from test_modeling import make_batch
 from test_reference_generation import chatty_model
 
@@ -18,8 +19,7 @@ from test_reference_generation import chatty_model
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model = chatty_model("qwen2", "always")
-    model.reasoner.save_pretrained(root / "reasoner")
-    model.tokenizer.save_pretrained(root / "reasoner")
+    save_base(model, root / "reasoner")
     model.config.reasoner_name_or_path = str(root / "reasoner")
     model.save_pretrained(root / "ckpt")
     return root, model

@@ -13,6 +13,7 @@ from memgen.cli import main
 from memgen.evaluation import evaluate
 from memgen.training.grpo import completion_mask
 from memgen.training.run import load_run_config, train_from_config
+from offline import save_base
 from test_modeling import make_model
 from test_tasks import ROWS, _write_jsonl
 
@@ -24,8 +25,7 @@ TRAINING = dict(per_device_train_batch_size=2, use_cpu=True, report_to=[], save_
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_cli")
     model = make_model("qwen2", trigger_mode="lora")
-    model.reasoner.save_pretrained(root / "base")
-    model.tokenizer.save_pretrained(root / "base")
+    save_base(model, root / "base")
     data = _write_jsonl(root / "gsm8k.jsonl", ROWS["gsm8k"] * 3)
     return root, data
 

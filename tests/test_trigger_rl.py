@@ -10,6 +10,7 @@ from memgen import MemGenModel
 from memgen.adapters import tuner_layers
 from memgen.training import sft_trainer
 from memgen.training.trigger_rl import TriggerConfig, TriggerTrainer, adaptive_penalty
+from offline import save_base
 from test_grpo import _config as grpo_config
 from test_grpo import _prompts
 from test_modeling import make_model
@@ -76,8 +77,7 @@ def test_an_untrained_weaver_is_refused_unless_loaded_trained_or_insisted(tmp_pa
     with pytest.raises(ValueError, match="neither trained nor loaded"):
         TriggerTrainer(model, _config(tmp_path / "a"), _prompts(2), reward=lambda t, y: 0.0)
     TriggerTrainer(model, _config(tmp_path / "b"), _prompts(2), reward=lambda t, y: 0.0, allow_untrained_weaver=True)
-    model.reasoner.save_pretrained(tmp_path / "base")
-    model.tokenizer.save_pretrained(tmp_path / "base")
+    save_base(model, tmp_path / "base")
     model.config.reasoner_name_or_path = str(tmp_path / "base")
     model.save_pretrained(tmp_path / "ckpt")
     loaded = MemGenModel.from_pretrained(tmp_path / "ckpt")
