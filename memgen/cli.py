@@ -49,6 +49,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
     p.add_argument("--no-memory", action="store_true", help="decode the bare reasoner (a baseline)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeatable)")
+    p.add_argument("--eos", nargs="+", metavar="TOKEN", help=EOS_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="the reasoner's weights")
 
@@ -81,6 +82,22 @@ def marked_text(tokenizer, tokens: list[int], woven_before: list[int]) -> str:
     return "".join(pieces) + text[start:]
 
 
+EOS_HELP = ("tokens that end a completion (default: the tokenizer's EOS), e.g. --eos '<|im_end|>' for a chat model "
+            "whose turns end with another token than its EOS")
+
+
+def _eos_token_ids(tokenizer, tokens: list[str] | None, command: str) -> list[int]:
+    """The ids of `tokens` (--eos), each one token of the tokenizer's vocabulary; the tokenizer's EOS without them."""
+    if not tokens:
+        return [tokenizer.eos_token_id]
+    vocab = tokenizer.get_vocab()
+    unknown = [t for t in tokens if t not in vocab]
+    if unknown:
+        raise SystemExit(f"memgen {command}: --eos {unknown} are not tokens of the tokenizer (pass each as one token "
+                         "of its vocabulary, e.g. '<|im_end|>')")
+    return [vocab[t] for t in tokens]
+
+
 def _check_device(command: str, device: str) -> None:
     """Exit with a message, before anything loads, where `device` is not one this torch can use."""
     try:
@@ -101,13 +118,14 @@ def _generate(args: argparse.Namespace) -> int:
     _check_device("generate", args.device)
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(device=args.device).eval()
     tok = model.tokenizer
+    eos = _eos_token_ids(tok, args.eos, "generate")
     batch = _encode(tok, prompts, args.chat)
     generator = torch.Generator(device=args.device).manual_seed(args.seed) if args.sample else None
     out = model.generate(batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
                          max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, generator=generator, memory=not args.no_memory,
                          trigger_mode=args.trigger_mode, stop_strings=args.stop, return_dict_in_generate=True,
-                         num_return_sequences=args.num_return_sequences)
+                         num_return_sequences=args.num_return_sequences, eos_token_id=eos)
     embed = model.reasoner.get_input_embeddings().weight
     token_norm = float(embed.float().norm(dim=-1).mean())
     width = batch["input_ids"].shape[1]
@@ -115,7 +133,7 @@ def _generate(args: argparse.Namespace) -> int:
     for row in range(out.sequences.shape[0]):
         prompt = prompts[row // samples]
         new = out.sequences[row, width:].tolist()
-        real = next((i + 1 for i, t in enumerate(new) if t == tok.eos_token_id), len(new))  # through EOS
+        real = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))  # through EOS
         decisions = out.augmentation_mask[row, :real].tolist()
         norms = out.latent_norms[row, :real].tolist()
         woven = [i for i, d in enumerate(decisions) if d == 1]
@@ -214,6 +232,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
+    p.add_argument("--eos", nargs="+", metavar="TOKEN", help=EOS_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="the reasoner's weights")
     p.add_argument("--out", metavar="JSON", help="also write the results here")
@@ -232,11 +251,12 @@ def _eval(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"memgen eval: {error}") from error
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(args.device).eval()
+    eos = _eos_token_ids(model.tokenizer, args.eos, "eval")
     results = {}
     for memory in (True, False):
         results["with memory" if memory else "without memory"] = evaluate(
             model, rows, TASKS[args.task].reward, memory=memory, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, trigger_mode=args.trigger_mode)
+            batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos)
     print(f"| {args.task} ({len(rows)} rows) | accuracy | insertions per response |\n|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['accuracy']:.4f} | {r['insertions_per_response']:.2f} |")

@@ -12,24 +12,29 @@ from typing import Any
 
 import torch
 
+from memgen.modeling import eos_id_list
 from memgen.training.data import check_prompt_rows, prompt_batch
 from memgen.training.grpo import completion_mask, scored
 
 
 @torch.no_grad()
 def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, Any], float], memory: bool = True,
-             max_new_tokens: int = 512, batch_size: int = 8, trigger_mode: str | None = None) -> dict[str, float]:
+             max_new_tokens: int = 512, batch_size: int = 8, trigger_mode: str | None = None,
+             eos_token_id: int | list[int] | None = None) -> dict[str, float]:
     """{"accuracy": mean reward, "rows": n, "insertions_per_response": mean INVOKE count} over `rows`
     (each with `prompt` and `target`, e.g. from `memgen.tasks.load_task`); `trigger_mode` overrides the
-    model's for this evaluation."""
+    model's for this evaluation. `eos_token_id`: the id(s) that end a completion (default: the tokenizer's EOS);
+    a chat model whose turns end with another token (its `generation_config` lists it) needs it, or its
+    completions run on past the turn, and a final answer taken from the end of the text is then taken from what
+    it wrote after."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     rows = list(rows)
     if not rows:
         raise ValueError("rows must not be empty")
     check_prompt_rows(rows, "evaluate")
-    tok, device = model.tokenizer, model.delimiter_table.device
-    eos = tok.eos_token_id
+    tok, device = model.tokenizer, model.device
+    eos = tok.eos_token_id if eos_token_id is None else eos_token_id  # checked by `generate`, before any work
     scores, insertions = [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -38,7 +43,7 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
                              eos_token_id=eos, trigger_mode=trigger_mode, return_dict_in_generate=True)
         new = out.sequences[:, ids.shape[1]:].cpu()
         woven = out.augmentation_mask.cpu() == 1
-        keep = completion_mask(new, [eos])
+        keep = completion_mask(new, eos_id_list(eos))
         for b, row in enumerate(chunk):
             text = tok.decode(new[b][keep[b]], skip_special_tokens=True)
             scores.append(scored(reward, text, row["target"]))

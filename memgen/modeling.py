@@ -122,7 +122,7 @@ def _positive_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and 0 < value < float("inf")
 
 
-def _eos_ids(value: Any) -> list[int] | None:
+def eos_id_list(value: Any) -> list[int] | None:
     """`eos_token_id` as a list of ints (from an int, a list or tuple of them, or an integer tensor of at most one
     dimension, as Hugging Face's generation config holds it); None where it is none of those."""
     if isinstance(value, torch.Tensor):
@@ -584,7 +584,7 @@ class MemGenModel(nn.Module):
             raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy decoding "
                              "returns the same sequence for every copy of a prompt")
         eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        eos_ids = _eos_ids(eos)
+        eos_ids = eos_id_list(eos)
         vocab = self.delimiter_table.shape[0]
         if eos_ids is None or not all(0 <= e < vocab for e in eos_ids):
             unset = " (the tokenizer names no EOS token: pass eos_token_id)" if eos is None else ""

@@ -13,6 +13,7 @@ from memgen.cli import MARKER, main, marked_text
 from offline import save_base
 from test_modeling import make_batch
 from test_reference_generation import chatty_model
+from test_tasks import ROWS, _write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,25 @@ def test_generate_prints_each_prompts_samples(saved, capsys):
     assert headers == [(str(p), str(s)) for p in (1, 2) for s in (1, 2, 3)], headers
     with pytest.raises(SystemExit, match="needs --sample"):
         main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b", "--num-return-sequences", "2"])
+
+
+def test_eos_tokens_end_completions(saved, capsys):
+    """--eos names other tokens that end a completion (a chat model's end of turn): the printed completion stops
+    after the first; a string that is not one token of the vocabulary is refused by name."""
+    root, model = saved
+    tok = model.tokenizer
+    batch = tok(["a b, c"], return_tensors="pt")
+    new = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)[0, -12:].tolist()
+    stop = next(t for t in new[2:] if t not in new[:2])  # a token whose first use is not among the first two
+    assert main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b, c", "--max-new-tokens", "12",
+                 "--eos", tok.convert_ids_to_tokens(stop)]) == 0
+    printed = capsys.readouterr().out
+    completion = printed.split("---\n", 1)[1].split("\n---", 1)[0]
+    assert completion.replace(MARKER, "") == tok.decode(new[:new.index(stop) + 1], skip_special_tokens=True)
+    data = _write_jsonl(root / "gsm8k.jsonl", ROWS["gsm8k"])
+    for command in (["generate", "--prompt", "x"], ["eval", "--task", "gsm8k", "--data", str(data)]):
+        with pytest.raises(SystemExit, match=r"--eos \['no such token'\] are not tokens of the tokenizer"):
+            main([command[0], "--memgen", str(root / "ckpt"), *command[1:], "--eos", "no such token"])
 
 
 def test_latent_norms_are_set_exactly_where_memory_was_woven():

@@ -106,6 +106,14 @@ def test_evaluate_scores_each_completion_with_the_task_reward():
         expected.append((tok.decode(new[0][keep[0]], skip_special_tokens=True), row["target"]))
     assert seen == expected
     assert result["accuracy"] == sum(len(t) % 2 for t, _ in expected) / 2 and result["rows"] == 2
+    # another end-of-completion token (a chat model's end of turn): each completion ends at its first one
+    new = model.generate(*[tok([rows[0]["prompt"]], return_tensors="pt")[k] for k in ("input_ids", "attention_mask")],
+                         max_new_tokens=5)[0, -5:].tolist()
+    seen.clear()
+    evaluate(model, rows[:1], reward, max_new_tokens=5, eos_token_id=[tok.eos_token_id, new[1]])
+    assert seen == [(tok.decode(new[:new.index(new[1]) + 1], skip_special_tokens=True), "x")]
+    with pytest.raises(ValueError, match="eos_token_id must be token ids"):
+        evaluate(model, rows, reward, max_new_tokens=5, eos_token_id=[10 ** 6])
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(model, rows, reward, batch_size=0)
     with pytest.raises(ValueError, match="rows must not be empty"):
