@@ -16,9 +16,14 @@ import os
 import re
 import subprocess
 
+import setuptools
 from setuptools import setup
 
 CSRC = "csrc"
+
+if int(setuptools.__version__.split(".")[0]) < 77:  # pyproject.toml's SPDX license string needs it
+    raise RuntimeError(f"memgen's build needs setuptools >= 77, found {setuptools.__version__}: "
+                       "pip install 'setuptools>=77', then pip install --no-build-isolation . again")
 
 
 def _native_extensions():
