@@ -80,10 +80,36 @@ def test_conversations_label_every_assistant_turn_and_nothing_else():
     assert _labelled_text(tok, single) == ["Hello.<|endoftext|>\n"]
 
 
+def test_trl_prompt_completion_rows_train_on_the_completion_only():
+    """TRL's SFT formats: `completion` stands for `answer`; a conversational prompt's own assistant turns are context,
+    not trained (a `messages` row trains them all)."""
+    tok = make_model().tokenizer
+    for template in (None, CHATML):
+        tok.chat_template = template
+        assert (encode_example(tok, {"prompt": "Q: one, two?", "completion": " A: three."})
+                == encode_example(tok, {"prompt": "Q: one, two?", "answer": " A: three."}))
+    turns = [{"role": "user", "content": "a, b"}, {"role": "assistant", "content": "c."},
+             {"role": "user", "content": "d, e"}, {"role": "assistant", "content": "f."}]
+    every = encode_example(tok, {"messages": turns})
+    last = encode_example(tok, {"prompt": turns[:3], "completion": turns[3:]})
+    assert last["input_ids"] == every["input_ids"]
+    assert _labelled_text(tok, every) == ["c.<|endoftext|>\n", "f.<|endoftext|>\n"]
+    assert _labelled_text(tok, last) == ["f.<|endoftext|>\n"]
+    assert encode_example(tok, {"prompt": turns[:3], "completion": "f."}) == last
+
+
 @pytest.mark.parametrize("row,template,match", [
     ({"messages": [{"role": "user", "content": "x"}]}, CHATML, "at least one assistant turn"),
     ({"messages": []}, CHATML, "non-empty list"),
-    ({"text": "x"}, None, "must hold 'messages', or 'prompt' and 'answer'"),
+    ({"text": "x"}, None, "must hold 'messages', or 'prompt' and one of 'answer' / 'completion'"),
+    ({"prompt": "x", "answer": "y", "completion": "z"}, None, r"it has \['answer', 'completion', 'prompt'\]"),
+    ({"prompt": 3, "completion": "z"}, None, "'prompt' and 'completion' must be strings or lists of messages"),
+    ({"prompt": [{"role": "user"}], "completion": "z"}, CHATML, "prompt must be a non-empty list"),
+    ({"prompt": "x", "completion": [{"role": "user", "content": "y"}]}, CHATML,
+     "completion must hold at least one assistant turn"),
+    ({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                 {"role": "user", "content": "c"}], "completion": "d"}, None,
+     "without a chat template takes prompt/answer rows only"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                    {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}, None,
      "without a chat template takes prompt/answer rows only"),

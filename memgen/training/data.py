@@ -1,9 +1,14 @@
 """SFT data: chat-formatted rows to (input_ids, labels) with the loss on answer tokens only, and a collator.
 
-A row is either `{"prompt": str, "answer": str}` (one user turn, one assistant turn; what
-`memgen.tasks.load_task` gives) or `{"messages": [{"role": ..., "content": ...}, ...]}` (a
-conversation with one or more assistant turns). With a chat template, each assistant turn's
-tokens, up to and including the template's end-of-turn tokens, carry labels. A conversation with
+A row is one of:
+- `{"prompt": str, "answer": str}`: one user turn, one assistant turn (what `memgen.tasks.load_task`
+  gives); TRL's name `completion` may stand for `answer`;
+- `{"messages": [{"role": ..., "content": ...}, ...]}`: a conversation; every assistant turn trains;
+- TRL's conversational prompt-completion rows, `{"prompt": [messages], "completion": [messages]}`
+  (either side may also be a string: a user turn, an assistant turn): only the completion's assistant
+  turns train, the prompt's are context.
+With a chat template, each trained assistant turn's tokens, up to and including the template's
+end-of-turn tokens, carry labels. A conversation with
 several assistant turns is what `MemGenModel.forward` treats turn by turn. Without a template, the
 prompt and the answer are concatenated, after the special tokens the tokenizer starts text with (a BOS),
 and the answer ends with the EOS token.
@@ -19,19 +24,35 @@ import torch
 IGNORE = -100
 
 
-def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
+def _checked_messages(messages: Any, name: str) -> list[dict[str, str]]:
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                             and isinstance(m.get("content"), str)
+                                                             for m in messages)):
+        raise ValueError(f"{name} must be a non-empty list of {{'role': str, 'content': str}}")
+    return messages
+
+
+def _messages(row: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
+    """The row's conversation, and the index of its first message whose assistant turns train."""
     if "messages" in row:
-        messages = row["messages"]
-        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                                 and isinstance(m.get("content"), str)
-                                                                 for m in messages)):
-            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str}")
+        messages = _checked_messages(row["messages"], "messages")
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError("messages must hold at least one assistant turn to train on")
-        return messages
-    if isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str):
-        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["answer"]}]
-    raise ValueError(f"a row must hold 'messages', or 'prompt' and 'answer' strings; it has {sorted(row)}")
+        return messages, 0
+    answers = [key for key in ("answer", "completion") if key in row]
+    if "prompt" not in row or len(answers) != 1:
+        raise ValueError("a row must hold 'messages', or 'prompt' and one of 'answer' / 'completion' (strings, or "
+                         f"lists of messages); it has {sorted(row)}")
+    prompt, answer = row["prompt"], row[answers[0]]
+    if not isinstance(prompt, (str, list)) or not isinstance(answer, (str, list)):
+        raise ValueError(f"'prompt' and {answers[0]!r} must be strings or lists of messages, got "
+                         f"{type(prompt).__name__} and {type(answer).__name__}")
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _checked_messages(prompt, "prompt")
+    answer = ([{"role": "assistant", "content": answer}] if isinstance(answer, str)
+              else _checked_messages(answer, answers[0]))
+    if not any(m["role"] == "assistant" for m in answer):
+        raise ValueError(f"{answers[0]} must hold at least one assistant turn to train on")
+    return prompt + answer, len(prompt)
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -58,12 +79,12 @@ def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int | None =
     does not render a conversation as a growing prefix (turns could not be located), or when the
     text before the first assistant turn is empty (the weaver's prompt point needs a prompt).
     """
-    messages = _messages(row)
+    messages, trained_from = _messages(row)
     if getattr(tokenizer, "chat_template", None):
         full = _ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
         labels = [IGNORE] * len(full)
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or i < trained_from:
                 continue
             before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
             start = len(_ids(tokenizer, before)) if before else 0
