@@ -230,6 +230,10 @@ def test_sandbox_survives_broken_and_hanging_code():
     ("open({outside!r}, 'w').write('x')", "writing"),
     ("import os\nos.remove({outside!r})", "os.remove"),
     ("x = bytearray(8 << 30)", "MemoryError"),
+    # (allowed without the hook: lowering a limit, and reading memory through a ctypes type made without dlopen)
+    ("import resource\nresource.setrlimit(resource.RLIMIT_CORE, (0, 0))", "sandbox: resource.setrlimit is not allowed"),
+    ("import _ctypes\nclass C(_ctypes._SimpleCData):\n    _type_ = 'c'\nC.from_address(id(1))",
+     "sandbox: ctypes.cdata is not allowed"),
 ])
 def test_sandbox_refuses_harm(tmp_path, attack, event):
     outside = tmp_path / "victim.txt"

@@ -5,8 +5,10 @@ removed afterwards, in its own session (so a timeout kills it and anything it st
 no standard input and its output written to size-limited files. Before the code is imported the
 child limits itself (address space, CPU seconds, file size, no core dumps) and installs an audit
 hook, which Python code cannot remove. The hook refuses network access (every `socket.*` event),
-process creation (fork, exec, spawn, `subprocess`, `os.system`), signals to other processes, and
-writing, deleting or renaming files outside the sandbox directory. Each test's outcome reaches the
+process creation (fork, exec, spawn, `subprocess`, `os.system`), signals to other processes, raising
+its own limits (`resource.setrlimit`, which a root process with CAP_SYS_RESOURCE could otherwise do),
+`ctypes` altogether (raw memory access could undo the hook), and writing, deleting or renaming files
+outside the sandbox directory. Each test's outcome reaches the
 caller through an inherited pipe, one record per test index (counters in the child could be
 rewritten by the code under test; earlier records cannot). Code that sets out to forge records on
 that pipe could still inflate its score: the sandbox guards the caller, and makes cheating
@@ -42,7 +44,8 @@ def main(report_fd, memory, cpu_seconds):
     sys.path.insert(0, root)
     inside = lambda p: os.path.realpath(os.fsdecode(p)).startswith(root + os.sep)
     blocked = ("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
-               "os.forkpty", "pty.", "os.kill", "os.killpg", "signal.pthread_kill", "ctypes.dlopen")
+               "os.forkpty", "pty.", "os.kill", "os.killpg", "signal.pthread_kill", "ctypes.", "resource.setrlimit",
+               "resource.prlimit")
     path_events = ("os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.link", "os.symlink",
                    "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile", "shutil.copytree")
     write = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
