@@ -63,7 +63,7 @@ for stage in "$@"; do
                 tests/test_random_cases.py ;;
         cuda-tests)
             run_stage cuda-tests 200 python3 -m pytest -q -rs --timeout 150 -p no:cacheprovider -k cuda \
-                tests/test_generation.py tests/test_trigger_scoring.py tests/test_ragged_ops.py tests/test_transfers.py \
+                tests/test_modeling.py tests/test_generation.py tests/test_trigger_scoring.py tests/test_ragged_ops.py tests/test_transfers.py \
                 tests/test_sliding_windows.py tests/test_prefix_cache.py tests/test_random_cases.py ;;
         ops)
             run_stage ops 120 "${BENCH[@]}" --out "$bench_dir/ops-1.5b" --suite ops --preset qwen2.5-1.5b --rounds 30 ;;

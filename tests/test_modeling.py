@@ -317,7 +317,7 @@ def _own_tensors(model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("trigger_mode", ["always", "lora", "head"])
-def test_a_reasoner_on_a_gpu_gives_a_model_there_with_the_cpu_s_initial_values(trigger_mode):
+def test_a_reasoner_on_cuda_gives_a_model_there_with_the_cpu_s_initial_values(trigger_mode):
     """A reasoner loaded onto a GPU (`device_map="cuda"`, `.to("cuda")`) gives a MemGen model whose own modules are
     there too, drawn as on the CPU from the same seed; it generates without a `.to()` of its own."""
     tok = chat_tokenizer()
