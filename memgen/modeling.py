@@ -135,11 +135,18 @@ def eos_id_list(value: Any) -> list[int] | None:
     return [int(e) for e in items]
 
 
-def load_tokenizer(name: str) -> Any:
+# The loading arguments that say where and which version of a repository to read: a tokenizer loaded beside a base
+# model takes them too, so that both come from the same revision and place.
+_LOCATION_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "force_download",
+                    "proxies")
+
+
+def load_tokenizer(name: str, **location: Any) -> Any:
     """The tokenizer saved with `name`, with its EOS as pad token where it names none (Llama's and Mistral's do not):
     pads only fill masked positions and what follows a finished row's EOS. Tokenizers memgen is handed are the
-    caller's to set up; this is for those it loads itself (a reasoner, or a checkpoint's base, given by name)."""
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    caller's to set up; this is for those it loads itself (a reasoner, or a checkpoint's base, given by name).
+    `location`: `AutoTokenizer.from_pretrained`'s revision, token, cache_dir, ... as the base was loaded with."""
+    tokenizer = AutoTokenizer.from_pretrained(name, **location)
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -266,8 +273,9 @@ class MemGenModel(nn.Module):
         `tokenizer`, the reasoner's is loaded by its name (`load_tokenizer`: its EOS pads where it names no pad).
 
         `model_kwargs` (dtype, device_map, attn_implementation, quantization_config, ...) go to
-        `AutoModelForCausalLM.from_pretrained` for every base given by name; with none given by name they are refused,
-        as they would change nothing. memgen's own modules are placed beside the bases (a reasoner on a GPU gives a
+        `AutoModelForCausalLM.from_pretrained` for every base given by name, and those that locate a repository
+        (revision, token, cache_dir, local_files_only, trust_remote_code, ...) to the tokenizer loaded by the
+        reasoner's name; with no base given by name they are refused, as they would change nothing. memgen's own modules are placed beside the bases (a reasoner on a GPU gives a
         model there)."""
         config = MemGenConfig() if config is None else config
         if not isinstance(config, MemGenConfig):
@@ -282,7 +290,7 @@ class MemGenModel(nn.Module):
         if tokenizer is None:
             if not name:
                 raise ValueError("pass the tokenizer: the reasoner has no name to load one from")
-            tokenizer = load_tokenizer(name)
+            tokenizer = load_tokenizer(name, **{k: v for k, v in model_kwargs.items() if k in _LOCATION_KWARGS})
         weaver_base = None if weaver_base is None else _load_causal_lm(weaver_base, "weaver_base", model_kwargs)
         trigger_base = None if trigger_base is None else _load_causal_lm(trigger_base, "trigger_base", model_kwargs)
         config.reasoner_name_or_path = config.reasoner_name_or_path or name

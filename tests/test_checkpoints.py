@@ -94,6 +94,15 @@ def test_loading_arguments_reach_the_bases_loaded_by_name(tmp_path):
     assert loaded.dtype == torch.bfloat16 and loaded.reasoner.config._attn_implementation == "eager"
     same_model(model, loaded)
     assert MemGenModel.from_pretrained(tmp_path / "ckpt").dtype == torch.float32  # the saved base's own dtype
+    # the tokenizer comes from the same place and revision as the base
+    from transformers import AutoTokenizer
+    asked = []
+    load = AutoTokenizer.from_pretrained.__func__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoTokenizer, "from_pretrained",
+                      classmethod(lambda cls, name, **kw: asked.append(kw) or load(cls, name, **kw)))
+        MemGenModel.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16, local_files_only=True, revision=None)
+    assert asked == [{"local_files_only": True}]
     with pytest.raises(ValueError, match=r"\['dtype'\] would load a base by name, but every base is given loaded"):
         MemGenModel.from_pretrained(tmp_path / "ckpt", reasoner=tiny_causal_lm("qwen2", len(tok), seed=4),
                                     tokenizer=tok, dtype=torch.bfloat16)
