@@ -8,10 +8,10 @@ A row is one of:
   (either side may also be a string: a user turn, an assistant turn): only the completion's assistant
   turns train, the prompt's are context.
 With a chat template, each trained assistant turn's tokens, up to and including the template's
-end-of-turn tokens, carry labels. A conversation with
-several assistant turns is what `MemGenModel.forward` treats turn by turn. Without a template, the
-prompt and the answer are concatenated, after the special tokens the tokenizer starts text with (a BOS),
-and the answer ends with the EOS token.
+end-of-turn tokens, carry labels. A conversation with several trained assistant turns is what
+`MemGenModel.forward` treats turn by turn. Without a template, the prompt and the answer are
+concatenated, after the special tokens the tokenizer starts text with (a BOS), and the answer ends
+with the EOS token.
 """
 
 from __future__ import annotations
