@@ -107,6 +107,11 @@ def test_the_task_s_own_configuration_is_the_default_for_its_dataset(tmp_path, m
     folder = _hub_copy(tmp_path / "gsm8k")
     assert "Why? Because." not in load_task("gsm8k", str(folder))[0]["answer"]
     assert "Why? Because." in load_task("gsm8k", str(folder), config="socratic")[0]["answer"]
+    plain = tmp_path / "plain"  # a directory of data files, without configurations: its splits by file name
+    plain.mkdir()
+    _write_jsonl(plain / "train.jsonl", ROWS["gsm8k"])
+    _write_jsonl(plain / "test.jsonl", ROWS["gsm8k"][1:])
+    assert len(load_task("gsm8k", str(plain))) == 2 and len(load_task("gsm8k", str(plain), split="test")) == 1
     import datasets
 
     asked = []
