@@ -275,14 +275,12 @@ class MemGenModel(nn.Module):
         `model_kwargs` (dtype, device_map, attn_implementation, quantization_config, ...) go to
         `AutoModelForCausalLM.from_pretrained` for every base given by name, and those that locate a repository
         (revision, token, cache_dir, local_files_only, trust_remote_code, ...) to the tokenizer loaded by the
-        reasoner's name; with no base given by name they are refused, as they would change nothing. memgen's own modules are placed beside the bases (a reasoner on a GPU gives a
-        model there)."""
+        reasoner's name; with no base given by name they are refused, as they would change nothing. memgen's own
+        modules are placed beside the bases (a reasoner on a GPU gives a model there)."""
         config = MemGenConfig() if config is None else config
         if not isinstance(config, MemGenConfig):
             raise ValueError(f"config must be a MemGenConfig, got {type(config).__name__}")
-        named = [what for what, base in (("reasoner", reasoner), ("weaver_base", weaver_base),
-                                         ("trigger_base", trigger_base)) if isinstance(base, str)]
-        if model_kwargs and not named:
+        if model_kwargs and not any(isinstance(base, str) for base in (reasoner, weaver_base, trigger_base)):
             raise ValueError(f"{sorted(model_kwargs)} would load a base by name, but every base is given loaded: "
                              "load it with them yourself, or pass its name")
         name = reasoner if isinstance(reasoner, str) else getattr(reasoner, "name_or_path", None)
@@ -428,7 +426,7 @@ class MemGenModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must match input_ids {list(input_ids.shape)}, got {list(attention_mask.shape)}")
-        device = self.delimiter_table.device
+        device = self.device
         for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
             if t.device != device:
                 raise ValueError(f"{name} is on {t.device} but the model is on {device}")
@@ -640,7 +638,7 @@ class MemGenModel(nn.Module):
                                top_p, generator, latents: int) -> torch.Tensor:
         """The real-token mask [B, L], after checking every argument; `latents`: the most a row can weave."""
         real = self._check_token_batch(input_ids, attention_mask)
-        device = self.delimiter_table.device
+        device = self.device
         if generator is not None and _indexed(generator.device) != device:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}")
         counts = real.sum(1)
@@ -748,7 +746,7 @@ class MemGenModel(nn.Module):
         return logits * real[..., None].to(logits.dtype)
 
     def _token_logps(self, input_ids: torch.Tensor, real: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
-                     chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
+                     chunk_size: int, temperature: float) -> torch.Tensor:
         """[B, L] float32 log-probabilities of the labelled tokens under the logits / `temperature`, the LM head run
         chunk by chunk."""
         hidden, item_index, n_latents = self._interleaved_hidden(input_ids, real, points)

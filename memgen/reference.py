@@ -49,7 +49,7 @@ def _weave(model, stream: list[torch.Tensor], kind: str) -> list[torch.Tensor]:
 
 def _row_logits(model, ids: list[int], row_points: dict[int, str]) -> torch.Tensor:
     """Float logits [n, V] of one unpadded row: position j predicts token j + 1."""
-    device = model.delimiter_table.device
+    device = model.device
     embed = model.reasoner.get_input_embeddings()
     stream: list[torch.Tensor] = []
     token_item: list[int] = []  # stream index of each token

@@ -24,10 +24,16 @@ import torch
 IGNORE = -100
 
 
+def _is_conversation(prompt: Any) -> bool:
+    """Whether `prompt` is a conversation: a non-empty list of {'role': str, 'content': str} messages."""
+    return (isinstance(prompt, list) and bool(prompt)
+            and all(hasattr(m, "get") and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in prompt))
+
+
 def _checked_messages(messages: Any, name: str) -> list[dict[str, str]]:
-    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                             and isinstance(m.get("content"), str)
-                                                             for m in messages)):
+    """`messages` (a row's `name` field) where it is a conversation of dicts; raises otherwise."""
+    if not (_is_conversation(messages) and all(isinstance(m, dict) for m in messages)):
         raise ValueError(f"{name} must be a non-empty list of {{'role': str, 'content': str}}")
     return messages
 
@@ -132,13 +138,6 @@ class MemGenCollator:
             labels[b, cols] = torch.tensor(row["labels"])
             mask[b, cols] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _is_conversation(prompt: Any) -> bool:
-    """Whether `prompt` is a conversation: a non-empty list of {'role': str, 'content': str} messages."""
-    return (isinstance(prompt, list) and bool(prompt)
-            and all(hasattr(m, "get") and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in prompt))
 
 
 def check_prompt_rows(rows: Sequence[Any], what: str) -> None:

@@ -209,7 +209,7 @@ class GRPOTrainer(MemGenTrainer):
         one step on one rank (0: the training rollouts; evaluation batches count from 1)."""
         check_prompt_rows(rows, "GRPO")
         model = self.accelerator.unwrap_model(self.model)
-        tok, device, g = model.tokenizer, model.delimiter_table.device, self.args.group_size
+        tok, device, g = model.tokenizer, model.device, self.args.group_size
         ids, mask = prompt_batch(tok, [r["prompt"] for r in rows])
         width = ids.shape[1]
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask) for _ in range(g)]
