@@ -233,6 +233,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
     p.add_argument("--eos", nargs="+", metavar="TOKEN", help=EOS_HELP)
+    p.add_argument("--reward-workers", type=int, default=1, metavar="N",
+                   help="completions scored at once (the code task's sandboxed test runs overlap)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="the reasoner's weights")
     p.add_argument("--out", metavar="JSON", help="also write the results here")
@@ -246,6 +248,9 @@ def _eval(args: argparse.Namespace) -> int:
     from memgen.training.run import build_model
 
     _check_device("eval", args.device)
+    for flag, value in (("--batch-size", args.batch_size), ("--reward-workers", args.reward_workers)):
+        if value < 1:
+            raise SystemExit(f"memgen eval: {flag} must be >= 1, got {value}")
     try:
         rows = list(load_task(args.task, args.data, args.split, args.limit))
     except ValueError as error:
@@ -256,7 +261,8 @@ def _eval(args: argparse.Namespace) -> int:
     for memory in (True, False):
         results["with memory" if memory else "without memory"] = evaluate(
             model, rows, TASKS[args.task].reward, memory=memory, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos)
+            batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos,
+            reward_workers=args.reward_workers)
     print(f"| {args.task} ({len(rows)} rows) | accuracy | insertions per response |\n|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['accuracy']:.4f} | {r['insertions_per_response']:.2f} |")

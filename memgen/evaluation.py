@@ -14,21 +14,23 @@ import torch
 
 from memgen.modeling import eos_id_list
 from memgen.training.data import check_prompt_rows, prompt_batch
-from memgen.training.grpo import completion_mask, scored
+from memgen.training.grpo import check_reward_workers, completion_mask, scored_all
 
 
 @torch.no_grad()
 def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, Any], float], memory: bool = True,
              max_new_tokens: int = 512, batch_size: int = 8, trigger_mode: str | None = None,
-             eos_token_id: int | list[int] | None = None) -> dict[str, float]:
+             eos_token_id: int | list[int] | None = None, reward_workers: int = 1) -> dict[str, float]:
     """{"accuracy": mean reward, "rows": n, "insertions_per_response": mean INVOKE count} over `rows`
     (each with `prompt` and `target`, e.g. from `memgen.tasks.load_task`); `trigger_mode` overrides the
     model's for this evaluation. `eos_token_id`: the id(s) that end a completion (default: the tokenizer's EOS);
     a chat model whose turns end with another token (its `generation_config` lists it) needs it, or its
     completions run on past the turn, and a final answer taken from the end of the text is then taken from what
-    it wrote after."""
+    it wrote after. `reward_workers`: threads scoring a batch's completions at once (for rewards that wait on a
+    process, as the code tasks' sandbox does; above 1 only for a reward that is safe to call from threads)."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_reward_workers(reward_workers)
     rows = list(rows)
     if not rows:
         raise ValueError("rows must not be empty")
@@ -44,9 +46,8 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
         new = out.sequences[:, ids.shape[1]:].cpu()
         woven = out.augmentation_mask.cpu() == 1
         keep = completion_mask(new, eos_id_list(eos))
-        for b, row in enumerate(chunk):
-            text = tok.decode(new[b][keep[b]], skip_special_tokens=True)
-            scores.append(scored(reward, text, row["target"]))
-            insertions.append(int(woven[b][keep[b]].sum()))
+        texts = [tok.decode(new[b][keep[b]], skip_special_tokens=True) for b in range(len(chunk))]
+        scores += scored_all(reward, texts, [row["target"] for row in chunk], reward_workers)
+        insertions += [int(woven[b][keep[b]].sum()) for b in range(len(chunk))]
     return {"accuracy": sum(scores) / len(scores), "rows": len(scores),
             "insertions_per_response": sum(insertions) / len(insertions)}

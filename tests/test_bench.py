@@ -476,3 +476,20 @@ def test_window_cost_script_times_each_arm_with_and_without_a_binding_window(cac
     input_ids, mask = prompt_batch(workload, 2)
     runs = [model.generate(input_ids, mask, max_new_tokens=24, memory=False) for model in (plain, windowed)]
     assert not torch.equal(*runs)  # the window binds: same weights, other tokens
+
+
+def test_reward_scoring_script_scores_each_kind_of_completion_alike_at_every_worker_count(tmp_path, capsys):
+    reward_scoring = _script("reward_scoring")
+    with pytest.raises(SystemExit):
+        reward_scoring.main(["--hanging", "5", "--completions", "4"])
+    assert "--hanging must be in 0 .. --completions (4), got 5" in capsys.readouterr().err
+    kinds = {kind: reward_scoring._reward(text, reward_scoring.TESTS, timeout=1.0)
+             for kind, text in reward_scoring.ANSWERS.items()}
+    assert kinds == {"passes": 1.0, "fails a test": 2 / 3, "crashes on import": 0.0, "hangs": 0.0}
+    reward_scoring.main(["--completions", "6", "--hanging", "1", "--timeout", "1", "--workers", "3", "--rounds", "1",
+                         "--out", str(tmp_path)])
+    records = {r["impl"]: r for r in json.loads((tmp_path / "results.json").read_text())["records"]}
+    assert list(records) == ["1 worker", "3 workers"]
+    expected = (0 + 1 + 1 + 1 + 2 / 3 + 0) / 6  # one loop, then passes x3, a failed test, a crash
+    assert all(r["facts"]["mean reward"] == pytest.approx(expected) for r in records.values())
+    assert records["3 workers"]["ratios"]["1 worker"] > 0

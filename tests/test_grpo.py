@@ -4,6 +4,8 @@ forward at their own insertion points, and the mean reward rising on a learnable
 from __future__ import annotations
 
 import pickle
+import threading
+import time
 
 import datasets
 import pytest
@@ -12,7 +14,8 @@ import torch
 from memgen.adapters import tuner_layers
 from memgen.evaluation import evaluate
 from memgen.training.data import prompt_batch
-from memgen.training.grpo import GRPOConfig, GRPOTrainer, clipped_loss, completion_mask, group_advantages
+from memgen.training.grpo import (GRPOConfig, GRPOTrainer, clipped_loss, completion_mask, group_advantages,
+                                  scored_all)
 from test_modeling import make_model
 
 
@@ -60,6 +63,8 @@ def test_gradient_of_the_unclipped_objective_is_the_policy_gradient():
     (dict(label_smoothing_factor=0.1), r"label_smoothing_factor \(0.1\) and neftune_noise_alpha"),
     (dict(neftune_noise_alpha=5.0), "act on a labelled loss"),
     (dict(accelerator_config={"dispatch_batches": True}), "dispatch_batches must be False"),
+    (dict(reward_workers=0), "reward_workers must be an int >= 1, got 0"),
+    (dict(reward_workers=2.0), "reward_workers must be an int >= 1, got 2.0"),
 ])
 def test_config_checks(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -187,6 +192,60 @@ def test_rewards_may_be_bools_or_one_element_tensors(tmp_path):
         trainer = GRPOTrainer(make_model(), _config(tmp_path, max_steps=1, group_size=2), _prompts(2),
                               reward=lambda text, target: value)
         assert trainer.rollouts(_prompts(2)).rewards.tolist() == [float(value)] * 4
+
+
+def _meeting_reward(parties):
+    """A reward that returns only once `parties` calls are under way at the same time (a barrier), so that it
+    scores in threads or raises BrokenBarrierError; the score of (text, target) is len(text) + target."""
+    barrier = threading.Barrier(parties, timeout=10)
+
+    def reward(text, target):
+        time.sleep(0.01 * (target % 3))  # calls end out of order
+        barrier.wait()
+        return len(text) + target
+    return reward
+
+
+def test_scored_all_runs_workers_at_once_and_keeps_the_order():
+    texts, targets = ["a", "bb", "ccc", "dddd", "", "ff", "g", "hhhhhhh"], [5, 1, 4, 2, 0, 3, 7, 6]
+    expected = [float(len(t) + y) for t, y in zip(texts, targets)]
+    assert scored_all(lambda t, y: len(t) + y, texts, targets) == expected
+    assert scored_all(_meeting_reward(4), texts, targets, workers=4) == expected
+    with pytest.raises(threading.BrokenBarrierError):  # the barrier's test is not vacuous: one at a time never meets
+        scored_all(_meeting_reward(2), texts[:2], targets[:2], workers=1)
+
+
+def test_scored_all_raises_the_first_error_and_starts_no_more_calls():
+    started = []
+
+    def reward(text, target):
+        started.append(text)
+        if text == "bad":
+            return float("nan")
+        time.sleep(0.05)
+        return 1.0
+    texts = ["bad"] + [str(i) for i in range(40)]
+    with pytest.raises(ValueError, match="must return a finite number, got nan for the completion 'bad'"):
+        scored_all(reward, texts, [None] * len(texts), workers=2)
+    assert len(started) < len(texts)  # the queued calls were dropped
+    with pytest.raises(ValueError, match="texts and targets differ in length: 2 and 1"):
+        scored_all(reward, ["a", "b"], [None], workers=2)
+    with pytest.raises(ValueError, match="reward_workers must be an int >= 1, got 0"):
+        scored_all(reward, ["a"], [None], workers=0)
+
+
+def test_rollouts_and_evaluate_score_in_reward_workers(tmp_path):
+    model = make_model()
+    trainer = GRPOTrainer(model, _config(tmp_path, group_size=2, reward_workers=4), _prompts(2),
+                          reward=lambda t, y: 0.0)
+    trainer.reward = _meeting_reward(4)  # 2 rows x 2 rollouts meet only when scored at once
+    batch = trainer.rollouts([{**row, "target": i} for i, row in enumerate(_prompts(2))])
+    assert batch.rewards.tolist() == [float(len(t) + i // 2) for i, t in enumerate(batch.texts)]
+    rows = [{**row, "target": i} for i, row in enumerate(_prompts(3))]
+    plain = evaluate(model, rows, lambda t, y: len(t) + y, max_new_tokens=4, batch_size=3)
+    assert evaluate(model, rows, _meeting_reward(3), max_new_tokens=4, batch_size=3, reward_workers=3) == plain
+    with pytest.raises(ValueError, match="reward_workers must be an int >= 1, got 0"):
+        evaluate(model, rows, lambda t, y: 0.0, reward_workers=0)
 
 
 def test_evaluation_samples_the_eval_rows_and_logs_their_reward_apart(tmp_path):

@@ -78,13 +78,19 @@ def test_eval_reports_accuracy_with_and_without_memory(workspace, capsys, tmp_pa
     model.config.reasoner_name_or_path = str(root / "base")
     model.save_pretrained(root / "eval_ckpt")
     out = tmp_path / "eval.json"
-    assert main(["eval", "--memgen", str(root / "eval_ckpt"), "--task", "gsm8k", "--data", str(data), "--limit", "3",
-                 "--max-new-tokens", "6", "--batch-size", "2", "--trigger-mode", "always", "--out", str(out)]) == 0
+    command = ["eval", "--memgen", str(root / "eval_ckpt"), "--task", "gsm8k", "--data", str(data), "--limit", "3",
+               "--max-new-tokens", "6", "--batch-size", "2", "--trigger-mode", "always", "--out", str(out)]
+    assert main(command) == 0
     printed = capsys.readouterr().out
     assert "| with memory |" in printed and "| without memory |" in printed
     results = json.loads(out.read_text())
     assert results["with memory"]["rows"] == 3 and results["with memory"]["insertions_per_response"] >= 1
     assert results["without memory"]["insertions_per_response"] == 0
+    assert main(command + ["--reward-workers", "2"]) == 0
+    assert json.loads(out.read_text()) == results
+    for flag in ("--reward-workers", "--batch-size"):
+        with pytest.raises(SystemExit, match=f"memgen eval: {flag} must be >= 1, got 0"):
+            main(command + [flag, "0"])
 
 
 def test_evaluate_scores_each_completion_with_the_task_reward():

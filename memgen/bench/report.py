@@ -18,7 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-SUITE_TITLES = {"ops": "Compiled ops", "decode": "Decoding", "train": "Training step (forward + backward)"}
+SUITE_TITLES = {"ops": "Compiled ops", "decode": "Decoding", "train": "Training step (forward + backward)",
+                "rewards": "Reward scoring"}
 _RATE_UNITS = {"GB": "GB/s", "tokens": "tokens/s", "rows": "rows/s", "steps": "steps/s", "calls": "calls/s"}
 
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -51,6 +53,9 @@ class GRPOConfig(TrainingArguments):
     eos_token_ids: list[int] | None = field(default=None, metadata={"help": "default: the tokenizer's EOS"})
     logps_chunk_size: int = field(default=1024, metadata={
         "help": "completion tokens whose vocabulary-wide logits exist at once (backward recomputes them)"})
+    reward_workers: int = field(default=1, metadata={
+        "help": "threads that score a step's rollouts at once: rewards that wait on a process of their own (the code "
+                "tasks' sandbox) overlap; above 1 only for a reward function that is safe to call from threads"})
     remove_unused_columns: bool = False  # rows carry prompt and target, which forward does not take
 
     def __post_init__(self) -> None:
@@ -61,6 +66,7 @@ class GRPOConfig(TrainingArguments):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        check_reward_workers(self.reward_workers)
         if self.beta < 0 or not 0 < self.epsilon < 1:
             raise ValueError(f"beta must be >= 0 and epsilon in (0, 1), got {self.beta!r}, {self.epsilon!r}")
         if not isinstance(self.logps_chunk_size, int) or self.logps_chunk_size < 1:
@@ -89,6 +95,11 @@ def check_sharding(trainer: Any) -> None:
                          "beta=0, or DDP / ZeRO-1/2")
 
 
+def check_reward_workers(workers: Any) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"reward_workers must be an int >= 1, got {workers!r}")
+
+
 def scored(reward: Callable[[str, Any], Any], text: str, target: Any) -> float:
     """`reward(text, target)`, refused unless a finite real number (a bool or a one-element tensor too): in GRPO a
     NaN or infinite reward would turn every advantage of its group, and then the trained weights, into NaN."""
@@ -100,6 +111,23 @@ def scored(reward: Callable[[str, Any], Any], text: str, target: Any) -> float:
         raise ValueError(f"reward must return a finite number, got {float(value)} for the completion {text[:80]!r} "
                          f"(target {target!r:.80})")
     return float(value)
+
+
+def scored_all(reward: Callable[[str, Any], Any], texts: Sequence[str], targets: Sequence[Any],
+               workers: int = 1) -> list[float]:
+    """`scored` for each (text, target), in order. With `workers` > 1 that many calls run at once in threads, so
+    that rewards which wait on a process of their own (a sandboxed test run takes ~40 ms, up to its timeout for code
+    that hangs) overlap; the first error raised is raised here, and calls not yet started are dropped."""
+    check_reward_workers(workers)
+    if len(texts) != len(targets):
+        raise ValueError(f"texts and targets differ in length: {len(texts)} and {len(targets)}")
+    if workers == 1 or len(texts) < 2:
+        return [scored(reward, text, target) for text, target in zip(texts, targets)]
+    pool = ThreadPoolExecutor(min(workers, len(texts)), thread_name_prefix="memgen-reward")
+    try:
+        return list(pool.map(scored, repeat(reward), texts, targets))
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -226,7 +254,7 @@ class GRPOTrainer(MemGenTrainer):
         keep = completion_mask(new, eos)
         texts = [tok.decode(new[b][keep[b]], skip_special_tokens=True) for b in range(len(prompts))]
         targets = [r["target"] for r in rows for _ in range(g)]
-        rewards = torch.tensor([scored(self.reward, t, y) for t, y in zip(texts, targets)], dtype=torch.float32)
+        rewards = torch.tensor(scored_all(self.reward, texts, targets, self.args.reward_workers), dtype=torch.float32)
         decisions = torch.where(keep, out.augmentation_mask.cpu(), -100)
         scores = self.scores(rewards, decisions)
         advantages = group_advantages(scores, g, scale=self.args.loss_type != "dr_grpo")
