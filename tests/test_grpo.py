@@ -57,7 +57,11 @@ def test_gradient_of_the_unclipped_objective_is_the_policy_gradient():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(group_size=1), "group_size must be"), (dict(loss_type="ppo"), "loss_type must be one of"),
-    (dict(temperature=0.0), "temperature must be"), (dict(epsilon=1.5), "epsilon in"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0, got 0.0"),
+    (dict(temperature="0.7"), "temperature must be a finite number > 0, got '0.7'"),
+    (dict(epsilon=1.5), r"epsilon must be a finite number in \(0, 1\), got 1.5"),
+    (dict(beta=float("nan")), "beta must be a finite number >= 0, got nan"),
+    (dict(beta=-0.1), "beta must be a finite number >= 0, got -0.1"),
     (dict(remove_unused_columns=True), "remove_unused_columns must be False"),
     (dict(max_new_tokens=0), "max_new_tokens must be"),
     (dict(label_smoothing_factor=0.1), r"label_smoothing_factor \(0.1\) and neftune_noise_alpha"),

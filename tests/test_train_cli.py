@@ -131,7 +131,20 @@ def test_evaluate_scores_each_completion_with_the_task_reward():
 
 
 @pytest.mark.parametrize("run,overrides,match", [
-    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}, "epochs": 2}, [], "unknown keys"),
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}, "epochs": 2}, [],
+     r"unknown keys \['epochs'\]; the run description takes \['allow_untrained_weaver'"),
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}, "limt": 2}, [],
+     r"unknown keys \['limt'\]; .*; did you mean 'limit' for 'limt'\?"),
+    ({"stage": "grpo", "model": "m", "task": "gsm8k", "training": {"output_dir": "o", "learnin_rate": 0.1}}, [],
+     r"unknown training keys \['learnin_rate'\]; stage grpo takes the fields of GRPOConfig; did you mean "
+     r"'learning_rate' for 'learnin_rate'\?"),
+    ({"stage": "trigger", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["training.invoke_penalty=x"],
+     "training: invoke_penalty must be a finite number >= 0, got 'x'"),
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["training.group_size=4"],
+     r"unknown training keys \['group_size'\]; stage sft takes the fields of TrainingArguments"),
+    ({"stage": "grpo", "model": "m", "task": "gsm8k", "training": {"output_dir": "o", "group_size": 1}}, [],
+     "training: group_size must be an int >= 2"),
+    ({"stage": "sft", "model": "m", "task": "gsm9k", "training": {"output_dir": "o"}}, [], "task must be one of"),
     ({"stage": "ppo", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, [], "stage must be one of"),
     ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {}}, [], "at least output_dir"),
     ({"stage": "sft", "task": "gsm8k", "training": {"output_dir": "o"}}, [], "needs 'model'"),

@@ -64,11 +64,10 @@ class GRPOConfig(TrainingArguments):
             raise ValueError(f"group_size must be an int >= 2 (advantages compare rollouts), got {self.group_size!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        check_number("temperature", self.temperature, lambda v: v > 0, "> 0")
+        check_number("beta", self.beta, lambda v: v >= 0, ">= 0")
+        check_number("epsilon", self.epsilon, lambda v: 0 < v < 1, "in (0, 1)")
         check_reward_workers(self.reward_workers)
-        if self.beta < 0 or not 0 < self.epsilon < 1:
-            raise ValueError(f"beta must be >= 0 and epsilon in (0, 1), got {self.beta!r}, {self.epsilon!r}")
         if not isinstance(self.logps_chunk_size, int) or self.logps_chunk_size < 1:
             raise ValueError(f"logps_chunk_size must be an int >= 1, got {self.logps_chunk_size!r}")
         if self.loss_type not in LOSS_TYPES:
@@ -93,6 +92,14 @@ def check_sharding(trainer: Any) -> None:
     if (trainer.is_fsdp_enabled or zero3) and getattr(trainer.args, "beta", 0.0) > 0:
         raise ValueError("beta > 0 (KL to the initial weaver) is not supported under FSDP or DeepSpeed ZeRO-3; use "
                          "beta=0, or DDP / ZeRO-1/2")
+
+
+def check_number(name: str, value: Any, holds: Callable[[float], bool], expected: str) -> None:
+    """Raise unless `value` is a finite real number (not a bool, not a string such as YAML's quoted '0.7') for which
+    `holds` is true; comparing a string would raise a TypeError that names no setting, and NaN passes a comparison
+    that is written to refuse."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not holds(value):
+        raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
 
 
 def check_reward_workers(workers: Any) -> None:

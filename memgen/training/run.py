@@ -23,6 +23,8 @@ trained model is saved as a memgen checkpoint in `training.output_dir`.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,26 @@ def _numbers(value: Any) -> Any:
     if isinstance(value, list):
         return [_numbers(v) for v in value]
     return float(value) if isinstance(value, str) and _EXPONENT.match(value) else value
+
+
+def _args_class(stage: str) -> type:
+    """The stage's training arguments: TrainingArguments (sft), GRPOConfig (grpo) or TriggerConfig (trigger)."""
+    from transformers import TrainingArguments
+
+    from memgen.training.grpo import GRPOConfig
+    from memgen.training.trigger_rl import TriggerConfig
+
+    return {"sft": TrainingArguments, "grpo": GRPOConfig, "trigger": TriggerConfig}[stage]
+
+
+def _check_known(keys: Any, allowed: set[str], what: str, takes: str) -> None:
+    """Raise for keys outside `allowed`, with the nearest allowed key to each (a typo would otherwise surface as a
+    TypeError from the arguments' constructor, after the imports)."""
+    unknown = sorted(set(keys) - allowed)
+    if unknown:
+        hints = [f"{close[0]!r} for {key!r}" for key in unknown
+                 if (close := difflib.get_close_matches(key, allowed, n=1))]
+        raise ValueError(f"unknown {what} {unknown}; {takes}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
 
 
 def _evaluates(run: dict[str, Any]) -> bool:
@@ -73,18 +95,27 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
         node[leaf] = yaml.safe_load(value)
     run = _numbers(run)
-    unknown = sorted(set(run) - _KEYS)
-    if unknown:
-        raise ValueError(f"unknown keys {unknown}; the run description takes {sorted(_KEYS)}")
+    _check_known(run, _KEYS, "keys", f"the run description takes {sorted(_KEYS)}")
     if run.get("stage") not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {run.get('stage')!r}")
     for key in ("task", "training"):
         if key not in run:
             raise ValueError(f"the run description needs {key!r}")
+    from memgen.tasks import TASKS
+
+    if run["task"] not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {run['task']!r}")
     if not run.get("model") and not run.get("memgen"):
         raise ValueError("the run description needs 'model' (the reasoner) or 'memgen' (a checkpoint)")
     if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
         raise ValueError("training must be a mapping with at least output_dir")
+    args_class = _args_class(run["stage"])
+    _check_known(run["training"], {f.name for f in dataclasses.fields(args_class) if f.init}, "training keys",
+                 f"stage {run['stage']} takes the fields of {args_class.__name__}")
+    try:  # the arguments' own checks (values, combinations); building them has no side effect
+        args_class(**run["training"])
+    except ValueError as error:
+        raise ValueError(f"training: {error}") from error
     evaluating = _evaluates(run)
     if "eval_limit" in run and not evaluating:
         raise ValueError("eval_limit limits evaluation rows: name them with eval_data (or eval_split)")
@@ -109,18 +140,13 @@ def build_model(model: str | None, memgen: str | None, config: dict[str, Any] | 
 
 def train_from_config(run: dict[str, Any]) -> Any:
     """Build the model, data and trainer a checked run description names; train; save; return the trainer."""
-    from transformers import TrainingArguments
-
     from memgen.tasks import TASKS, load_task
     from memgen.training import sft_trainer
-    from memgen.training.grpo import GRPOConfig, GRPOTrainer
-    from memgen.training.trigger_rl import TriggerConfig, TriggerTrainer
+    from memgen.training.grpo import GRPOTrainer
+    from memgen.training.trigger_rl import TriggerTrainer
 
-    if run["task"] not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {run['task']!r}")
     stage = run["stage"]
-    args_class = {"sft": TrainingArguments, "grpo": GRPOConfig, "trigger": TriggerConfig}[stage]
-    args = args_class(**run["training"])
+    args = _args_class(stage)(**run["training"])
     rows = load_task(run["task"], run.get("data"), run.get("split", "train"), run.get("limit"))
     eval_rows = (load_task(run["task"], run.get("eval_data"), run.get("eval_split", "test"), run.get("eval_limit"))
                  if _evaluates(run) else None)

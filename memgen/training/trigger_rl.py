@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from memgen.training.grpo import GRPOConfig, GRPOTrainer, clipped_loss
+from memgen.training.grpo import GRPOConfig, GRPOTrainer, check_number, clipped_loss
 
 
 @dataclass
@@ -30,8 +30,7 @@ class TriggerConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.invoke_penalty < 0:
-            raise ValueError(f"invoke_penalty must be >= 0, got {self.invoke_penalty!r}")
+        check_number("invoke_penalty", self.invoke_penalty, lambda v: v >= 0, ">= 0")
         if self.beta != 0:
             raise ValueError("beta (a KL to the initial weaver) belongs to the weaver stage; trigger RL takes beta=0")
 
