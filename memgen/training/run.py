@@ -70,6 +70,29 @@ def _check_known(keys: Any, allowed: set[str], what: str, takes: str) -> None:
         raise ValueError(f"unknown {what} {unknown}; {takes}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
 
 
+def _check_model_config(run: dict[str, Any]) -> None:
+    """`config` holds a fresh model's MemGenConfig fields: a mapping of known fields with valid values, in a run that
+    builds a fresh model (a checkpoint's own config wins, so `config` beside `memgen` would change nothing).
+    MemGenConfig itself keeps unknown keyword arguments as attributes, as every Hugging Face config does."""
+    import inspect
+
+    from memgen import MemGenConfig
+
+    if run.get("memgen"):
+        raise ValueError("config sets a fresh model's fields, but the run starts from the memgen checkpoint "
+                         f"{run['memgen']!r}, whose own config is used; drop one of them")
+    config = run["config"]
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a mapping of MemGenConfig fields, got {config!r}")
+    fields = {name for name, p in inspect.signature(MemGenConfig).parameters.items()
+              if p.kind is not p.VAR_KEYWORD} - {"reasoner_name_or_path"}  # `model` names the reasoner
+    _check_known(config, fields, "config keys", f"config takes the MemGenConfig fields {sorted(fields)}")
+    try:
+        MemGenConfig(**config)
+    except ValueError as error:
+        raise ValueError(f"config: {error}") from error
+
+
 def _evaluates(run: dict[str, Any]) -> bool:
     """Whether the run names evaluation rows (eval_data, or eval_split of the task's dataset)."""
     return "eval_data" in run or "eval_split" in run
@@ -107,6 +130,8 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {run['task']!r}")
     if not run.get("model") and not run.get("memgen"):
         raise ValueError("the run description needs 'model' (the reasoner) or 'memgen' (a checkpoint)")
+    if "config" in run:
+        _check_model_config(run)
     if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
         raise ValueError("training must be a mapping with at least output_dir")
     args_class = _args_class(run["stage"])
