@@ -132,6 +132,9 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
         raise ValueError("the run description needs 'model' (the reasoner) or 'memgen' (a checkpoint)")
     if "config" in run:
         _check_model_config(run)
+    for key, stage in (("max_length", "sft"), ("allow_untrained_weaver", "trigger")):
+        if key in run and run["stage"] != stage:
+            raise ValueError(f"{key} applies to the {stage} stage only; this run's stage is {run['stage']}")
     if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
         raise ValueError("training must be a mapping with at least output_dir")
     args_class = _args_class(run["stage"])
