@@ -115,6 +115,11 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     if args.num_return_sequences < 1 or (args.num_return_sequences > 1 and not args.sample):
         raise SystemExit("memgen generate: --num-return-sequences must be >= 1, and above 1 needs --sample")
+    sampling = [flag for flag, value, unset in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
+                                                ("--top-p", args.top_p, None)) if value != unset]
+    if sampling and not args.sample:
+        raise SystemExit(f"memgen generate: {' and '.join(sampling)} change only sampling; add --sample (without it "
+                         "decoding is greedy)")
     _check_device("generate", args.device)
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(device=args.device).eval()
     tok = model.tokenizer

@@ -45,4 +45,7 @@ def generation_kwargs(generation_config: GenerationConfig) -> dict[str, Any]:
                          f"supports {sorted(_HF_DEFAULTS) + sorted(_PASSED_ON)}")
     kwargs = {name: given[name] if given.get(name) is not None else default for name, default in _HF_DEFAULTS.items()}
     kwargs.update({name: given[name] for name in _PASSED_ON if given.get(name) is not None})
+    if not kwargs["do_sample"]:  # greedy: sampling settings would change nothing (and `generate` warns of them)
+        for name in ("temperature", "top_k", "top_p"):
+            del kwargs[name]
     return kwargs

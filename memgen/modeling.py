@@ -655,6 +655,11 @@ class MemGenModel(nn.Module):
                              f"{top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        settings = (("temperature", temperature, (1.0,)), ("top_k", top_k, (None, 0)), ("top_p", top_p, (None, 1.0)))
+        unused = {name: value for name, value, no_op in settings if value not in no_op}
+        if not do_sample and unused:  # as Hugging Face's generate warns: the caller may have meant to sample
+            warnings.warn(f"do_sample=False decodes greedily, so {unused} are not used; pass do_sample=True to sample "
+                          "with them", UserWarning, stacklevel=3)
         limits = [("the reasoner's context", getattr(text_config(self.reasoner), "max_position_embeddings", None), "")]
         for part, lm in (("reasoner", self.reasoner), ("weaver", self.weaver.model),
                          ("trigger", getattr(self.trigger, "model", None))):

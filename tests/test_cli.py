@@ -54,6 +54,8 @@ def test_generate_prints_each_prompts_samples(saved, capsys):
     assert headers == [(str(p), str(s)) for p in (1, 2) for s in (1, 2, 3)], headers
     with pytest.raises(SystemExit, match="needs --sample"):
         main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b", "--num-return-sequences", "2"])
+    with pytest.raises(SystemExit, match="--temperature and --top-p change only sampling; add --sample"):
+        main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b", "--temperature", "0.5", "--top-p", "0.9"])
 
 
 def test_eos_tokens_end_completions(saved, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -234,7 +236,7 @@ def test_a_generation_config_decodes_as_hugging_face_does_with_it():
     config = GenerationConfig(do_sample=False, repetition_penalty=1.3, eos_token_id=[tok.eos_token_id, second_eos],
                               pad_token_id=tok.pad_token_id, bos_token_id=1, max_length=4096, max_new_tokens=16)
     kwargs = generation_kwargs(config)
-    assert kwargs == {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.3,
+    assert kwargs == {"do_sample": False, "repetition_penalty": 1.3,  # no sampling settings: greedy decoding
                       "eos_token_id": [tok.eos_token_id, second_eos], "pad_token_id": tok.pad_token_id,
                       "max_new_tokens": 16}
     ours = model.generate(input_ids, mask, memory=False, **kwargs)
@@ -389,8 +391,6 @@ SYNC_CASES.append((16, "default", "sampling"))
 def test_cuda_engine_synchronises_once_per_step(trigger_mode, batch, layout, decoding, monkeypatch):
     """CUDA's sync debug mode flags every synchronising call: twelve more steps cost at most twelve more, in each
     of the engine's layouts (a synchronisation hidden in one of them would show only there) and when sampling."""
-    import warnings
-
     if layout == "one batch row per item":
         monkeypatch.setitem(generation.PACKED_PADDING_ITEMS, "cuda", 0)
     elif layout == "weaver in its own calls":
@@ -437,6 +437,22 @@ def test_bad_generate_arguments(kwargs, match):
     input_ids, mask, _ = make_batch(model, [0, 0], "left", seed=1)
     with pytest.raises(ValueError, match=match):
         model.generate(input_ids, mask, **kwargs)
+
+
+def test_sampling_settings_without_do_sample_warn_as_in_hugging_face_and_decode_greedily():
+    """temperature / top_k / top_p with do_sample=False were dropped without a word; Hugging Face warns of them."""
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0, 2], "left", seed=1)
+    greedy = model.generate(input_ids, mask, max_new_tokens=6)
+    with pytest.warns(UserWarning, match=r"do_sample=False decodes greedily, so \{'temperature': 0.7, 'top_k': 5\} "
+                                         "are not used; pass do_sample=True") as caught:
+        assert torch.equal(model.generate(input_ids, mask, max_new_tokens=6, temperature=0.7, top_k=5), greedy)
+    assert caught[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # settings that change nothing warn of nothing
+        model.generate(input_ids, mask, max_new_tokens=2, temperature=1.0, top_k=0, top_p=1.0)
+        model.generate(input_ids, mask, max_new_tokens=2, do_sample=True, temperature=0.7, top_k=5,
+                       generator=torch.Generator().manual_seed(0))
 
 
 def test_a_tokenizer_without_eos_asks_for_eos_token_id():
