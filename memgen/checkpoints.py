@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from typing import Any
 
 import huggingface_hub
@@ -48,6 +49,27 @@ def save(model, path: str, is_main_process: bool = True) -> None:
     os.makedirs(path, exist_ok=True)
     model.config.save_pretrained(path)
     save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt", "producer": "memgen"})
+
+
+def push(model, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+         token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+         is_main_process: bool = True) -> Any:
+    """Save the checkpoint to a temporary directory and upload it to the Hub repository `repo_id` (created where it
+    does not exist), as one commit; the commit's info on the main process, None on the others (which take part
+    in gathering a sharded model's tensors)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"repo_id must be a Hub repository id ('name' or 'namespace/name'), got {repo_id!r}: "
+                         f"{error}") from error
+    with tempfile.TemporaryDirectory(prefix="memgen-push-") as folder:
+        save(model, folder, is_main_process=is_main_process)
+        if not is_main_process:
+            return None
+        api = huggingface_hub.HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo.repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or "Upload memgen checkpoint")
 
 
 def checkpoint_directory(path: str, revision: str | None = None) -> str:

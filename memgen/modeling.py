@@ -319,6 +319,16 @@ class MemGenModel(nn.Module):
         DeepSpeed ZeRO-3 gathers those tensors, a collective) with `is_main_process` True on the one that writes."""
         checkpoints.save(self, str(path), is_main_process=is_main_process)
 
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                    is_main_process: bool = True) -> Any:
+        """Upload the checkpoint `save_pretrained` writes to the Hugging Face Hub repository `repo_id` (created if
+        missing), as one commit; `from_pretrained(repo_id)` loads it back. Returns the commit's info
+        (`huggingface_hub.CommitInfo`). Under several processes call it on every rank, with `is_main_process`
+        True on the one that uploads, as for `save_pretrained`."""
+        return checkpoints.push(self, repo_id, commit_message=commit_message, private=private, token=token,
+                                revision=revision, create_pr=create_pr, is_main_process=is_main_process)
+
     @property
     def device(self) -> torch.device:
         """Where the model takes its inputs (the reasoner's embeddings' device), as Hugging Face's `model.device`:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 
 import huggingface_hub
 import pytest
@@ -372,3 +373,39 @@ def test_a_hub_repository_id_loads_through_the_hub(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="names a version of a Hub repository"):
         MemGenModel.from_pretrained(tmp_path / "snapshot", reasoner=model.reasoner, revision="v1")
     assert calls == [("org/memgen-weaver", "v1"), ("org/other", None)]  # local paths never reach the Hub
+
+
+def test_push_to_hub_uploads_what_from_pretrained_loads(tmp_path, monkeypatch):
+    """push_to_hub, as Hugging Face models have it: one commit of the save_pretrained files to a repository created
+    where missing. The Hub is faked here (the tests run offline): its upload copies the folder."""
+    model = make_model("qwen2", trigger_mode="lora")
+    randomize(model, 5)
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create_repo", repo_id, private, exist_ok, self.token))
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, revision=None, create_pr=False, commit_message=None):
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), revision, create_pr,
+                          commit_message))
+            shutil.copytree(folder_path, tmp_path / "hub" / repo_id)
+            return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert model.push_to_hub("org/memgen-weaver", private=True, token="t", revision="dev") == "commit-info"
+    assert calls == [("create_repo", "org/memgen-weaver", True, True, "t"),
+                     ("upload_folder", "org/memgen-weaver", ["config.json", "memgen.safetensors"], "dev", False,
+                      "Upload memgen checkpoint")]
+    tok = chat_tokenizer()
+    same_model(model, MemGenModel.from_pretrained(tmp_path / "hub" / "org" / "memgen-weaver",
+                                                  reasoner=tiny_causal_lm("qwen2", len(tok)), tokenizer=tok))
+    calls.clear()
+    assert model.push_to_hub("org/other", is_main_process=False) is None and calls == []  # another rank: no upload
+    with pytest.raises(ValueError, match="repo_id must be a Hub repository id .* got 'not a/valid/id'"):
+        model.push_to_hub("not a/valid/id")
+    assert calls == []
