@@ -7,6 +7,7 @@ import inspect
 import math
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -347,3 +348,69 @@ def test_checkpointing_some_layers_is_passed_to_every_base():
     for base in (model.reasoner, weaver_base):
         layers = base.get_decoder().layers
         assert [layer.gradient_checkpointing for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
+
+
+def _fake_hub(monkeypatch, hub):
+    """Route the Hub calls of memgen and of Trainer (whichever form its transformers release uses) to a local
+    directory: each upload copies the folder, as the Hub would store it, to `hub/<commit number>`."""
+    import huggingface_hub
+    import transformers.trainer
+    from concurrent.futures import Future
+
+    class FakeApi:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, commit_message=None, run_as_future=False,
+                          ignore_patterns=None, **kwargs):
+            commit = hub / str(len(os.listdir(hub)))
+            shutil.copytree(folder_path, commit / (path_in_repo or ""),
+                            ignore=shutil.ignore_patterns(*(ignore_patterns or [])))
+            (commit / "_message").write_text(commit_message)
+            if not run_as_future:
+                return "commit"
+            done = Future()
+            done.set_result("commit")
+            return done
+
+    hub.mkdir()
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    if hasattr(transformers.trainer, "hf_api"):  # later transformers 5 releases
+        monkeypatch.setattr(transformers.trainer, "hf_api", lambda *args, **kwargs: FakeApi())
+    else:
+        monkeypatch.setattr(transformers.trainer, "create_repo", lambda repo_id, **kw: FakeApi().create_repo(repo_id))
+        monkeypatch.setattr(transformers.trainer, "upload_folder", lambda **kw: FakeApi().upload_folder(**kw))
+
+
+@pytest.mark.parametrize("strategy", ["every_save", "checkpoint"])
+def test_pushing_to_the_hub_while_training_uploads_each_checkpoints_weights_and_no_pickle(tmp_path, monkeypatch,
+                                                                                          strategy):
+    """TrainingArguments(push_to_hub=True): Trainer's pushes while training uploaded a config without
+    memgen.safetensors, and a pickle of the arguments (training_args.bin). The Hub is faked (the tests run offline)."""
+    _fake_hub(monkeypatch, tmp_path / "hub")
+    model = make_model("qwen2", k_prompt=4, k_inference=2).train()
+    trainer = sft_trainer(model, _rows(), _args(tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=1,
+                                                push_to_hub=True, hub_model_id="org/memgen-sft", hub_strategy=strategy))
+    trainer.train()
+    trainer.push_to_hub()
+    commits = sorted((tmp_path / "hub").iterdir(), key=lambda p: int(p.name))
+    messages = [(c / "_message").read_text() for c in commits]
+    pushed = {m: c for m, c in zip(messages, commits)}
+    assert "Training in progress, step 1" in pushed and "Training in progress, step 2" in pushed, messages
+    for step in (1, 2):
+        commit = pushed[f"Training in progress, step {step}"]
+        files = {str(p.relative_to(commit)) for p in commit.rglob("*") if p.is_file()}
+        assert {"config.json", "memgen.safetensors", "training_args.json"} <= files, files
+        assert not [f for f in files if f.endswith(".bin")], files
+        assert not [f for f in files if f.startswith("checkpoint-")], files  # Trainer's ignore patterns hold
+        checkpoint = tmp_path / "out" / f"checkpoint-{step}" / "memgen.safetensors"
+        assert (commit / "memgen.safetensors").read_bytes() == checkpoint.read_bytes()
+        if strategy == "checkpoint":
+            assert pushed[f"Training in progress, step {step}, checkpoint"].joinpath(
+                "last-checkpoint", "memgen.safetensors").read_bytes() == checkpoint.read_bytes()
+    final = commits[-1]
+    assert (final / "memgen.safetensors").is_file() and not list(final.rglob("*.bin"))
+    assert not list((tmp_path / "out").glob("*.bin"))

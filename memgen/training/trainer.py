@@ -14,18 +14,24 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
+from transformers.utils import CONFIG_NAME
+from transformers.utils.hub import PushInProgress
 
 from memgen.checkpoints import WEIGHTS_NAME, load_strict
 from memgen.peak_memory import peak_memory_mib, reset_peak_memory
 
 OPTIMIZER = "optimizer"
+ARGS_NAME = "training_args.json"  # the arguments, as JSON (Trainer pickles them)
 
 
 def _json_default(value: Any) -> Any:
@@ -148,7 +154,41 @@ class MemGenTrainer(Trainer):
         # every rank: under ZeRO-3 gathering the trained tensors is a collective; one rank writes
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, is_main_process=self.args.should_save)
         if self.args.should_save:
-            Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+            Path(output_dir, ARGS_NAME).write_text(self.args.to_json_string())
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer's push of each saved checkpoint to the Hub (`push_to_hub=True`, `hub_strategy`), with memgen's
+        files. Trainer's own copies the checkpoint's model files into `output_dir` by Hugging Face's names before
+        uploading it, which left out `memgen.safetensors` (every push until the last carried a config without its
+        weights), and writes the arguments there as a pickle (`training_args.bin`); this one copies the memgen
+        checkpoint and the arguments' JSON. What is uploaded, when, and under which message is Trainer's."""
+        args = self.args
+        if not self.is_world_process_zero() or args.hub_strategy == HubStrategy.END:
+            return
+        if not args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return  # the previous push is still uploading: skip this one, as Trainer does
+        self.callback_handler.on_push_begin(args, self.state, self.control)
+        for name in (CONFIG_NAME, WEIGHTS_NAME, ARGS_NAME):
+            if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(args.output_dir, name))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(args.output_dir)
+        api = huggingface_hub.HfApi(token=args.hub_token)
+        steps = args.save_strategy == SaveStrategy.STEPS
+        message = f"Training in progress, step {self.state.global_step}" if steps else \
+            f"Training in progress, epoch {int(self.state.epoch)}"
+        jobs = [api.upload_folder(repo_id=self.hub_model_id, folder_path=args.output_dir, commit_message=message,
+                                  run_as_future=True, ignore_patterns=["_*", f"{PREFIX_CHECKPOINT_DIR}-*"],
+                                  revision=args.hub_revision)]
+        if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            in_repo = "last-checkpoint" if args.hub_strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
+            jobs.append(api.upload_folder(repo_id=self.hub_model_id, folder_path=checkpoint_folder,
+                                          path_in_repo=in_repo, commit_message=message + ", checkpoint",
+                                          run_as_future=True, revision=args.hub_revision))
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
