@@ -256,6 +256,15 @@ def test_datasets_rows_encode_like_lists():
     for streamed in (datasets.Dataset.from_list(rows).to_iterable_dataset(),
                      datasets.IterableDataset.from_generator(generate_rows)):
         assert list(encode_dataset(model.tokenizer, streamed)) == encode_dataset(model.tokenizer, rows)
+        with pytest.raises(ValueError, match="num_proc must be an int >= 1 and encodes a datasets.Dataset .* for a "
+                                             "IterableDataset"):
+            encode_dataset(model.tokenizer, streamed, num_proc=2)
+    many = _rows(3) * 5  # several rows per process
+    assert list(encode_dataset(model.tokenizer, datasets.Dataset.from_list(many), num_proc=2)) == \
+        encode_dataset(model.tokenizer, many)
+    for rows_, num_proc in ((many, 2), (datasets.Dataset.from_list(many), 0)):
+        with pytest.raises(ValueError, match=f"num_proc must be an int >= 1 .* got num_proc={num_proc}"):
+            encode_dataset(model.tokenizer, rows_, num_proc=num_proc)
 
 
 def test_a_streamed_dataset_pickles_for_loader_workers():

@@ -41,7 +41,7 @@ def test_the_three_stages_run_from_yaml_and_chain_through_checkpoints(workspace,
               "weaver_lora": {"lora_dropout": 0.0}, "trigger_lora": {"lora_dropout": 0.0}}
     sft = _yaml(root / "sft.yaml", stage="sft", model=str(root / "base"), config=config, task="gsm8k", data=str(data),
                 training={**TRAINING, "output_dir": str(root / "sft"), "max_steps": 1})
-    assert main(["train", "--config", sft, "training.max_steps=3"]) == 0
+    assert main(["train", "--config", sft, "training.max_steps=3", "num_proc=2"]) == 0
     assert "sft finished after 3 steps" in capsys.readouterr().out
     assert (root / "sft" / "memgen.safetensors").is_file()
     grpo = _yaml(root / "grpo.yaml", stage="grpo", memgen=str(root / "sft"), task="gsm8k", data=str(data),
@@ -153,6 +153,12 @@ def test_evaluate_scores_each_completion_with_the_task_reward():
      "config must be a mapping of MemGenConfig fields, got 'lora'"),
     ({"stage": "grpo", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["max_length=512"],
      "max_length applies to the sft stage only; this run's stage is grpo"),
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["num_proc=0"],
+     "num_proc must be an int >= 1, got 0"),
+    ({"stage": "grpo", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["num_proc=2"],
+     "num_proc applies to the sft stage only"),
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["max_length=long"],
+     "max_length must be an int >= 1, got 'long'"),
     ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["allow_untrained_weaver=true"],
      "allow_untrained_weaver applies to the trigger stage only"),
     ({"stage": "grpo", "memgen": "ckpt", "task": "gsm8k", "training": {"output_dir": "o"}},

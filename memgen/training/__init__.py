@@ -22,27 +22,34 @@ from memgen.training.data import MemGenCollator, encode_example
 from memgen.training.trainer import MemGenTrainer
 
 
-def encode_dataset(tokenizer: Any, rows: Any, max_length: int | None = None) -> Any:
-    """Encode prompt/answer or messages rows for SFT: a `datasets.Dataset` (encoded once, up front), a
-    `datasets.IterableDataset` (a streamed one: encoded as it is read; Trainer then needs `max_steps`) or an
-    iterable of dicts."""
+def encode_dataset(tokenizer: Any, rows: Any, max_length: int | None = None, num_proc: int | None = None) -> Any:
+    """Encode prompt/answer or messages rows for SFT: a `datasets.Dataset` (encoded once, up front, in `num_proc`
+    processes where given, for large datasets: a chat template renders each row once per assistant turn and twice
+    more), a `datasets.IterableDataset` (a
+    streamed one: encoded as it is read; Trainer then needs `max_steps`) or an iterable of dicts."""
     encode = functools.partial(encode_example, tokenizer, max_length=max_length)  # picklable, for loader workers
+    mapped = hasattr(rows, "map") and hasattr(rows, "column_names") and not isinstance(rows, datasets.IterableDataset)
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1
+                                 or not mapped):
+        raise ValueError(f"num_proc must be an int >= 1 and encodes a datasets.Dataset in that many processes; got "
+                         f"num_proc={num_proc!r} for a {type(rows).__name__} (a list: datasets.Dataset.from_list)")
     if isinstance(rows, datasets.IterableDataset):
         # a streamed dataset may not know its columns before it is read: keep the encoded ones instead
         return rows.map(encode).select_columns(["input_ids", "labels"])
-    if hasattr(rows, "map") and hasattr(rows, "column_names"):
-        return rows.map(encode, remove_columns=rows.column_names, desc="encoding rows")
+    if mapped:
+        return rows.map(encode, remove_columns=rows.column_names, desc="encoding rows", num_proc=num_proc)
     return [encode(row) for row in rows]
 
 
 def sft_trainer(model: Any, train_dataset: Any, args: Any, eval_dataset: Any = None, max_length: int | None = None,
-                padding_side: str = "left", **trainer_kwargs: Any) -> MemGenTrainer:
-    """A `MemGenTrainer` for weaver SFT: rows encoded with the model's tokenizer (answer-only labels), padded
-    by `MemGenCollator`, the weaver's parameters trainable and everything else frozen."""
+                padding_side: str = "left", num_proc: int | None = None, **trainer_kwargs: Any) -> MemGenTrainer:
+    """A `MemGenTrainer` for weaver SFT: rows encoded with the model's tokenizer (answer-only labels; `num_proc`
+    processes for a `datasets.Dataset`, see `encode_dataset`), padded by `MemGenCollator`, the weaver's parameters
+    trainable and everything else frozen."""
     tokenizer = model.tokenizer
-    return MemGenTrainer(model, args, stage="weaver", train_dataset=encode_dataset(tokenizer, train_dataset, max_length),
-                         eval_dataset=None if eval_dataset is None else encode_dataset(tokenizer, eval_dataset,
-                                                                                       max_length),
+    encode = functools.partial(encode_dataset, tokenizer, max_length=max_length, num_proc=num_proc)
+    return MemGenTrainer(model, args, stage="weaver", train_dataset=encode(train_dataset),
+                         eval_dataset=None if eval_dataset is None else encode(eval_dataset),
                          data_collator=MemGenCollator(tokenizer.pad_token_id, padding_side), **trainer_kwargs)
 
 

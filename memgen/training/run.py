@@ -12,6 +12,7 @@
     eval_split: test                      #   their split (default: test); either key needs training.eval_strategy
     eval_limit: 200                       # optional: the first N evaluation rows
     max_length: 1024                      # optional (sft): rows longer than this raise
+    num_proc: 8                           # optional (sft): processes that encode the rows
     dtype: bfloat16                       # the base model's weights (trained tensors stay float32)
     allow_untrained_weaver: false         # trigger RL against a weaver never trained or loaded
     training: {output_dir: runs/sft, learning_rate: 1.0e-5, num_train_epochs: 2}  # TrainingArguments,
@@ -35,7 +36,7 @@ from memgen.config import TORCH_DTYPES
 
 STAGES = ("sft", "grpo", "trigger")
 _KEYS = {"stage", "model", "memgen", "config", "task", "data", "split", "limit", "eval_data", "eval_split",
-         "eval_limit", "max_length", "dtype", "allow_untrained_weaver", "training"}
+         "eval_limit", "max_length", "num_proc", "dtype", "allow_untrained_weaver", "training"}
 
 
 _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -132,9 +133,12 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
         raise ValueError("the run description needs 'model' (the reasoner) or 'memgen' (a checkpoint)")
     if "config" in run:
         _check_model_config(run)
-    for key, stage in (("max_length", "sft"), ("allow_untrained_weaver", "trigger")):
+    for key, stage in (("max_length", "sft"), ("num_proc", "sft"), ("allow_untrained_weaver", "trigger")):
         if key in run and run["stage"] != stage:
             raise ValueError(f"{key} applies to the {stage} stage only; this run's stage is {run['stage']}")
+    for key in ("max_length", "num_proc"):
+        if key in run and (isinstance(run[key], bool) or not isinstance(run[key], int) or run[key] < 1):
+            raise ValueError(f"{key} must be an int >= 1, got {run[key]!r}")
     if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
         raise ValueError("training must be a mapping with at least output_dir")
     args_class = _args_class(run["stage"])
@@ -181,7 +185,8 @@ def train_from_config(run: dict[str, Any]) -> Any:
     model = build_model(run.get("model"), run.get("memgen"), run.get("config"), run.get("dtype", "float32")).train()
     reward = TASKS[run["task"]].reward
     if stage == "sft":
-        trainer = sft_trainer(model, rows, args, eval_dataset=eval_rows, max_length=run.get("max_length"))
+        trainer = sft_trainer(model, rows, args, eval_dataset=eval_rows, max_length=run.get("max_length"),
+                              num_proc=run.get("num_proc"))
     elif stage == "grpo":
         trainer = GRPOTrainer(model, args, rows, reward, eval_dataset=eval_rows)
     else:
