@@ -649,6 +649,8 @@ class MemGenModel(nn.Module):
         """The real-token mask [B, L], after checking every argument; `latents`: the most a row can weave."""
         real = self._check_token_batch(input_ids, attention_mask)
         device = self.device
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator is not None and _indexed(generator.device) != device:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}")
         counts = real.sum(1)

@@ -431,6 +431,7 @@ def test_cuda_engine_synchronises_once_per_step(trigger_mode, batch, layout, dec
     (dict(trigger_mode="lora"), "needs a model built with"),
     (dict(num_return_sequences=0), "num_return_sequences must be an int >= 1"),
     (dict(num_return_sequences=2), "needs do_sample=True"),
+    (dict(do_sample=True, generator=0), "generator must be a torch.Generator, got int"),
 ])
 def test_bad_generate_arguments(kwargs, match):
     model = chatty_model("qwen2", "always")
