@@ -14,7 +14,7 @@ import torch
 
 from memgen.modeling import eos_id_list
 from memgen.training.data import check_prompt_rows, prompt_batch
-from memgen.training.grpo import check_reward_workers, completion_mask, scored_all
+from memgen.training.grpo import check_reward_workers, completions, scored_all
 
 
 @torch.no_grad()
@@ -43,10 +43,8 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
         ids, mask = prompt_batch(tok, [r["prompt"] for r in chunk])
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, memory=memory,
                              eos_token_id=eos, trigger_mode=trigger_mode, return_dict_in_generate=True)
-        new = out.sequences[:, ids.shape[1]:].cpu()
+        _, keep, texts = completions(tok, out.sequences, ids.shape[1], eos_id_list(eos))
         woven = out.augmentation_mask.cpu() == 1
-        keep = completion_mask(new, eos_id_list(eos))
-        texts = [tok.decode(new[b][keep[b]], skip_special_tokens=True) for b in range(len(chunk))]
         scores += scored_all(reward, texts, [row["target"] for row in chunk], reward_workers)
         insertions += [int(woven[b][keep[b]].sum()) for b in range(len(chunk))]
     return {"accuracy": sum(scores) / len(scores), "rows": len(scores),

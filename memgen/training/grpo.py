@@ -143,6 +143,15 @@ def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
     return (is_eos.long().cumsum(1) - is_eos.long()) == 0
 
 
+def completions(tokenizer: Any, sequences: torch.Tensor, prompt_width: int,
+                eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(new tokens [B, T] on the CPU, `completion_mask` of them, each completion's text up to its first EOS): what
+    a reward scores, from `generate`'s sequences of prompts `prompt_width` wide."""
+    new = sequences[:, prompt_width:].cpu()
+    keep = completion_mask(new, eos_ids)
+    return new, keep, [tokenizer.decode(row[kept], skip_special_tokens=True) for row, kept in zip(new, keep)]
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
     """(reward - its group's mean), divided by the group's standard deviation (+1e-4) when `scale`."""
     grouped = rewards.view(-1, group_size)
@@ -257,9 +266,7 @@ class GRPOTrainer(MemGenTrainer):
                                  do_sample=True, temperature=self.args.temperature, generator=generator,
                                  num_return_sequences=g, eos_token_id=eos, return_dict_in_generate=True,
                                  **self.generation_kwargs())
-        new = out.sequences[:, width:].cpu()
-        keep = completion_mask(new, eos)
-        texts = [tok.decode(new[b][keep[b]], skip_special_tokens=True) for b in range(len(prompts))]
+        new, keep, texts = completions(tok, out.sequences, width, eos)
         targets = [r["target"] for r in rows for _ in range(g)]
         rewards = torch.tensor(scored_all(self.reward, texts, targets, self.args.reward_workers), dtype=torch.float32)
         decisions = torch.where(keep, out.augmentation_mask.cpu(), -100)
