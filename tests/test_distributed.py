@@ -91,15 +91,21 @@ def test_deepspeed_zero_stages_train_as_ddp_does(tmp_path):
     for stage in STAGES:
         want = load_file(tmp_path / "ddp" / f"{stage}.rank0.safetensors")
         initial = model_for(stage).stage_parameters("trigger" if stage.startswith("trigger") else "weaver")
-        assert want.keys() - {"rewards", "sequences"} == initial.keys()
+        assert want.keys() - {"rewards", "logged", "sequences"} == initial.keys()
         assert any(not torch.equal(want[k], initial[k].detach()) for k in initial), stage  # they did train
         if stage != "sft":
             assert want["rewards"].numel() == 3 * 2 * 4 and want["rewards"].unique().numel() == 2, stage
+            # each step logs the mean reward of both ranks' rollouts, on both (it logged rank 0's alone)
+            both = torch.stack([load_file(tmp_path / "ddp" / f"{stage}.rank{r}.safetensors")["rewards"].view(3, 8)
+                                for r in (0, 1)], 1).double().mean((1, 2))
+            assert not torch.equal(both, want["rewards"].view(3, 8).double().mean(1)), stage  # the ranks differ
+            torch.testing.assert_close(want["logged"], both, msg=stage)
         for mode in ("zero2", "zero3"):
             ranks = [load_file(tmp_path / mode / f"{stage}.rank{r}.safetensors") for r in (0, 1)]
             saved = load_file(tmp_path / mode / f"{stage}.saved" / "memgen.safetensors")
             assert torch.equal(ranks[0]["rewards"], want["rewards"]), (mode, stage)  # the same rollouts
             assert torch.equal(ranks[0]["sequences"], want["sequences"]), (mode, stage)  # decoded after training
+            assert torch.equal(ranks[0]["logged"], ranks[1]["logged"]), (mode, stage)  # both ranks' mean
             for key in initial:
                 assert torch.equal(ranks[0][key], ranks[1][key]), (mode, stage, key)
                 assert torch.equal(saved[key], ranks[0][key]), (mode, stage, key)
@@ -113,7 +119,7 @@ def test_resuming_grpo_under_zero3_continues_exactly(tmp_path):
     _torchrun("trainer_worker.py", "resume", tmp_path)
     for rank in (0, 1):
         full, resumed = (load_file(tmp_path / f"{run}.rank{rank}.safetensors") for run in ("full", "resumed"))
-        # steps 3-4 sampled again (1-2 come back from rank 0's trainer state, which holds rank 0's rewards)
+        # steps 3-4 sampled again (1-2 come back from the trainer state rank 0 saved)
         assert full["rewards"].numel() == 4 and torch.equal(resumed["rewards"][2:], full["rewards"][2:])
         for key in full.keys() - {"rewards"}:
             torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6, msg=key)

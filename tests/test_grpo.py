@@ -272,11 +272,12 @@ def test_evaluation_samples_the_eval_rows_and_logs_their_reward_apart(tmp_path):
     assert len(seen["eval"]) == 3 * 2  # every eval row, group_size rollouts each, in two batches
     metrics = trainer.evaluate()
     assert len(seen["eval"]) == 12
-    second = seen["eval"][6:]  # batches of 2 rows and 1 row, 2 rollouts each: the mean of their means
-    assert metrics["eval_reward"] == pytest.approx((sum(second[:4]) / 4 + sum(second[4:]) / 2) / 2)
+    # batches of 2 rows and 1 row, 2 rollouts each: the mean over the 6 rollouts (it was the mean of the two batches'
+    # means, which weighed the short last batch's rollouts twice)
+    assert metrics["eval_reward"] == pytest.approx(sum(seen["eval"][6:]) / 6)
     assert "eval_loss" in metrics and "eval_invocation_rate" in metrics
     assert trainer.predict(eval_rows).metrics["test_reward"] == pytest.approx(
-        (sum(seen["eval"][12:16]) / 4 + sum(seen["eval"][16:]) / 2) / 2)  # predict's prefix, never logged
+        sum(seen["eval"][12:]) / 6)  # predict's prefix, never logged
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert train_logs[0]["reward"] == pytest.approx(sum(seen["train"]) / len(seen["train"]))
     assert not any(k.startswith(("eval_", "test_")) for h in train_logs for k in h)

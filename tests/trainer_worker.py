@@ -2,7 +2,8 @@
 
 `ddp`, `zero2`, `zero3`: weaver SFT, weaver GRPO and trigger RL (both triggers), three SGD steps each, through Hugging Face
 `Trainer` under plain DDP or DeepSpeed ZeRO-2 / ZeRO-3. Each rank writes OUT/<stage>.rank<r>.safetensors: the
-stage's trained tensors (gathered whole under ZeRO-3), its rollouts' rewards and greedy completions decoded
+stage's trained tensors (gathered whole under ZeRO-3), its rollouts' rewards, the rewards it logged, and greedy
+completions decoded
 after training (under ZeRO-3 through `gathered_for_decoding`, and refused without it); the trainer saves its
 checkpoint to OUT/<stage>.saved/ (under ZeRO-3 every rank gathers the trained tensors, rank 0 writes).
 
@@ -102,6 +103,8 @@ def stages(mode: str, out: str) -> None:
         assert (sharding_of(trainer.model_wrapped) == "zero3") == (mode == "zero3")
         trainer.save_model(os.path.join(out, f"{stage}.saved"))
         state = {"rewards": torch.cat(rewards) if rewards else torch.zeros(0),
+                 "logged": torch.tensor([h["reward"] for h in trainer.state.log_history if "reward" in h],
+                                        dtype=torch.float64),
                  "sequences": greedy(model, trainer.model_wrapped, refused=mode == "zero3"),
                  **trained_state(model, stage)}
         save_file(state, os.path.join(out, f"{stage}.rank{trainer.args.process_index}.safetensors"))

@@ -239,7 +239,7 @@ class GRPOTrainer(MemGenTrainer):
         self.reward = reward
         self.initial_state = {k: p.detach().clone() for k, p in model.stage_parameters(self.stage_name).items()} \
             if args.beta > 0 else None
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}  # rollout metrics per mode
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}  # [value x weight, weight] sums
         self._eval_draws = 0  # evaluation batches sampled so far: each draws its own rollouts
 
     # ------------------------------------------------------------------ rollouts
@@ -338,20 +338,34 @@ class GRPOTrainer(MemGenTrainer):
                                      self.args.loss_type, self.args.max_new_tokens, kl, self.args.beta)
         return loss, clipped, kl, logps
 
-    def _record(self, batch: Rollouts, clipped: torch.Tensor, kl: torch.Tensor | None) -> None:
-        decided = (batch.decided >= 0).sum()
-        lengths = batch.completion.sum(1).float()
-        values = {"reward": batch.rewards.mean(), "reward_std": batch.rewards.std(), "completion_length": lengths.mean(),
-                  "insertions_per_response": batch.points.sum(1).float().mean(),
-                  "invocation_rate": batch.points.sum() / decided.clamp(min=1), "clip_ratio": clipped}
-        if kl is not None:
-            values["kl"] = (kl.detach() * batch.completion).sum() / batch.completion.sum().clamp(min=1)
-        for k, v in values.items():
-            self._metric(k, v)
+    # The rollout metrics logged (with the evaluation's prefix in evaluation), in the order every rank sums them.
+    rollout_metrics = ("reward", "reward_std", "completion_length", "insertions_per_response", "invocation_rate",
+                       "clip_ratio", "kl")
 
-    def _metric(self, name: str, value: Any) -> None:
-        """Record a rollout metric for the next log of the current mode (training, or evaluation: eval mode)."""
-        self._metrics["train" if self.model.training else "eval"].setdefault(name, []).append(float(value))
+    def _record(self, batch: Rollouts, clipped: torch.Tensor, kl: torch.Tensor | None) -> None:
+        """Record a batch's rollout metrics, each with what it is a mean over (rollouts, decisions, tokens), so
+        that a log gives the mean over every rollout since the last one, on every rank (not the mean of batch
+        means, which weighs a short last batch more)."""
+        rollouts, decided, tokens = len(batch.rewards), (batch.decided >= 0).sum(), batch.completion.sum()
+        self._metric("reward", batch.rewards.mean(), rollouts)
+        self._metric("reward_std", batch.rewards.std(), rollouts)
+        self._metric("completion_length", tokens / rollouts, rollouts)
+        self._metric("insertions_per_response", batch.points.sum() / rollouts, rollouts)
+        self._metric("invocation_rate", batch.points.sum() / decided.clamp(min=1), decided)
+        self._metric("clip_ratio", clipped, self._clipped_over(batch))
+        if kl is not None:
+            self._metric("kl", (kl.detach() * batch.completion).sum() / tokens.clamp(min=1), tokens)
+
+    def _clipped_over(self, batch: Rollouts) -> torch.Tensor:
+        """How many positions the clipped fraction of `_loss` is a fraction of: the completions' tokens."""
+        return batch.completion.sum()
+
+    def _metric(self, name: str, value: Any, weight: Any) -> None:
+        """Record a rollout metric (one of `rollout_metrics`), a mean over `weight` items, for the next log of the
+        current mode (training, or evaluation: eval mode)."""
+        sums = self._metrics["train" if self.model.training else "eval"].setdefault(name, [0.0, 0.0])
+        sums[0] += float(value) * float(weight)
+        sums[1] += float(weight)
 
     def prediction_step(self, model: Any, inputs: list[dict[str, Any]], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
@@ -383,7 +397,15 @@ class GRPOTrainer(MemGenTrainer):
         super().log(logs, *args, **kwargs)
 
     def _taken_means(self, mode: str) -> dict[str, float]:
-        """The mean of each rollout metric recorded in `mode` ("train" or "eval") since the last take; emptied."""
-        means = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
-        self._metrics[mode] = {}
-        return means
+        """The mean of each rollout metric recorded in `mode` ("train" or "eval") since the last take, over every
+        rank's rollouts (a collective: Trainer logs and evaluates on every rank); emptied."""
+        recorded, self._metrics[mode] = self._metrics[mode], {}
+        unknown = set(recorded) - set(self.rollout_metrics)
+        if unknown:
+            raise ValueError(f"rollout metrics {sorted(unknown)} are not in {type(self).__name__}.rollout_metrics")
+        sums = torch.tensor([recorded.get(name, [0.0, 0.0]) for name in self.rollout_metrics], dtype=torch.float64,
+                            device=self.args.device)
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        return {name: total / weight for name, (total, weight) in zip(self.rollout_metrics, sums.tolist())
+                if weight > 0}

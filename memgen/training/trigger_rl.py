@@ -77,9 +77,15 @@ class TriggerTrainer(GRPOTrainer):
     def scores(self, rewards: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
         return adaptive_penalty(rewards, decisions, self.args.group_size, self.args.invoke_penalty)
 
+    rollout_metrics = (*GRPOTrainer.rollout_metrics, "shaped_reward")
+
     def _record(self, batch, clipped, kl) -> None:
         super()._record(batch, clipped, kl)
-        self._metric("shaped_reward", batch.scores.mean())
+        self._metric("shaped_reward", batch.scores.mean(), len(batch.scores))
+
+    def _clipped_over(self, batch) -> torch.Tensor:
+        """The decisions (`_loss` scores the decision before token j at position j - 1)."""
+        return (batch.decided[:, 1:] >= 0).sum()
 
     def _loss(self, model, batch):
         """The clipped objective on the log-probabilities of the decisions the rollouts took."""
