@@ -243,6 +243,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="the reasoner's weights")
     p.add_argument("--out", metavar="JSON", help="also write the results here")
+    p.add_argument("--samples", metavar="JSONL", help="also write each row's completion, reward and insertions here "
+                                                       "(one line per row and memory setting)")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -267,13 +269,19 @@ def _eval(args: argparse.Namespace) -> int:
         results["with memory" if memory else "without memory"] = evaluate(
             model, rows, TASKS[args.task].reward, memory=memory, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos,
-            reward_workers=args.reward_workers)
+            reward_workers=args.reward_workers, return_samples=args.samples is not None)
     print(f"| {args.task} ({len(rows)} rows) | accuracy | insertions per response |\n|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['accuracy']:.4f} | {r['insertions_per_response']:.2f} |")
+    samples = {name: r.pop("samples", []) for name, r in results.items()}
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"task": args.task, "checkpoint": args.memgen, **results}, f, indent=1)
+    if args.samples:
+        with open(args.samples, "w") as f:
+            for name, rows in samples.items():
+                for row in rows:  # targets are the task's (a list of aliases, test code): anything else as text
+                    f.write(json.dumps({"memory": name == "with memory", **row}, default=str) + "\n")
     return 0
 
 

@@ -86,8 +86,18 @@ def test_eval_reports_accuracy_with_and_without_memory(workspace, capsys, tmp_pa
     results = json.loads(out.read_text())
     assert results["with memory"]["rows"] == 3 and results["with memory"]["insertions_per_response"] >= 1
     assert results["without memory"]["insertions_per_response"] == 0
-    assert main(command + ["--reward-workers", "2"]) == 0
-    assert json.loads(out.read_text()) == results
+    samples = tmp_path / "samples.jsonl"
+    assert main(command + ["--reward-workers", "2", "--samples", str(samples)]) == 0
+    assert json.loads(out.read_text()) == results  # the samples go to their own file
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [line["memory"] for line in lines] == [True] * 3 + [False] * 3
+    assert {tuple(sorted(line)) for line in lines} == {("completion", "insertions", "memory", "prompt", "reward",
+                                                        "target")}
+    for name, memory in (("with memory", True), ("without memory", False)):
+        rewards = [line["reward"] for line in lines if line["memory"] == memory]
+        assert sum(rewards) / 3 == pytest.approx(results[name]["accuracy"])
+        assert sum(line["insertions"] for line in lines if line["memory"] == memory) / 3 == pytest.approx(
+            results[name]["insertions_per_response"])
     for flag in ("--reward-workers", "--batch-size"):
         with pytest.raises(SystemExit, match=f"memgen eval: {flag} must be >= 1, got 0"):
             main(command + [flag, "0"])
@@ -112,6 +122,12 @@ def test_evaluate_scores_each_completion_with_the_task_reward():
         expected.append((tok.decode(new[0][keep[0]], skip_special_tokens=True), row["target"]))
     assert seen == expected
     assert result["accuracy"] == sum(len(t) % 2 for t, _ in expected) / 2 and result["rows"] == 2
+    assert "samples" not in result
+    samples = evaluate(model, rows, reward, max_new_tokens=5, batch_size=1, return_samples=True)["samples"]
+    assert samples == [{"prompt": row["prompt"], "completion": text, "target": row["target"],
+                        "reward": float(len(text) % 2), "insertions": n}
+                       for row, (text, _), n in zip(rows, expected, [s["insertions"] for s in samples])]
+    assert all(isinstance(s["insertions"], int) and s["insertions"] >= 1 for s in samples)  # the prompt weave
     # another end-of-completion token (a chat model's end of turn): each completion ends at its first one
     new = model.generate(*[tok([rows[0]["prompt"]], return_tensors="pt")[k] for k in ("input_ids", "attention_mask")],
                          max_new_tokens=5)[0, -5:].tolist()
