@@ -25,8 +25,8 @@ from memgen.training.trainer import MemGenTrainer
 def encode_dataset(tokenizer: Any, rows: Any, max_length: int | None = None, num_proc: int | None = None) -> Any:
     """Encode prompt/answer or messages rows for SFT: a `datasets.Dataset` (encoded once, up front, in `num_proc`
     processes where given, for large datasets: a chat template renders each row once per assistant turn and twice
-    more), a `datasets.IterableDataset` (a
-    streamed one: encoded as it is read; Trainer then needs `max_steps`) or an iterable of dicts."""
+    more), a `datasets.IterableDataset` (a streamed one: encoded as it is read; Trainer then needs `max_steps`) or
+    an iterable of dicts."""
     encode = functools.partial(encode_example, tokenizer, max_length=max_length)  # picklable, for loader workers
     mapped = hasattr(rows, "map") and hasattr(rows, "column_names") and not isinstance(rows, datasets.IterableDataset)
     if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1

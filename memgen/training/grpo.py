@@ -103,6 +103,7 @@ def check_number(name: str, value: Any, holds: Callable[[float], bool], expected
 
 
 def check_reward_workers(workers: Any) -> None:
+    """Raise unless `workers` (threads scoring completions at once, `scored_all`) is an int >= 1."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"reward_workers must be an int >= 1, got {workers!r}")
 
