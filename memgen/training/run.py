@@ -144,7 +144,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
     args_class = _args_class(run["stage"])
     _check_known(run["training"], {f.name for f in dataclasses.fields(args_class) if f.init}, "training keys",
                  f"stage {run['stage']} takes the fields of {args_class.__name__}")
-    try:  # the arguments' own checks (values, combinations); building them has no side effect
+    try:  # the arguments' own checks (values, combinations); train_from_config builds them again, as cheaply
         args_class(**run["training"])
     except ValueError as error:
         raise ValueError(f"training: {error}") from error
