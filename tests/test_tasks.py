@@ -256,6 +256,77 @@ def test_sandbox_counts_cannot_be_rewritten_from_inside():
     assert run_unit_tests(forge, TESTS).passed == 0
 
 
+PYTEST_STYLE = """import unittest
+
+import pytest
+from solution import add
+
+
+@pytest.fixture
+def base():
+    yield 10
+
+
+@pytest.mark.parametrize("a,b,want", [(1, 2, 3), (2, 2, 4), pytest.param(0, 0, 0, id="zeros")])
+def test_cases(a, b, want):
+    assert add(a, b) == want
+
+
+def test_fixture(base, tmp_path, capsys):
+    (tmp_path / "x").write_text("written")
+    print(add(base, 1))
+    assert capsys.readouterr().out == "11\\n" and (tmp_path / "x").read_text() == "written"
+
+
+def test_raises():
+    with pytest.raises(TypeError):
+        add(1)
+
+
+class TestSetup:
+    def setup_method(self):
+        self.offset = 5
+
+    def test_method(self):
+        assert add(self.offset, 1) == 6
+
+
+class TestUnittest(unittest.TestCase):
+    def setUp(self):
+        self.pair = (3, 4)
+
+    def test_case(self):
+        self.assertEqual(add(*self.pair), 7)
+"""
+
+
+def test_sandbox_runs_tests_as_pytest_does():
+    """KodCode's tests are pytest's: parametrized cases, fixtures (the test's own and pytest's: tmp_path, capsys),
+    setup methods and unittest classes. The sandbox ran each test function once with no arguments, so a correct
+    solution failed every parametrized or fixture-taking test, and a unittest class ran without its setUp."""
+    run = run_unit_tests("def add(a, b):\n    return a + b\n", PYTEST_STYLE)
+    assert (run.passed, run.total, run.status) == (7, 7, "ok"), run.detail  # 3 parametrized cases + 4
+    wrong = run_unit_tests("def add(a, b):\n    return a + b if a else 1\n", PYTEST_STYLE)
+    assert (wrong.passed, wrong.total, wrong.status) == (6, 7, "ok")  # only the (0, 0) case fails
+    broken = run_unit_tests("def add(a, b) return", PYTEST_STYLE)  # nothing collected: the functions' count
+    assert (broken.passed, broken.total, broken.status) == (0, 5, "error") and "SyntaxError" in broken.detail
+
+
+def test_the_sandbox_needs_pytest(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytest" else find_spec(name, *a))
+    with pytest.raises(ImportError, match="the sandbox runs tests with pytest, which is not installed"):
+        run_unit_tests("def add(a, b):\n    return a + b\n", TESTS)
+
+
+def test_a_forged_count_cannot_lower_the_total():
+    forge = "import sys\nimport os\nos.write(int(sys.argv[1]), b'total:1\\n0:P\\n')\ndef add(a, b):\n    return 0\n"
+    run = run_unit_tests(forge, TESTS)
+    assert run.total == 3 and run.passed <= 1
+
+
 def test_sandbox_rejects_bad_arguments():
     with pytest.raises(ValueError, match="timeout must be"):
         run_unit_tests("", TESTS, timeout=0)

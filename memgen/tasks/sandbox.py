@@ -8,20 +8,24 @@ hook, which Python code cannot remove. The hook refuses network access (every `s
 process creation (fork, exec, spawn, `subprocess`, `os.system`), signals to other processes, raising
 its own limits (`resource.setrlimit`, which a root process with CAP_SYS_RESOURCE could otherwise do),
 `ctypes` altogether (raw memory access could undo the hook), and writing, deleting or renaming files
-outside the sandbox directory. Each test's outcome reaches the
-caller through an inherited pipe, one record per test index (counters in the child could be
-rewritten by the code under test; earlier records cannot). Code that sets out to forge records on
-that pipe could still inflate its score: the sandbox guards the caller, and makes cheating
-deliberate rather than accidental.
+outside the sandbox directory (and `/dev/null`). Each test's outcome reaches the caller through an
+inherited pipe, one record per test index (counters in the child could be rewritten by the code
+under test; earlier records cannot). Code that sets out to forge records on that pipe could still
+inflate its score: the sandbox guards the caller, and makes cheating deliberate rather than
+accidental.
 
-Tests are pytest-style: top-level `test_*` functions (and `test_*` methods of `Test*` classes)
-that import the code as the module `solution`. The number of tests is counted from the test source
-without running it, so code that crashes on import scores 0 of that many.
+The tests run under pytest, as KodCode's own harness runs them: test functions and classes
+(unittest's too) that import the code as the module `solution`, with parametrized cases, fixtures
+and setup methods. pytest's plugins installed beside it are not loaded, nor any configuration from
+the directories above. The total is pytest's count of collected cases, never below the number of
+test functions the source defines (counted without running it), so code that crashes on import
+scores 0 of that many.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import math
 import os
 import signal
@@ -42,7 +46,7 @@ def main(report_fd, memory, cpu_seconds):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     root = os.path.realpath(os.getcwd())
     sys.path.insert(0, root)
-    inside = lambda p: os.path.realpath(os.fsdecode(p)).startswith(root + os.sep)
+    inside = lambda p: (os.path.realpath(os.fsdecode(p)) + os.sep).startswith(root + os.sep)  # root: O_TMPFILE
     blocked = ("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
                "os.forkpty", "pty.", "os.kill", "os.killpg", "signal.pthread_kill", "ctypes.", "resource.setrlimit",
                "resource.prlimit")
@@ -55,27 +59,32 @@ def main(report_fd, memory, cpu_seconds):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
             mode, flags = args[1] or "r", args[2] or 0
-            if (flags & write or any(c in str(mode) for c in "wax+")) and not inside(args[0]):
+            if (flags & write or any(c in str(mode) for c in "wax+")) and not inside(args[0]) \
+                    and os.path.realpath(os.fsdecode(args[0])) != os.devnull:  # pytest's logging opens it
                 raise PermissionError(f"sandbox: writing {args[0]!r} is not allowed")
         elif event in path_events and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
             raise PermissionError(f"sandbox: {event} outside the sandbox is not allowed")
 
+    import pytest  # before the hook: pytest's own imports are trusted
+
+    class Records:
+        """'total:N' once the tests are collected, then 'i:P' when test i's call passed, 'i:F' when any phase failed."""
+
+        def __init__(self):
+            self.index = {}
+
+        def pytest_collection_finish(self, session):
+            self.index = {item.nodeid: i for i, item in enumerate(session.items)}
+            os.write(report_fd, f"total:{len(session.items)}\n".encode())
+
+        def pytest_runtest_logreport(self, report):
+            i = self.index.get(report.nodeid)
+            if i is not None and (report.failed or (report.when == "call" and report.passed)):
+                os.write(report_fd, f"{i}:{'F' if report.failed else 'P'}\n".encode())
+
     sys.addaudithook(hook)
-    import test_solution as tests
-    cases = []
-    for name in dir(tests):
-        value = getattr(tests, name)
-        if name.startswith("test") and callable(value) and not isinstance(value, type):
-            cases.append(value)
-        elif name.startswith("Test") and isinstance(value, type):
-            cases += [getattr(value(), m) for m in dir(value) if m.startswith("test") and callable(getattr(value, m))]
-    for index, case in enumerate(cases):
-        try:
-            case()
-            outcome = "P"
-        except BaseException:
-            outcome = "F"
-        os.write(report_fd, f"{index}:{outcome}\n".encode())
+    code = pytest.main(["-q", "-p", "no:cacheprovider", "test_solution.py"], plugins=[Records()])
+    sys.exit(0 if code in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) else int(code))
 
 
 main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
@@ -125,19 +134,23 @@ def run_unit_tests(code: str, tests: str, timeout: float = 10.0, memory_mb: int 
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if not (isinstance(memory_mb, int) and memory_mb >= 64):
         raise ValueError(f"memory_mb must be an int >= 64, got {memory_mb!r}")
-    total = count_tests(tests)
+    if importlib.util.find_spec("pytest") is None:
+        raise ImportError("the sandbox runs tests with pytest, which is not installed: pip install pytest "
+                          "(or memgen[code])")
     with tempfile.TemporaryDirectory(prefix="memgen-sandbox-") as tmp:
         root = Path(tmp)
         (root / "solution.py").write_text(code)
         (root / "test_solution.py").write_text(tests)
         (root / "_runner.py").write_text(_RUNNER)
-        env = {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "OMP_NUM_THREADS": "1"}
+        (root / "pytest.ini").write_text("[pytest]\n")  # the rootdir's own: no configuration from directories above
+        env = {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "OMP_NUM_THREADS": "1",
+               "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # no installed plugins: pytest's own, as fast as it starts
         report_read, report_write = os.pipe()
         with open(root / "_stderr", "wb") as stderr, os.fdopen(report_read, "rb") as report:
             try:
                 proc = subprocess.Popen([sys.executable, "-I", "-B", "_runner.py", str(report_write),
                                          str(memory_mb << 20), str(math.ceil(timeout) + 1)], cwd=tmp, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                        stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                                         start_new_session=True, pass_fds=(report_write,))
             finally:
                 os.close(report_write)
@@ -152,6 +165,9 @@ def run_unit_tests(code: str, tests: str, timeout: float = 10.0, memory_mb: int 
                     proc.wait()
             lines = report.read(1 << 20).decode(errors="replace").splitlines()
         detail = (root / "_stderr").read_bytes()[-2000:].decode(errors="replace")
+    # pytest's count (parametrized cases each), never below the test functions the source defines
+    collected = [int(line[6:]) for line in lines if line.startswith("total:") and line[6:].isdigit()]
+    total = max(count_tests(tests), collected[0] if collected else 0)
     passed = {line.split(":")[0] for line in lines if line.endswith(":P")} & {str(i) for i in range(total)}
     failed = {line.split(":")[0] for line in lines if line.endswith(":F")}
     status = "timeout" if timed_out else "ok" if proc.returncode == 0 else "error"
