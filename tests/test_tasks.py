@@ -30,6 +30,17 @@ ROWS = {
                  "test": "from solution import add\n\ndef test_small():\n    assert add(1, 2) == 3\n\n"
                          "def test_negative():\n    assert add(-1, 1) == 0\n"}],
     "qa": [{"prompt": "Capital of France?", "answer": "Paris"}],
+    "bigcodebench": [{  # BigCodeBench's columns; its tests call task_func unimported, in unittest classes
+        "task_id": "BigCodeBench/0", "entry_point": "task_func", "libs": "['collections']",
+        "complete_prompt": "import collections\ndef task_func(words):\n    \"\"\"Count each word.\"\"\"\n",
+        "instruct_prompt": "Count each word.\nYou should write self-contained code starting with:\n```\n"
+                           "import collections\ndef task_func(words):\n```",
+        "code_prompt": "import collections\ndef task_func(words):\n",
+        "canonical_solution": "    return dict(collections.Counter(words))\n",
+        "test": "import unittest\n\n\nclass TestCases(unittest.TestCase):\n    def setUp(self):\n"
+                "        self.words = ['a', 'b', 'a']\n\n    def test_counts(self):\n"
+                "        self.assertEqual(task_func(self.words), {'a': 2, 'b': 1})\n\n    def test_empty(self):\n"
+                "        self.assertEqual(task_func([]), {})\n"}],
 }
 
 

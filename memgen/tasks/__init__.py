@@ -15,6 +15,7 @@ public dataset. `TASKS[name].reward(completion, target)` scores a completion in 
 | triviaqa | question, answer {value, aliases} | aliases | normalised exact match, any alias |
 | popqa | question, possible_answers (list or JSON list) | aliases | normalised exact match, any alias |
 | kodcode | question, solution, test | pytest-style tests | fraction of tests passed (sandboxed) |
+| bigcodebench | instruct_prompt, code_prompt, canonical_solution, test | unittest classes | same |
 | qa | prompt (or question), answer | answer | normalised exact match |
 """
 
@@ -106,6 +107,15 @@ def _kodcode(row: dict[str, Any]) -> dict[str, Any]:
             "answer": f"```python\n{solution.strip()}\n```", "target": test}
 
 
+def _bigcodebench(row: dict[str, Any]) -> dict[str, Any]:
+    """The instruct variant: the prompt asks for self-contained code starting with `code_prompt` (imports and the
+    signature), which the canonical solution's body completes. The tests are unittest classes that call the
+    solution's names unimported (BigCodeBench runs them in the solution's own namespace): they import them all."""
+    prompt, code_prompt, solution, test = _need(row, "instruct_prompt", "code_prompt", "canonical_solution", "test")
+    return {"prompt": prompt, "answer": f"```python\n{code_prompt}{solution}\n```",
+            "target": f"from solution import *  # noqa: F403\n{test}"}
+
+
 def _qa(row: dict[str, Any]) -> dict[str, Any]:
     prompt = row.get("prompt", row.get("question"))
     if prompt is None or "answer" not in row:
@@ -120,6 +130,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("triviaqa", ("mandarjoshi/trivia_qa", "rc.nocontext"), _triviaqa, rewards.qa_reward),
     Task("popqa", ("akariasai/PopQA", None), _popqa, rewards.qa_reward),
     Task("kodcode", ("KodCode/KodCode-V1", None), _kodcode, rewards.code_reward),
+    Task("bigcodebench", ("bigcode/bigcodebench", None), _bigcodebench, rewards.code_reward),
     Task("qa", ("", None), _qa, rewards.qa_reward),
 )}
 
