@@ -7,12 +7,16 @@ child limits itself (address space, CPU seconds, file size, no core dumps) and i
 hook, which Python code cannot remove. The hook refuses network access (every `socket.*` event),
 process creation (fork, exec, spawn, `subprocess`, `os.system`), signals to other processes, raising
 its own limits (`resource.setrlimit`, which a root process with CAP_SYS_RESOURCE could otherwise do),
-`ctypes` altogether (raw memory access could undo the hook), and writing, deleting or renaming files
-outside the sandbox directory (and `/dev/null`). Each test's outcome reaches the caller through an
-inherited pipe, one record per test index (counters in the child could be rewritten by the code
-under test; earlier records cannot). Code that sets out to forge records on that pipe could still
-inflate its score: the sandbox guards the caller, and makes cheating deliberate rather than
-accidental.
+ctypes' ways to native code and raw memory (loading a library, finding or calling a foreign function,
+`from_address`, `string_at`), and writing, deleting or renaming files outside the sandbox directory
+(`/dev/null` aside). ctypes itself stays importable (numpy and pandas import it), and it can still
+reach raw memory with no event the hook sees (`ctypes.memmove`, a union of an integer and a pointer),
+so code written to escape can undo the hook: the sandbox guards against accidents, not against that.
+
+Each test's outcome reaches the caller through an inherited pipe, one record per test index
+(counters in the child could be rewritten by the code under test; earlier records cannot). Code
+that sets out to forge records on that pipe could still inflate its score: the sandbox guards the
+caller, and makes cheating deliberate rather than accidental.
 
 The tests run under pytest, as KodCode's own harness runs them: test functions and classes
 (unittest's too) that import the code as the module `solution`, with parametrized cases, fixtures
@@ -48,14 +52,17 @@ def main(report_fd, memory, cpu_seconds):
     sys.path.insert(0, root)
     inside = lambda p: (os.path.realpath(os.fsdecode(p)) + os.sep).startswith(root + os.sep)  # root: O_TMPFILE
     blocked = ("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
-               "os.forkpty", "pty.", "os.kill", "os.killpg", "signal.pthread_kill", "ctypes.", "resource.setrlimit",
+               "os.forkpty", "pty.", "os.kill", "os.killpg", "signal.pthread_kill", "resource.setrlimit",
                "resource.prlimit")
+    # ctypes: loading a library, finding or calling a foreign function, reading or wrapping raw memory
+    foreign = {"ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function", "ctypes.cdata",
+               "ctypes.string_at", "ctypes.wstring_at"}
     path_events = ("os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.link", "os.symlink",
                    "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile", "shutil.copytree")
     write = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
     def hook(event, args):
-        if event.startswith(blocked):
+        if event.startswith(blocked) or event in foreign:
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
             mode, flags = args[1] or "r", args[2] or 0
@@ -65,6 +72,7 @@ def main(report_fd, memory, cpu_seconds):
         elif event in path_events and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
             raise PermissionError(f"sandbox: {event} outside the sandbox is not allowed")
 
+    import ctypes  # noqa: F401  before the hook: importing it opens the process's own symbols (numpy imports it)
     import pytest  # before the hook: pytest's own imports are trusted
 
     class Records:
