@@ -240,6 +240,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eos", nargs="+", metavar="TOKEN", help=EOS_HELP)
     p.add_argument("--reward-workers", type=int, default=1, metavar="N",
                    help="completions scored at once (the code task's sandboxed test runs overlap)")
+    p.add_argument("--memory", choices=("both", "on", "off"), default="both",
+                   help="evaluate with memory, without (the bare reasoner), or both (default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="the reasoner's weights")
     p.add_argument("--out", metavar="JSON", help="also write the results here")
@@ -265,7 +267,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(args.device).eval()
     eos = _eos_token_ids(model.tokenizer, args.eos, "eval")
     results = {}
-    for memory in (True, False):
+    for memory in {"both": (True, False), "on": (True,), "off": (False,)}[args.memory]:
         results["with memory" if memory else "without memory"] = evaluate(
             model, rows, TASKS[args.task].reward, memory=memory, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos,

@@ -98,6 +98,12 @@ def test_eval_reports_accuracy_with_and_without_memory(workspace, capsys, tmp_pa
         assert sum(rewards) / 3 == pytest.approx(results[name]["accuracy"])
         assert sum(line["insertions"] for line in lines if line["memory"] == memory) / 3 == pytest.approx(
             results[name]["insertions_per_response"])
+    capsys.readouterr()
+    assert main(command + ["--memory", "off"]) == 0  # the baseline alone
+    printed = capsys.readouterr().out
+    assert "| without memory |" in printed and "| with memory |" not in printed
+    assert json.loads(out.read_text()) == {"task": "gsm8k", "checkpoint": str(root / "eval_ckpt"),
+                                           "without memory": results["without memory"]}
     for flag in ("--reward-workers", "--batch-size"):
         with pytest.raises(SystemExit, match=f"memgen eval: {flag} must be >= 1, got 0"):
             main(command + [flag, "0"])
