@@ -344,6 +344,14 @@ def test_the_sandbox_needs_pytest(monkeypatch):
         run_unit_tests("def add(a, b):\n    return a + b\n", TESTS)
 
 
+def test_code_that_empties_its_directory_does_not_crash_the_caller():
+    """The caller read the child's output back from a file in the sandbox: a solution that deleted the files of
+    its working directory (file-handling tasks do) raised FileNotFoundError in the caller, and so stopped GRPO."""
+    for cleanup in ("import os\nfor f in os.listdir('.'):\n    os.remove(f)\n", "import shutil\nshutil.rmtree('.')\n"):
+        run = run_unit_tests(cleanup + "def add(a, b):\n    return a + b\n", TESTS)
+        assert run.passed == 0 and run.status == "error" and run.detail, run
+
+
 def test_a_forged_count_cannot_lower_the_total():
     forge = "import sys\nimport os\nos.write(int(sys.argv[1]), b'total:1\\n0:P\\n')\ndef add(a, b):\n    return 0\n"
     run = run_unit_tests(forge, TESTS)

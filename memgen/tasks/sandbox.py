@@ -50,7 +50,7 @@ def main(report_fd, memory, cpu_seconds):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     root = os.path.realpath(os.getcwd())
     sys.path.insert(0, root)
-    inside = lambda p: (os.path.realpath(os.fsdecode(p)) + os.sep).startswith(root + os.sep)  # root: O_TMPFILE
+    inside = lambda p: os.path.realpath(os.fsdecode(p)).startswith(root + os.sep)
     blocked = ("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
                "os.forkpty", "pty.", "os.kill", "os.killpg", "signal.pthread_kill", "resource.setrlimit",
                "resource.prlimit")
@@ -66,8 +66,9 @@ def main(report_fd, memory, cpu_seconds):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
             mode, flags = args[1] or "r", args[2] or 0
+            # the root itself: pytest's capture makes an unnamed file there (O_TMPFILE); /dev/null: its logging
             if (flags & write or any(c in str(mode) for c in "wax+")) and not inside(args[0]) \
-                    and os.path.realpath(os.fsdecode(args[0])) != os.devnull:  # pytest's logging opens it
+                    and os.path.realpath(os.fsdecode(args[0])) not in (root, os.devnull):
                 raise PermissionError(f"sandbox: writing {args[0]!r} is not allowed")
         elif event in path_events and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
             raise PermissionError(f"sandbox: {event} outside the sandbox is not allowed")
@@ -145,7 +146,9 @@ def run_unit_tests(code: str, tests: str, timeout: float = 10.0, memory_mb: int 
     if importlib.util.find_spec("pytest") is None:
         raise ImportError("the sandbox runs tests with pytest, which is not installed: pip install pytest "
                           "(or memgen[code])")
-    with tempfile.TemporaryDirectory(prefix="memgen-sandbox-") as tmp:
+    # the code may delete or lock what its directory holds: the caller reads nothing back by name, and a directory
+    # it cannot remove is left behind rather than raised
+    with tempfile.TemporaryDirectory(prefix="memgen-sandbox-", ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
         (root / "solution.py").write_text(code)
         (root / "test_solution.py").write_text(tests)
@@ -154,7 +157,7 @@ def run_unit_tests(code: str, tests: str, timeout: float = 10.0, memory_mb: int 
         env = {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "OMP_NUM_THREADS": "1",
                "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # no installed plugins: pytest's own, as fast as it starts
         report_read, report_write = os.pipe()
-        with open(root / "_stderr", "wb") as stderr, os.fdopen(report_read, "rb") as report:
+        with open(root / "_stderr", "w+b") as stderr, os.fdopen(report_read, "rb") as report:
             try:
                 proc = subprocess.Popen([sys.executable, "-I", "-B", "_runner.py", str(report_write),
                                          str(memory_mb << 20), str(math.ceil(timeout) + 1)], cwd=tmp, env=env,
@@ -172,7 +175,8 @@ def run_unit_tests(code: str, tests: str, timeout: float = 10.0, memory_mb: int 
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
             lines = report.read(1 << 20).decode(errors="replace").splitlines()
-        detail = (root / "_stderr").read_bytes()[-2000:].decode(errors="replace")
+            stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - 2000))  # the child's output, even if unlinked
+            detail = stderr.read().decode(errors="replace")
     # pytest's count (parametrized cases each), never below the test functions the source defines
     collected = [int(line[6:]) for line in lines if line.startswith("total:") and line[6:].isdigit()]
     total = max(count_tests(tests), collected[0] if collected else 0)
