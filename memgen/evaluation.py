@@ -14,7 +14,7 @@ import torch
 
 from memgen.modeling import eos_id_list
 from memgen.training.data import check_prompt_rows, prompt_batch
-from memgen.training.grpo import check_reward_workers, completions, scored_all
+from memgen.training.grpo import check_count, completions, scored_all
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
     order, to read what the model wrote where it scored."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    check_reward_workers(reward_workers)
+    check_count("reward_workers", reward_workers)
     rows = list(rows)
     if not rows:
         raise ValueError("rows must not be empty")

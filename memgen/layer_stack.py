@@ -56,6 +56,11 @@ def text_config(model: nn.Module):
     return model.config.get_text_config()
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where `model` reads its inputs: its token embeddings' device."""
+    return model.get_input_embeddings().weight.device
+
+
 def layer_kinds(config) -> tuple[str, ...]:
     """Each layer's kind (`FULL`, `SLIDING` or another that Hugging Face names, e.g. chunked attention)."""
     layer_types = getattr(config, "layer_types", None)

@@ -39,7 +39,7 @@ from memgen.adapters import adapter_names, adapter_parameters, adapter_state_con
 from memgen.compatibility import TESTED_DECODERS, check_engine_support
 from memgen.config import MemGenConfig
 from memgen.delimiters import build_delimiter_table
-from memgen.layer_stack import applies_windows, sliding_window, text_config
+from memgen.layer_stack import applies_windows, input_device, sliding_window, text_config
 from memgen.logits import logits_function
 from memgen.modes import checkpointing_paused, evaluating, exclusive
 from memgen.points import (INFERENCE_POINT, PROMPT_POINT, answer_boundaries, answer_spans, check_labels,
@@ -80,11 +80,6 @@ def _indexed(device: torch.device) -> torch.device:
         current = getattr(getattr(torch, device.type, None), "current_device", lambda: 0)
         return torch.device(device.type, current())
     return device
-
-
-def _input_device(base: PreTrainedModel) -> torch.device:
-    """Where `base` reads its inputs: its token embeddings' device."""
-    return base.get_input_embeddings().weight.device
 
 
 def _load_causal_lm(model_or_name: PreTrainedModel | str, what: str,
@@ -246,13 +241,13 @@ class MemGenModel(nn.Module):
         self.weaver = MemGenWeaver(weaver_base, config.prompt_latents_len, config.inference_latents_len)
         # memgen's own modules sit where their outputs are read: a reasoner loaded onto a GPU gives a model there
         d_reasoner, d_weaver = text_config(reasoner).hidden_size, text_config(weaver_base).hidden_size
-        device = _input_device(reasoner)
-        self.reasoner_to_weaver = Projection(d_reasoner, d_weaver, _input_device(weaver_base))
+        device = input_device(reasoner)
+        self.reasoner_to_weaver = Projection(d_reasoner, d_weaver, input_device(weaver_base))
         self.weaver_to_reasoner = Projection(d_weaver, d_reasoner, device)
         if config.trigger_mode == "lora":
             add_lora_adapter(trigger_base, MemGenTrigger.adapter_name, config.trigger_lora)
             self.trigger = MemGenTrigger("lora", text_config(trigger_base).hidden_size, trigger_base,
-                                         _input_device(trigger_base))
+                                         input_device(trigger_base))
         elif config.trigger_mode == "head":
             self.trigger = MemGenTrigger("head", d_reasoner, device=device)
         else:

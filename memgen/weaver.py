@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 
 from memgen.adapters import active_adapter
 from memgen.attention import attention_implementation, mask_attention
-from memgen.layer_stack import cache_keyword, text_config
+from memgen.layer_stack import cache_keyword, input_device, text_config
 from memgen.prefix_cache import kept_under_checkpointing
 
 PROMPT, INFERENCE = "prompt", "inference"
@@ -30,7 +30,7 @@ class MemGenWeaver(nn.Module):
         hidden = text_config(base).hidden_size
         # Trained: float32 whatever torch's default dtype, as the adapters are. Drawn on the CPU (one seed, the same
         # queries on every device), then placed beside the base's embeddings, where the weaver's inputs are.
-        f32, device = torch.float32, base.get_input_embeddings().weight.device
+        f32, device = torch.float32, input_device(base)
         self.prompt_query_latents = nn.Parameter(torch.randn(prompt_latents_len, hidden, dtype=f32).to(device))
         self.inference_query_latents = nn.Parameter(torch.randn(inference_latents_len, hidden, dtype=f32).to(device))
         self.prompt_latent_ln = nn.LayerNorm(hidden, dtype=f32, device=device)

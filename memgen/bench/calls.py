@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from memgen.generation import _RaggedDecoder
+from memgen.layer_stack import input_device
 from memgen.ops import pack_ragged
 
 PREFIX = 100  # items each cache row holds before the timed calls
@@ -36,7 +37,7 @@ def prefilled_decoder(model, adapter: str | None, batch: int, capacity: int,
     """A ragged decoder over `model` (through `adapter`, or the bare base) whose cache rows have read PREFIX
     random items, less 0 to 7 (row r: r mod 8): a batch's rows are seldom equally long, and a one-item call
     over equally long rows runs without a mask. `blocks` as `_RaggedDecoder`'s."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     decoder = _RaggedDecoder(model, adapter, batch, capacity, device, blocks)
     rows = torch.arange(decoder.lengths.shape[0])
     prefix = (PREFIX - rows % 8).to(torch.int32)

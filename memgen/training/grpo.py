@@ -67,7 +67,7 @@ class GRPOConfig(TrainingArguments):
         check_number("temperature", self.temperature, lambda v: v > 0, "> 0")
         check_number("beta", self.beta, lambda v: v >= 0, ">= 0")
         check_number("epsilon", self.epsilon, lambda v: 0 < v < 1, "in (0, 1)")
-        check_reward_workers(self.reward_workers)
+        check_count("reward_workers", self.reward_workers)
         if not isinstance(self.logps_chunk_size, int) or self.logps_chunk_size < 1:
             raise ValueError(f"logps_chunk_size must be an int >= 1, got {self.logps_chunk_size!r}")
         if self.loss_type not in LOSS_TYPES:
@@ -102,10 +102,10 @@ def check_number(name: str, value: Any, holds: Callable[[float], bool], expected
         raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
 
 
-def check_reward_workers(workers: Any) -> None:
-    """Raise unless `workers` (threads scoring completions at once, `scored_all`) is an int >= 1."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"reward_workers must be an int >= 1, got {workers!r}")
+def check_count(name: str, value: Any) -> None:
+    """Raise unless `value` (the setting `name`: threads, processes, a length) is an int >= 1, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def scored(reward: Callable[[str, Any], Any], text: str, target: Any) -> float:
@@ -126,7 +126,7 @@ def scored_all(reward: Callable[[str, Any], Any], texts: Sequence[str], targets:
     """`scored` for each (text, target), in order. With `workers` > 1 that many calls run at once in threads, so
     that rewards which wait on a process of their own (a sandboxed test run takes ~40 ms, up to its timeout for code
     that hangs) overlap; the first error raised is raised here, and calls not yet started are dropped."""
-    check_reward_workers(workers)
+    check_count("reward_workers", workers)
     if len(texts) != len(targets):
         raise ValueError(f"texts and targets differ in length: {len(texts)} and {len(targets)}")
     if workers == 1 or len(texts) < 2:

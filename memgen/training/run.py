@@ -126,6 +126,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
         if key not in run:
             raise ValueError(f"the run description needs {key!r}")
     from memgen.tasks import TASKS
+    from memgen.training.grpo import check_count
 
     if run["task"] not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {run['task']!r}")
@@ -137,8 +138,8 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
         if key in run and run["stage"] != stage:
             raise ValueError(f"{key} applies to the {stage} stage only; this run's stage is {run['stage']}")
     for key in ("max_length", "num_proc"):
-        if key in run and (isinstance(run[key], bool) or not isinstance(run[key], int) or run[key] < 1):
-            raise ValueError(f"{key} must be an int >= 1, got {run[key]!r}")
+        if key in run:
+            check_count(key, run[key])
     if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
         raise ValueError("training must be a mapping with at least output_dir")
     args_class = _args_class(run["stage"])
