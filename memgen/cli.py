@@ -28,6 +28,32 @@ from memgen.config import TORCH_DTYPES
 MARKER = "⟦M⟧"
 
 
+def _sampling_arguments(p: argparse.ArgumentParser, samples_help: str) -> None:
+    """--sample, its settings, its seed and the samples per prompt (`_check_sampling` checks them)."""
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help=samples_help)
+
+
+def _check_sampling(command: str, args: argparse.Namespace) -> None:
+    """Exit with a message where the sampling flags contradict each other: samples or settings without --sample."""
+    if args.num_return_sequences < 1 or (args.num_return_sequences > 1 and not args.sample):
+        raise SystemExit(f"memgen {command}: --num-return-sequences must be >= 1, and above 1 needs --sample")
+    sampling = [flag for flag, value, unset in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
+                                                ("--top-p", args.top_p, None)) if value != unset]
+    if sampling and not args.sample:
+        raise SystemExit(f"memgen {command}: {' and '.join(sampling)} change only sampling; add --sample (without it "
+                         "decoding is greedy)")
+
+
+def _generator(args: argparse.Namespace) -> torch.Generator | None:
+    """A generator on --device seeded with --seed, where --sample asks for one."""
+    return torch.Generator(device=args.device).manual_seed(args.seed) if args.sample else None
+
+
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate with latent memory and show where it was woven",
                        description="Generate with a MemGen checkpoint; mark insertions and report latent norms.")
@@ -39,13 +65,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="a prompt (repeat for a batch; '-' reads one from standard input)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    p.add_argument("--num-return-sequences", type=int, default=1, metavar="N",
-                   help="samples per prompt (needs --sample)")
+    _sampling_arguments(p, "samples per prompt (needs --sample)")
     p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
     p.add_argument("--no-memory", action="store_true", help="decode the bare reasoner (a baseline)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeatable)")
@@ -113,19 +133,13 @@ def _generate(args: argparse.Namespace) -> int:
     from memgen.training.run import build_model
 
     prompts = _prompts(args)
-    if args.num_return_sequences < 1 or (args.num_return_sequences > 1 and not args.sample):
-        raise SystemExit("memgen generate: --num-return-sequences must be >= 1, and above 1 needs --sample")
-    sampling = [flag for flag, value, unset in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
-                                                ("--top-p", args.top_p, None)) if value != unset]
-    if sampling and not args.sample:
-        raise SystemExit(f"memgen generate: {' and '.join(sampling)} change only sampling; add --sample (without it "
-                         "decoding is greedy)")
+    _check_sampling("generate", args)
     _check_device("generate", args.device)
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(device=args.device).eval()
     tok = model.tokenizer
     eos = _eos_token_ids(tok, args.eos, "generate")
     batch = _encode(tok, prompts, args.chat)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed) if args.sample else None
+    generator = _generator(args)
     out = model.generate(batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
                          max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, generator=generator, memory=not args.no_memory,
@@ -227,7 +241,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     from memgen.tasks import TASKS
 
     p = sub.add_parser("eval", help="a task's accuracy with memory and without",
-                       description="Greedy decoding on a task's rows, scored by its reward, with and without memory.")
+                       description="Decoding of a task's rows (greedy, or sampled), scored by its reward, with and "
+                                   "without memory.")
     p.add_argument("--memgen", required=True, metavar="CKPT", help="memgen checkpoint directory")
     p.add_argument("--model", metavar="PATH", help="the reasoner (default: the name the checkpoint records)")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
@@ -237,6 +252,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
+    _sampling_arguments(p, "samples per row, all scored; pass@k is reported for k = 1, the powers of two below N, "
+                           "and N (needs --sample)")
     p.add_argument("--eos", nargs="+", metavar="TOKEN", help=EOS_HELP)
     p.add_argument("--reward-workers", type=int, default=1, metavar="N",
                    help="completions scored at once (the code task's sandboxed test runs overlap)")
@@ -245,18 +262,19 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="the reasoner's weights")
     p.add_argument("--out", metavar="JSON", help="also write the results here")
-    p.add_argument("--samples", metavar="JSONL", help="also write each row's completion, reward and insertions here "
-                                                       "(one line per row and memory setting)")
+    p.add_argument("--samples", metavar="JSONL", help="also write each completion, its reward and insertions here "
+                                                       "(one line per completion and memory setting)")
 
 
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from memgen.evaluation import evaluate
+    from memgen.evaluation import evaluate, reported_ks
     from memgen.tasks import TASKS, load_task
     from memgen.training.run import build_model
 
     _check_device("eval", args.device)
+    _check_sampling("eval", args)
     for flag, value in (("--batch-size", args.batch_size), ("--reward-workers", args.reward_workers)):
         if value < 1:
             raise SystemExit(f"memgen eval: {flag} must be >= 1, got {value}")
@@ -268,13 +286,18 @@ def _eval(args: argparse.Namespace) -> int:
     eos = _eos_token_ids(model.tokenizer, args.eos, "eval")
     results = {}
     for memory in {"both": (True, False), "on": (True,), "off": (False,)}[args.memory]:
-        results["with memory" if memory else "without memory"] = evaluate(
+        results["with memory" if memory else "without memory"] = evaluate(  # each setting from the same seed
             model, rows, TASKS[args.task].reward, memory=memory, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos,
-            reward_workers=args.reward_workers, return_samples=args.samples is not None)
-    print(f"| {args.task} ({len(rows)} rows) | accuracy | insertions per response |\n|---|---|---|")
+            reward_workers=args.reward_workers, return_samples=args.samples is not None, do_sample=args.sample,
+            num_return_sequences=args.num_return_sequences, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, generator=_generator(args))
+    passes = [f"pass@{k}" for k in reported_ks(args.num_return_sequences)]
+    print(f"| {args.task} ({len(rows)} rows) | accuracy | {' | '.join(passes)} | insertions per response |\n"
+          f"|---|---|{'---|' * len(passes)}---|")
     for name, r in results.items():
-        print(f"| {name} | {r['accuracy']:.4f} | {r['insertions_per_response']:.2f} |")
+        print(f"| {name} | {r['accuracy']:.4f} | {' | '.join(f'{r[k]:.4f}' for k in passes)} | "
+              f"{r['insertions_per_response']:.2f} |")
     samples = {name: r.pop("samples", []) for name, r in results.items()}
     if args.out:
         with open(args.out, "w") as f:

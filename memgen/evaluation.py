@@ -1,12 +1,14 @@
 """Accuracy of a MemGen model on a task, with memory and without (the same engine, `memory=False`).
 
-Greedy decoding of each row's prompt (through the chat template when the tokenizer has one), the
-task's reward on each completion (up to its first EOS), averaged: for exact-match tasks that is
-the accuracy; for code, the mean fraction of unit tests passed.
+Each row's prompt is decoded (through the chat template when the tokenizer has one), greedily or
+as several samples, and the task's reward scores each completion (up to its first EOS). The mean
+reward is the accuracy (for code, the mean fraction of unit tests passed); pass@k counts the
+completions with full marks, Chen et al. (2021)'s unbiased estimate from n samples per row.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,43 +19,78 @@ from memgen.training.data import check_prompt_rows, prompt_batch
 from memgen.training.grpo import check_count, completions, scored_all
 
 
+def pass_at_k(n: int, passed: int, k: int) -> float:
+    """The chance that at least one of k samples drawn without replacement from n, of which `passed` pass, passes:
+    1 - C(n - passed, k) / C(n, k), the unbiased estimate of pass@k from n >= k samples (Chen et al., 2021)."""
+    if not 1 <= k <= n or not 0 <= passed <= n:
+        raise ValueError(f"pass_at_k needs 1 <= k <= n and 0 <= passed <= n, got n={n}, passed={passed}, k={k}")
+    return 1.0 - math.comb(n - passed, k) / math.comb(n, k)
+
+
+def reported_ks(n: int) -> list[int]:
+    """The k of pass@k reported for n samples per row: 1, the powers of two below n, and n."""
+    return sorted({1, n, *(2 ** i for i in range(1, n.bit_length()) if 2 ** i < n)})
+
+
 @torch.no_grad()
 def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, Any], float], memory: bool = True,
              max_new_tokens: int = 512, batch_size: int = 8, trigger_mode: str | None = None,
              eos_token_id: int | list[int] | None = None, reward_workers: int = 1,
-             return_samples: bool = False) -> dict[str, Any]:
-    """{"accuracy": mean reward, "rows": n, "insertions_per_response": mean INVOKE count} over `rows`
-    (each with `prompt` and `target`, e.g. from `memgen.tasks.load_task`); `trigger_mode` overrides the
-    model's for this evaluation. `eos_token_id`: the id(s) that end a completion (default: the tokenizer's EOS);
-    a chat model whose turns end with another token (its `generation_config` lists it) needs it, or its
-    completions run on past the turn, and a final answer taken from the end of the text is then taken from what
-    it wrote after. `reward_workers`: threads scoring a batch's completions at once (for rewards that wait on a
-    process, as the code tasks' sandbox does; above 1 only for a reward that is safe to call from threads).
-    `return_samples`: also "samples", one {"prompt", "completion", "target", "reward", "insertions"} per row in
-    order, to read what the model wrote where it scored."""
+             return_samples: bool = False, do_sample: bool = False, num_return_sequences: int = 1,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None) -> dict[str, Any]:
+    """{"accuracy": mean reward, "pass@k": ... for each reported k, "rows": n, "insertions_per_response": mean INVOKE
+    count} over `rows` (each with `prompt` and `target`, e.g. from `memgen.tasks.load_task`); `trigger_mode`
+    overrides the model's for this evaluation. A completion passes when its reward is at least 1 (full marks: every
+    unit test, an exact match); pass@k is reported for k = 1, the powers of two below `num_return_sequences`, and
+    `num_return_sequences` itself (pass@1 alone when greedy, where it differs from the accuracy only for rewards
+    that give partial credit, as the code tasks do).
+
+    `do_sample`, `temperature`, `top_k`, `top_p`, `generator`: as `MemGenModel.generate` takes them (greedy by
+    default); `num_return_sequences` samples per row (> 1 needs do_sample), all of them scored and counted in the
+    accuracy and the insertions. With a `generator` the draws depend on `batch_size` (rows decoded per call, each
+    with its samples), since each call draws its own. `eos_token_id`: the id(s) that end a completion (default: the
+    tokenizer's EOS); a chat model whose turns end with another token (its `generation_config` lists it) needs it,
+    or its completions run on past the turn, and a final answer taken from the end of the text is then taken from
+    what it wrote after. `reward_workers`: threads scoring a batch's completions at once (for rewards that wait on
+    a process, as the code tasks' sandbox does; above 1 only for a reward that is safe to call from threads).
+    `return_samples`: also "samples", one {"prompt", "sample", "completion", "target", "reward", "insertions"} per
+    completion (each row's samples in turn; "sample" numbers them from 0), to read what the model wrote where it
+    scored."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     check_count("reward_workers", reward_workers)
+    check_count("num_return_sequences", num_return_sequences)
+    if num_return_sequences > 1 and not do_sample:
+        raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy decoding returns "
+                         "the same completion for every copy of a prompt")
     rows = list(rows)
     if not rows:
         raise ValueError("rows must not be empty")
     check_prompt_rows(rows, "evaluate")
-    tok, device = model.tokenizer, model.device
+    tok, device, n = model.tokenizer, model.device, num_return_sequences
     eos = tok.eos_token_id if eos_token_id is None else eos_token_id  # checked by `generate`, before any work
     scores, insertions, texts = [], [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         ids, mask = prompt_batch(tok, [r["prompt"] for r in chunk])
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, memory=memory,
-                             eos_token_id=eos, trigger_mode=trigger_mode, return_dict_in_generate=True)
+                             eos_token_id=eos, trigger_mode=trigger_mode, return_dict_in_generate=True,
+                             do_sample=do_sample, num_return_sequences=n, temperature=temperature, top_k=top_k,
+                             top_p=top_p, generator=generator)
         _, keep, chunk_texts = completions(tok, out.sequences, ids.shape[1], eos_id_list(eos))
         woven = out.augmentation_mask.cpu() == 1
-        scores += scored_all(reward, chunk_texts, [row["target"] for row in chunk], reward_workers)
-        insertions += [int(woven[b][keep[b]].sum()) for b in range(len(chunk))]
+        targets = [row["target"] for row in chunk for _ in range(n)]
+        scores += scored_all(reward, chunk_texts, targets, reward_workers)
+        insertions += [int(woven[b][keep[b]].sum()) for b in range(len(chunk_texts))]
         texts += chunk_texts
-    result: dict[str, Any] = {"accuracy": sum(scores) / len(scores), "rows": len(scores),
-                              "insertions_per_response": sum(insertions) / len(insertions)}
+    passed = [sum(score >= 1 for score in scores[i:i + n]) for i in range(0, len(scores), n)]
+    result: dict[str, Any] = {"accuracy": sum(scores) / len(scores),
+                              **{f"pass@{k}": sum(pass_at_k(n, c, k) for c in passed) / len(passed)
+                                 for k in reported_ks(n)},
+                              "rows": len(rows), "insertions_per_response": sum(insertions) / len(insertions)}
     if return_samples:
-        result["samples"] = [{"prompt": row["prompt"], "completion": text, "target": row["target"], "reward": score,
-                              "insertions": n} for row, text, score, n in zip(rows, texts, scores, insertions)]
+        result["samples"] = [{"prompt": rows[i // n]["prompt"], "sample": i % n, "completion": text,
+                              "target": rows[i // n]["target"], "reward": score, "insertions": woven_count}
+                             for i, (text, score, woven_count) in enumerate(zip(texts, scores, insertions))]
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -10,7 +11,8 @@ import yaml
 
 from memgen import MemGenModel
 from memgen.cli import main
-from memgen.evaluation import evaluate
+from memgen.evaluation import evaluate, pass_at_k, reported_ks
+from memgen.training.data import prompt_batch
 from memgen.training.grpo import completion_mask
 from memgen.training.run import load_run_config, train_from_config
 from offline import save_base
@@ -92,7 +94,7 @@ def test_eval_reports_accuracy_with_and_without_memory(workspace, capsys, tmp_pa
     lines = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [line["memory"] for line in lines] == [True] * 3 + [False] * 3
     assert {tuple(sorted(line)) for line in lines} == {("completion", "insertions", "memory", "prompt", "reward",
-                                                        "target")}
+                                                        "sample", "target")}
     for name, memory in (("with memory", True), ("without memory", False)):
         rewards = [line["reward"] for line in lines if line["memory"] == memory]
         assert sum(rewards) / 3 == pytest.approx(results[name]["accuracy"])
@@ -107,6 +109,35 @@ def test_eval_reports_accuracy_with_and_without_memory(workspace, capsys, tmp_pa
     for flag in ("--reward-workers", "--batch-size"):
         with pytest.raises(SystemExit, match=f"memgen eval: {flag} must be >= 1, got 0"):
             main(command + [flag, "0"])
+    with pytest.raises(SystemExit, match=r"memgen eval: --top-p change only sampling; add --sample"):
+        main(command + ["--top-p", "0.9"])
+    with pytest.raises(SystemExit, match=r"memgen eval: --num-return-sequences must be >= 1, and above 1 needs"):
+        main(command + ["--num-return-sequences", "2"])
+
+
+def test_eval_samples_several_completions_per_row(workspace, capsys, tmp_path):
+    root, data = workspace
+    model = make_model("qwen2")
+    model.config.reasoner_name_or_path = str(root / "base")
+    model.save_pretrained(root / "sampled_ckpt")
+    out, samples = tmp_path / "eval.json", tmp_path / "samples.jsonl"
+    command = ["eval", "--memgen", str(root / "sampled_ckpt"), "--task", "gsm8k", "--data", str(data), "--limit", "2",
+               "--max-new-tokens", "4", "--sample", "--temperature", "0.8", "--num-return-sequences", "3",
+               "--seed", "5", "--out", str(out), "--samples", str(samples)]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "| accuracy | pass@1 | pass@2 | pass@3 | insertions per response |" in printed
+    results = json.loads(out.read_text())
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [(line["memory"], line["sample"]) for line in lines] == [(memory, j) for memory in (True, False)
+                                                                   for _ in range(2) for j in range(3)]
+    for name, memory in (("with memory", True), ("without memory", False)):
+        assert set(results[name]) == {"accuracy", "pass@1", "pass@2", "pass@3", "rows", "insertions_per_response"}
+        rewards = [line["reward"] for line in lines if line["memory"] == memory]
+        assert results[name]["accuracy"] == pytest.approx(sum(rewards) / 6)
+    assert main(command) == 0  # the same seed, the same samples
+    assert json.loads(out.read_text()) == results
+    assert [json.loads(line) for line in samples.read_text().splitlines()] == lines
 
 
 def test_evaluate_scores_each_completion_with_the_task_reward():
@@ -128,9 +159,10 @@ def test_evaluate_scores_each_completion_with_the_task_reward():
         expected.append((tok.decode(new[0][keep[0]], skip_special_tokens=True), row["target"]))
     assert seen == expected
     assert result["accuracy"] == sum(len(t) % 2 for t, _ in expected) / 2 and result["rows"] == 2
+    assert result["pass@1"] == result["accuracy"]  # rewards of 0 or 1: a pass is a full mark
     assert "samples" not in result
     samples = evaluate(model, rows, reward, max_new_tokens=5, batch_size=1, return_samples=True)["samples"]
-    assert samples == [{"prompt": row["prompt"], "completion": text, "target": row["target"],
+    assert samples == [{"prompt": row["prompt"], "sample": 0, "completion": text, "target": row["target"],
                         "reward": float(len(text) % 2), "insertions": n}
                        for row, (text, _), n in zip(rows, expected, [s["insertions"] for s in samples])]
     assert all(isinstance(s["insertions"], int) and s["insertions"] >= 1 for s in samples)  # the prompt weave
@@ -150,6 +182,65 @@ def test_evaluate_scores_each_completion_with_the_task_reward():
         evaluate(model, rows, lambda text, target: float("nan"), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"evaluate's rows need a 'prompt' .* and a 'target' .*got \['question'\]"):
         evaluate(model, [*rows, {"question": "Q: four"}], reward)
+
+
+def test_pass_at_k_is_the_chance_that_some_of_k_draws_passes():
+    for n in range(1, 7):
+        for passed in range(n + 1):
+            outcomes = [True] * passed + [False] * (n - passed)
+            for k in range(1, n + 1):
+                draws = list(itertools.combinations(outcomes, k))
+                assert pass_at_k(n, passed, k) == pytest.approx(sum(any(d) for d in draws) / len(draws))
+    assert [reported_ks(n) for n in (1, 2, 5, 8, 10)] == [[1], [1, 2], [1, 2, 4, 5], [1, 2, 4, 8], [1, 2, 4, 8, 10]]
+    with pytest.raises(ValueError, match="pass_at_k needs 1 <= k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_evaluate_scores_several_samples_per_row():
+    model = make_model("qwen2")
+    rows = [{"prompt": "Q: one, two", "target": 0}, {"prompt": "Q: three", "target": 1},
+            {"prompt": "Q: four. five", "target": 2}]
+
+    def reward(text, target):  # full marks, partial credit or none, by the completion
+        return [1.0, 0.5, 0.0][(len(text) + target) % 3]
+
+    def run(seed, **kwargs):
+        return evaluate(model, rows, reward, max_new_tokens=6, batch_size=3, do_sample=True, num_return_sequences=5,
+                        generator=torch.Generator().manual_seed(seed), return_samples=True, **kwargs)
+
+    result = run(0)
+    assert run(0) == result  # the same seed, the same samples
+    samples = result.pop("samples")
+    assert [(s["prompt"], s["sample"]) for s in samples] == [(r["prompt"], j) for r in rows for j in range(5)]
+    # the completions are generate's, sampled from the same seed
+    tok = model.tokenizer
+    ids, mask = prompt_batch(tok, [r["prompt"] for r in rows])
+    sequences = model.generate(ids, mask, max_new_tokens=6, do_sample=True, num_return_sequences=5,
+                               generator=torch.Generator().manual_seed(0))
+    keep = completion_mask(sequences[:, ids.shape[1]:], [tok.eos_token_id])
+    assert [s["completion"] for s in samples] == [tok.decode(row[kept], skip_special_tokens=True)
+                                                  for row, kept in zip(sequences[:, ids.shape[1]:], keep)]
+    rewards = [s["reward"] for s in samples]
+    assert rewards == [reward(s["completion"], s["target"]) for s in samples] and len(set(rewards)) > 1
+    assert result["accuracy"] == pytest.approx(sum(rewards) / 15) and result["rows"] == 3
+    assert result["insertions_per_response"] == pytest.approx(sum(s["insertions"] for s in samples) / 15)
+    assert [key for key in result if key.startswith("pass@")] == ["pass@1", "pass@2", "pass@4", "pass@5"]
+    for k in (1, 2, 4, 5):  # the chance that some of k of a row's samples, drawn at random, has full marks
+        chances = []
+        for i in range(0, 15, 5):
+            draws = list(itertools.combinations(rewards[i:i + 5], k))
+            chances.append(sum(max(d) == 1.0 for d in draws) / len(draws))
+        assert result[f"pass@{k}"] == pytest.approx(sum(chances) / 3)
+    assert run(1)["samples"] != samples or run(1)["accuracy"] != result["accuracy"]
+    # partial credit counts in the accuracy, not in pass@1
+    greedy = evaluate(model, rows, lambda text, target: 0.5, max_new_tokens=2)
+    assert (greedy["accuracy"], greedy["pass@1"]) == (0.5, 0.0) and "pass@2" not in greedy
+    with pytest.raises(ValueError, match=r"num_return_sequences=2 needs do_sample=True"):
+        evaluate(model, rows, reward, num_return_sequences=2)
+    with pytest.raises(ValueError, match=r"num_return_sequences must be an int >= 1, got 0"):
+        evaluate(model, rows, reward, do_sample=True, num_return_sequences=0)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0 when sampling"):
+        evaluate(model, rows, reward, do_sample=True, temperature=0.0)
 
 
 @pytest.mark.parametrize("run,overrides,match", [
