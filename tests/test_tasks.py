@@ -6,9 +6,10 @@ import json
 import os
 from pathlib import Path
 
+import datasets
 import pytest
 
-from memgen.tasks import TASKS, load_task, rewards
+from memgen.tasks import TASKS, load_rows, load_task, rewards
 from memgen.tasks.sandbox import count_tests, run_unit_tests
 
 ROWS = {
@@ -163,6 +164,26 @@ def test_bad_sources_and_rows_raise_clearly(tmp_path):
         load_task("math", _write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p"}]))
     with pytest.raises(ValueError, match="#### <number>"):
         load_task("gsm8k", _write_jsonl(tmp_path / "bad2.jsonl", [{"question": "q", "answer": "42"}]))
+    empty = tmp_path / "empty.jsonl"  # `datasets` raised a bare StopIteration
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"source files are empty: \['.*empty.jsonl'\]"):
+        load_task("gsm8k", str(empty))
+    with pytest.raises(ValueError, match="limit must be an int >= 1, got True"):
+        load_task("gsm8k", str(tmp_path / "a.jsonl"), limit=True)
+
+
+def test_load_rows_reads_rows_as_they_are(tmp_path):
+    conversations = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+                     for i in range(3)]
+    rows = load_rows(_write_jsonl(tmp_path / "chat.jsonl", conversations), limit=2)
+    assert list(rows) == conversations[:2]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(conversations)}).save_to_disk(saved)
+    assert list(load_rows(str(saved), split="test")) == conversations
+    with pytest.raises(ValueError, match="source must name local files"):
+        load_rows(None)
+    with pytest.raises(ValueError, match="source files not found"):
+        load_rows(str(tmp_path / "missing.jsonl"))
 
 
 @pytest.mark.parametrize("completion,target,expected", [

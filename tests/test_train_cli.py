@@ -17,6 +17,7 @@ from memgen.training.grpo import completion_mask
 from memgen.training.run import load_run_config, train_from_config
 from offline import save_base
 from test_modeling import make_model
+from test_sft import CHATML
 from test_tasks import ROWS, _write_jsonl
 
 TRAINING = dict(per_device_train_batch_size=2, use_cpu=True, report_to=[], save_strategy="no", learning_rate=0.01,
@@ -243,6 +244,40 @@ def test_evaluate_scores_several_samples_per_row():
         evaluate(model, rows, reward, do_sample=True, temperature=0.0)
 
 
+def test_sft_without_a_task_trains_on_the_rows_as_they_are(tmp_path, capsys):
+    base = make_model("qwen2")
+    base.tokenizer.chat_template = CHATML  # conversations need one
+    save_base(base, tmp_path / "base")
+    conversations = [{"messages": [{"role": "user", "content": f"Q: {a} + {b}?"},
+                                   {"role": "assistant", "content": f"{a + b}."},
+                                   {"role": "user", "content": "And times two?"},
+                                   {"role": "assistant", "content": f"{2 * (a + b)}."}]} for a, b in ((1, 2), (3, 4))]
+    completions = [{"prompt": [{"role": "user", "content": "Say hi."}], "completion": "Hi, there."}] * 2
+    for name, rows in (("messages", conversations), ("completions", completions)):
+        data = _write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        run = _yaml(tmp_path / f"{name}.yaml", stage="sft", model=str(tmp_path / "base"), data=str(data),
+                    eval_data=str(data), config={"weaver_lora": {"lora_dropout": 0.0}},
+                    training={**TRAINING, "output_dir": str(tmp_path / name), "max_steps": 2, "eval_strategy": "steps",
+                              "eval_steps": 2})
+        assert main(["train", "--config", run]) == 0
+        assert "sft finished after 2 steps" in capsys.readouterr().out
+        trained = MemGenModel.from_pretrained(tmp_path / name)
+        fresh = MemGenModel.from_reasoner(str(tmp_path / "base"), config=trained.config)
+        assert any(not torch.equal(a, b) for a, b in zip(trained.stage_parameters("weaver").values(),
+                                                          fresh.stage_parameters("weaver").values()))
+    # rows of no shape SFT takes raise, naming the source, before the model loads (it does not exist here)
+    tasky = _write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Q", "answer": "A #### 1"}])
+    run = load_run_config(_yaml(tmp_path / "bad.yaml", stage="sft", model=str(tmp_path / "no-such-model"),
+                                data=str(tasky), training={**TRAINING, "output_dir": str(tmp_path / "bad")}))
+    with pytest.raises(ValueError, match=r"data '.*gsm8k.jsonl' \(read as it is, the run naming no task\): a row "
+                                         r"must hold 'messages', or 'prompt' and one of 'answer' / 'completion'"):
+        train_from_config(run)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"source files are empty: \['.*empty.jsonl'\]"):
+        train_from_config({**run, "data": str(empty)})
+
+
 @pytest.mark.parametrize("run,overrides,match", [
     ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}, "epochs": 2}, [],
      r"unknown keys \['epochs'\]; the run description takes \['allow_untrained_weaver'"),
@@ -279,7 +314,10 @@ def test_evaluate_scores_several_samples_per_row():
     ({"stage": "ppo", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, [], "stage must be one of"),
     ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {}}, [], "at least output_dir"),
     ({"stage": "sft", "task": "gsm8k", "training": {"output_dir": "o"}}, [], "needs 'model'"),
-    ({"stage": "sft", "model": "m", "training": {"output_dir": "o"}}, [], "needs 'task'"),
+    ({"stage": "grpo", "model": "m", "training": {"output_dir": "o"}}, [],
+     "stage grpo needs 'task': its reward scores the rollouts"),
+    ({"stage": "sft", "model": "m", "training": {"output_dir": "o"}}, [],
+     "an sft run without a task reads its rows as they are from 'data'"),
     ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["limit"], "key=value"),
     ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["dtype=int8"], "dtype must"),
     ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["eval_limit=5"],

@@ -162,25 +162,13 @@ def _local_copy_of(source: str, task: Task) -> bool:
     return Path(source).is_dir() and task.hub[1] in datasets.get_dataset_config_names(source)
 
 
-def load_task(name: str, source: str | Sequence[str] | None = None, split: str = "train", limit: int | None = None,
-              config: str | None = None):
-    """The task's rows as a `datasets.Dataset` with columns prompt, answer, target.
-
-    source: a hub dataset name (or a local copy of a hub dataset), local files (.json, .jsonl, .parquet; a path or
-    a list of them), or a directory written by `save_to_disk` (a DatasetDict gives its `split`); None: the task's
-    public dataset. config: the hub dataset's configuration; by default the task's own (GSM8K's "main") where
-    source is None or the task's hub name. limit: keep the first `limit` rows.
-    """
+def _dataset(files: list, split: str, config: str | None, task: Task | None):
+    """The raw rows of `files` (load_task's and load_rows' source, as a list); a task's public dataset where it is
+    empty."""
     import datasets
 
-    if name not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be an int >= 1, got {limit!r}")
     if config is not None and (not isinstance(config, str) or not config):
         raise ValueError(f"config must be a non-empty string (a hub dataset's configuration name), got {config!r}")
-    task = TASKS[name]
-    files = [source] if isinstance(source, (str, Path)) else list(source) if source is not None else []
     local = [Path(f) for f in files if Path(f).suffix in _LOCAL]
     other_files = [str(f) for f in files if Path(f).suffix not in _LOCAL and Path(f).is_file()]
     if other_files:
@@ -192,26 +180,68 @@ def load_task(name: str, source: str | Sequence[str] | None = None, split: str =
         raise ValueError(f"config names a hub dataset's configuration; local files and save_to_disk directories "
                          f"have none (got config={config!r} with {[str(f) for f in files]})")
     if saved:
-        raw = _from_disk(Path(files[0]), split)
-    elif local:
+        return _from_disk(Path(files[0]), split)
+    if local:
         kinds = {_LOCAL[f.suffix] for f in local}
         if len(local) != len(files) or len(kinds) > 1:
             raise ValueError(f"source files must all be .json/.jsonl or all .parquet, got {files}")
         missing = [str(f) for f in local if not f.is_file()]
         if missing:
             raise ValueError(f"source files not found: {missing}")
-        raw = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in local], split="train")
-    else:
-        hub = str(files[0]) if files else task.hub[0]
-        if config is None and task.hub[1] and (hub == task.hub[0] or _local_copy_of(hub, task)):
-            config = task.hub[1]
-        if not hub:
-            raise ValueError(f"task {name!r} has no public dataset: pass source (local files or a hub name)")
-        raw = datasets.load_dataset(hub, config, split=split)
-    if limit is not None:
-        raw = raw.select(range(min(limit, len(raw))))
+        empty = [str(f) for f in local if f.stat().st_size == 0]
+        if empty:  # (`datasets` fails on an empty JSON file with a bare StopIteration)
+            raise ValueError(f"source files are empty: {empty}")
+        return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in local], split="train")
+    hub = str(files[0]) if files else task.hub[0]
+    if task is not None and config is None and task.hub[1] and (hub == task.hub[0] or _local_copy_of(hub, task)):
+        config = task.hub[1]
+    if not hub:
+        raise ValueError(f"task {task.name!r} has no public dataset: pass source (local files or a hub name)")
+    return datasets.load_dataset(hub, config, split=split)
+
+
+def _sources(source: str | Sequence[str] | None) -> list:
+    return [source] if isinstance(source, (str, Path)) else list(source) if source is not None else []
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+
+
+def _first(rows, limit: int | None):
+    return rows if limit is None else rows.select(range(min(limit, len(rows))))
+
+
+def load_rows(source: str | Sequence[str], split: str = "train", limit: int | None = None,
+              config: str | None = None):
+    """The rows of a dataset as they are, as a `datasets.Dataset` (no task's shape): for SFT on rows already in a
+    shape `memgen.training.sft_trainer` takes (`messages` conversations, `prompt`/`answer`, TRL's
+    `prompt`/`completion`). source, split, limit, config: as `load_task` takes them; source is required."""
+    _check_limit(limit)
+    files = _sources(source)
+    if not files:
+        raise ValueError("source must name local files (.json, .jsonl, .parquet), a save_to_disk directory or a hub "
+                         f"dataset, got {source!r}")
+    return _first(_dataset(files, split, config, None), limit)
+
+
+def load_task(name: str, source: str | Sequence[str] | None = None, split: str = "train", limit: int | None = None,
+              config: str | None = None):
+    """The task's rows as a `datasets.Dataset` with columns prompt, answer, target.
+
+    source: a hub dataset name (or a local copy of a hub dataset), local files (.json, .jsonl, .parquet; a path or
+    a list of them), or a directory written by `save_to_disk` (a DatasetDict gives its `split`); None: the task's
+    public dataset. config: the hub dataset's configuration; by default the task's own (GSM8K's "main") where
+    source is None or the task's hub name. limit: keep the first `limit` rows.
+    """
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+    _check_limit(limit)
+    task = TASKS[name]
+    raw = _first(_dataset(_sources(source), split, config, task), limit)
     rows = raw.map(task.to_row, remove_columns=raw.column_names, desc=f"{name} rows")
     return rows.select_columns(["prompt", "answer", "target"])
 
 
-__all__ = ["TASKS", "Task", "load_task", "rewards"]
+__all__ = ["TASKS", "Task", "load_rows", "load_task", "rewards"]

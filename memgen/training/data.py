@@ -61,6 +61,14 @@ def _messages(row: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
     return prompt + answer, len(prompt)
 
 
+def check_sft_row(row: Any) -> None:
+    """Raise unless `row` is in one of the shapes SFT takes (the module's docstring), without a tokenizer: to fail
+    before a model loads."""
+    if not hasattr(row, "keys"):
+        raise ValueError(f"a row must be a mapping, got {type(row).__name__}")
+    _messages(row)
+
+
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -4,8 +4,9 @@
     model: Qwen/Qwen2.5-1.5B-Instruct     # the reasoner (name or directory)
     memgen: runs/sft                      # optional: start from a memgen checkpoint (trigger RL needs one)
     config: {trigger_mode: lora}          # MemGenConfig fields for a fresh model
-    task: gsm8k                           # memgen.tasks: the data's shape and the reward
-    data: data/train.jsonl                # optional: local files or a hub name (default: the task's dataset)
+    task: gsm8k                           # memgen.tasks: the data's shape and the reward (sft: optional;
+                                          #   without it data's rows train as they are)
+    data: data/train.jsonl                # local files or a hub name (default: the task's dataset)
     split: train
     limit: 1000                           # optional: the first N rows
     eval_data: data/test.jsonl            # optional: evaluation rows (files or a hub name), with
@@ -122,14 +123,18 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
     _check_known(run, _KEYS, "keys", f"the run description takes {sorted(_KEYS)}")
     if run.get("stage") not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {run.get('stage')!r}")
-    for key in ("task", "training"):
-        if key not in run:
-            raise ValueError(f"the run description needs {key!r}")
+    if "training" not in run:
+        raise ValueError("the run description needs 'training'")
     from memgen.tasks import TASKS
     from memgen.training.grpo import check_count
 
-    if run["task"] not in TASKS:
+    if "task" in run and run["task"] not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {run['task']!r}")
+    if "task" not in run and run["stage"] != "sft":
+        raise ValueError(f"stage {run['stage']} needs 'task': its reward scores the rollouts")
+    if "task" not in run and not run.get("data"):
+        raise ValueError("an sft run without a task reads its rows as they are from 'data' (messages, prompt/answer "
+                         "or prompt/completion rows); name the files or hub dataset, or a task")
     if not run.get("model") and not run.get("memgen"):
         raise ValueError("the run description needs 'model' (the reasoner) or 'memgen' (a checkpoint)")
     if "config" in run:
@@ -171,27 +176,42 @@ def build_model(model: str | None, memgen: str | None, config: dict[str, Any] | 
     return MemGenModel.from_reasoner(model, config=MemGenConfig(**(config or {})), dtype=TORCH_DTYPES[dtype])
 
 
+def _rows(run: dict[str, Any], source: Any, split: str, limit: int | None, key: str) -> Any:
+    """The run's task's rows from `source`, or without a task (sft) the rows of `source` as they are, their first
+    row's shape checked before any model loads (`key` names the source in the message)."""
+    from memgen.tasks import load_rows, load_task
+    from memgen.training.data import check_sft_row
+
+    if "task" in run:
+        return load_task(run["task"], source, split, limit)
+    rows = load_rows(source, split, limit)  # (`datasets` refuses a source without rows)
+    try:
+        check_sft_row(rows[0])
+    except ValueError as error:
+        raise ValueError(f"{key} {source!r} (read as it is, the run naming no task): {error}") from error
+    return rows
+
+
 def train_from_config(run: dict[str, Any]) -> Any:
     """Build the model, data and trainer a checked run description names; train; save; return the trainer."""
-    from memgen.tasks import TASKS, load_task
+    from memgen.tasks import TASKS
     from memgen.training import sft_trainer
     from memgen.training.grpo import GRPOTrainer
     from memgen.training.trigger_rl import TriggerTrainer
 
     stage = run["stage"]
     args = _args_class(stage)(**run["training"])
-    rows = load_task(run["task"], run.get("data"), run.get("split", "train"), run.get("limit"))
-    eval_rows = (load_task(run["task"], run.get("eval_data"), run.get("eval_split", "test"), run.get("eval_limit"))
-                 if _evaluates(run) else None)
+    rows = _rows(run, run.get("data"), run.get("split", "train"), run.get("limit"), "data")
+    eval_rows = (_rows(run, run.get("eval_data", None if "task" in run else run["data"]), run.get("eval_split", "test"),
+                       run.get("eval_limit"), "eval_data") if _evaluates(run) else None)
     model = build_model(run.get("model"), run.get("memgen"), run.get("config"), run.get("dtype", "float32")).train()
-    reward = TASKS[run["task"]].reward
     if stage == "sft":
         trainer = sft_trainer(model, rows, args, eval_dataset=eval_rows, max_length=run.get("max_length"),
                               num_proc=run.get("num_proc"))
     elif stage == "grpo":
-        trainer = GRPOTrainer(model, args, rows, reward, eval_dataset=eval_rows)
+        trainer = GRPOTrainer(model, args, rows, TASKS[run["task"]].reward, eval_dataset=eval_rows)
     else:
-        trainer = TriggerTrainer(model, args, rows, reward, eval_dataset=eval_rows,
+        trainer = TriggerTrainer(model, args, rows, TASKS[run["task"]].reward, eval_dataset=eval_rows,
                                  allow_untrained_weaver=bool(run.get("allow_untrained_weaver", False)))
     trainer.train(resume_from_checkpoint=run["training"].get("resume_from_checkpoint"))
     trainer.save_model(args.output_dir)
