@@ -254,6 +254,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
     _sampling_arguments(p, "samples per row, all scored; pass@k is reported for k = 1, the powers of two below N, "
                            "and N (needs --sample)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeatable): a completion also "
+                   "ends once its text ends with it")
     p.add_argument("--eos", nargs="+", metavar="TOKEN", help=EOS_HELP)
     p.add_argument("--reward-workers", type=int, default=1, metavar="N",
                    help="completions scored at once (the code task's sandboxed test runs overlap)")
@@ -291,7 +293,7 @@ def _eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos,
             reward_workers=args.reward_workers, return_samples=args.samples is not None, do_sample=args.sample,
             num_return_sequences=args.num_return_sequences, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, generator=_generator(args))
+            top_p=args.top_p, generator=_generator(args), stop_strings=args.stop)
     passes = [f"pass@{k}" for k in reported_ks(args.num_return_sequences)]
     print(f"| {args.task} ({len(rows)} rows) | accuracy | {' | '.join(passes)} | insertions per response |\n"
           f"|---|---|{'---|' * len(passes)}---|")

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from memgen.modeling import eos_id_list
 from memgen.training.data import check_prompt_rows, prompt_batch
 from memgen.training.grpo import check_count, completions, scored_all
 
@@ -38,7 +37,7 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
              eos_token_id: int | list[int] | None = None, reward_workers: int = 1,
              return_samples: bool = False, do_sample: bool = False, num_return_sequences: int = 1,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> dict[str, Any]:
+             generator: torch.Generator | None = None, stop_strings: str | list[str] | None = None) -> dict[str, Any]:
     """{"accuracy": mean reward, "pass@k": ... for each reported k, "rows": n, "insertions_per_response": mean INVOKE
     count} over `rows` (each with `prompt` and `target`, e.g. from `memgen.tasks.load_task`); `trigger_mode`
     overrides the model's for this evaluation. A completion passes when its reward is at least 1 (full marks: every
@@ -52,7 +51,8 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
     with its samples), since each call draws its own. `eos_token_id`: the id(s) that end a completion (default: the
     tokenizer's EOS); a chat model whose turns end with another token (its `generation_config` lists it) needs it,
     or its completions run on past the turn, and a final answer taken from the end of the text is then taken from
-    what it wrote after. `reward_workers`: threads scoring a batch's completions at once (for rewards that wait on
+    what it wrote after. `stop_strings`: a completion also ends once its text ends with one of these (as
+    `generate` takes them; a base model's run-on "Question:"), which it keeps. `reward_workers`: threads scoring a batch's completions at once (for rewards that wait on
     a process, as the code tasks' sandbox does; above 1 only for a reward that is safe to call from threads).
     `return_samples`: also "samples", one {"prompt", "sample", "completion", "target", "reward", "insertions"} per
     completion (each row's samples in turn; "sample" numbers them from 0), to read what the model wrote where it
@@ -77,8 +77,8 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, memory=memory,
                              eos_token_id=eos, trigger_mode=trigger_mode, return_dict_in_generate=True,
                              do_sample=do_sample, num_return_sequences=n, temperature=temperature, top_k=top_k,
-                             top_p=top_p, generator=generator)
-        _, keep, chunk_texts = completions(tok, out.sequences, ids.shape[1], eos_id_list(eos))
+                             top_p=top_p, generator=generator, stop_strings=stop_strings)
+        _, keep, chunk_texts = completions(tok, out, ids.shape[1])
         woven = out.augmentation_mask.cpu() == 1
         targets = [row["target"] for row in chunk for _ in range(n)]
         scores += scored_all(reward, chunk_texts, targets, reward_workers)

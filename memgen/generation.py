@@ -92,11 +92,15 @@ class MemGenGenerateOutput(ModelOutput):
     """sequences: [B, L + T] prompts then new tokens (pad after a row's EOS);
     augmentation_mask: [B, T] the decision taken before each new token (-100 / 0 SKIP / 1 INVOKE);
     latent_norms: float32 [B, T] the mean L2 norm of the K latents woven before each new token (NaN
-    where none were), to compare with the reasoner's token embeddings."""
+    where none were), to compare with the reasoner's token embeddings;
+    completion_mask: bool [B, T] the tokens each row generated, through the one that finished it (its first EOS,
+    or the last token of a stop string); False on the pad after it, which the pad token alone cannot tell apart
+    where the model may generate that token itself."""
 
     sequences: torch.Tensor | None = None
     augmentation_mask: torch.Tensor | None = None
     latent_norms: torch.Tensor | None = None
+    completion_mask: torch.Tensor | None = None
 
 
 class _RaggedDecoder:
@@ -226,6 +230,12 @@ def _without(rows: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
     `others` is empty (the common case in a decode step)."""
     present = [other for other in others if other.numel()]
     return rows[~torch.isin(rows, _joined(present))] if present else rows
+
+
+def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """bool [B, T]: each row's new tokens up to and including its first EOS."""
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))
+    return (is_eos.long().cumsum(1) - is_eos.long()) == 0
 
 
 def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
@@ -778,6 +788,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    # Where a stop string may finish a row, the column its completion ends at (else its first EOS tells)
+    ends = torch.zeros(batch, dtype=torch.long, device=device) if stop is not None else None
     aug_mask = torch.full((batch, max_new_tokens), -100, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, device=device)
     penalize = repetition_penalty != 1.0
@@ -834,6 +846,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             idle = torch.ones_like(finished).index_fill_(0, stepping_device, False) | finished
         uniforms = _at_columns(engine.token_uniforms, at) if do_sample else None
         tokens = torch.where(idle, pad_id, _choose_tokens(logits, do_sample, temperature, top_k, top_p, uniforms))
+        if ends is not None:  # each row that chose a token: its completion runs through this column
+            ends = torch.where(idle, ends, at + 1)
         if uniform:
             new_tokens[:, at] = tokens
             width = at + 1
@@ -930,5 +944,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         step += 1
     if streamer is not None:
         streamer.end()
-    return MemGenGenerateOutput(sequences=torch.cat([input_ids, new_tokens[:, :width]], 1),
-                                augmentation_mask=aug_mask[:, :width], latent_norms=engine.latent_norms[:, :width])
+    new_tokens = new_tokens[:, :width]
+    real = (completion_mask(new_tokens, eos_ids) if ends is None
+            else torch.arange(width, device=device) < ends[:, None])
+    return MemGenGenerateOutput(sequences=torch.cat([input_ids, new_tokens], 1), augmentation_mask=aug_mask[:, :width],
+                                latent_norms=engine.latent_norms[:, :width], completion_mask=real)

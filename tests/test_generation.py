@@ -12,6 +12,7 @@ from transformers import AttentionInterface, GenerationConfig, Qwen2Config, Qwen
 from memgen import MemGenConfig, MemGenModel, generation, generation_kwargs
 from memgen.attention import RaggedGroups
 from memgen.bench.decode_suite import weaver_calls
+from memgen.generation import completion_mask
 from memgen.reference import reference_generate
 from memgen.sharding import gathered_for_decoding
 from offline import chat_tokenizer, tiny_causal_lm
@@ -615,17 +616,21 @@ def test_streamer_receives_the_prompt_then_each_token():
         model.generate(input_ids, mask, max_new_tokens=2, repetition_penalty=0)
 
 
-@pytest.mark.parametrize("trigger_mode", ["always", "head"])
-def test_stop_strings_end_rows_where_their_text_does(trigger_mode):
+@pytest.mark.parametrize("trigger_mode,memory", [("always", True), ("head", True), ("always", False)])
+def test_stop_strings_end_rows_where_their_text_does(trigger_mode, memory):
     model = chatty_model("qwen2", trigger_mode)
     input_ids, mask, _ = make_batch(model, [0] * 4, "left", seed=21)
     prompt = input_ids.shape[1]
-    free = model.generate(input_ids, mask, max_new_tokens=40, return_dict_in_generate=True)
+    free = model.generate(input_ids, mask, max_new_tokens=40, return_dict_in_generate=True, memory=memory)
+    eos = model.tokenizer.eos_token_id
+    assert torch.equal(free.completion_mask, completion_mask(free.sequences[:, prompt:], [eos]))
     texts = [model.tokenizer.decode(row) for row in free.sequences[:, prompt:]]
     stop = texts[0][len(texts[0]) // 2: len(texts[0]) // 2 + 2]  # two characters from the middle of row 0
     assert stop.strip(), texts[0]
-    out = model.generate(input_ids, mask, max_new_tokens=40, return_dict_in_generate=True, stop_strings=[stop])
+    out = model.generate(input_ids, mask, max_new_tokens=40, return_dict_in_generate=True, stop_strings=[stop],
+                         memory=memory)
     pad = model.tokenizer.pad_token_id
+    assert pad != eos
     stopped = 0
     for row in range(4):
         new = free.sequences[row, prompt:].tolist()
@@ -635,6 +640,9 @@ def test_stop_strings_end_rows_where_their_text_does(trigger_mode):
         assert all(t == pad for t in got[cut:]), row
         assert torch.equal(out.augmentation_mask[row, :cut], free.augmentation_mask[row, :cut])
         assert (out.augmentation_mask[row, cut:] == -100).all()
+        # the completion runs through the stop string's last token (or the row's EOS, where that came first)
+        real = [t < cut and kept for t, kept in enumerate(free.completion_mask[row].tolist())]
+        assert out.completion_mask[row].tolist() == real[:out.completion_mask.shape[1]], row
         stopped += cut < len(new)
     assert stopped >= 1
 

@@ -13,9 +13,9 @@ import torch
 
 from memgen.adapters import tuner_layers
 from memgen.evaluation import evaluate
+from memgen.generation import completion_mask
 from memgen.training.data import prompt_batch
-from memgen.training.grpo import (GRPOConfig, GRPOTrainer, clipped_loss, completion_mask, group_advantages,
-                                  scored_all)
+from memgen.training.grpo import GRPOConfig, GRPOTrainer, clipped_loss, group_advantages, scored_all
 from test_modeling import make_model
 
 
@@ -102,6 +102,33 @@ def test_rollouts_are_replayed_at_their_own_insertion_points(tmp_path):
     predicted = logits[:, :-1].argmax(-1)
     completion = batch.completion[:, 1:]
     assert torch.equal(predicted[completion], batch.input_ids[:, 1:][completion])  # near-greedy tokens, replayed
+
+
+def test_rollouts_end_at_stop_strings(tmp_path):
+    """A rollout that writes a stop string ends there: the pad after it is neither scored nor trained (the chat
+    tokenizer's pad token is not its EOS, so only the engine's completion mask tells it apart)."""
+    model = make_model("qwen2", k_prompt=4, k_inference=2, max_inference=3)
+    tok, rows = model.tokenizer, _prompts(2)
+    free = GRPOTrainer(model, _config(tmp_path, max_new_tokens=12), rows, reward=lambda t, y: 0.0).rollouts(rows)
+    tokens = free.input_ids[0][free.completion[0]].tolist()
+    # a token of row 0's, from its middle on, that is plain text (random weights write partial UTF-8 too)
+    stop = next(text for t in tokens[len(tokens) // 2:] + tokens
+                if (text := tok.decode([t])).isascii() and text.isprintable() and text.strip())
+    scored = []
+    trainer = GRPOTrainer(model, _config(tmp_path, max_new_tokens=12, stop_strings=[stop]), rows,
+                          reward=lambda text, target: scored.append(text) or 0.0)
+    batch = trainer.rollouts(rows)  # the same step and seed: the same draws
+    stopped = 0
+    for i in range(len(free.texts)):
+        tokens = free.input_ids[i][free.completion[i]].tolist()
+        cut = next((t + 1 for t in range(len(tokens)) if stop in tok.decode(tokens[:t + 1], skip_special_tokens=True)),
+                   len(tokens))
+        assert batch.input_ids[i][batch.completion[i]].tolist() == tokens[:cut], i
+        assert batch.texts[i] == tok.decode(tokens[:cut], skip_special_tokens=True)
+        stopped += cut < len(tokens)
+    assert stopped >= 1 and scored == batch.texts
+    with pytest.raises(ValueError, match="stop_strings must be a non-empty list of non-empty strings"):
+        _config(tmp_path, stop_strings="Q:")
 
 
 def test_grpo_raises_the_mean_reward_on_a_learnable_reward(tmp_path):

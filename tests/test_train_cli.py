@@ -13,7 +13,7 @@ from memgen import MemGenModel
 from memgen.cli import main
 from memgen.evaluation import evaluate, pass_at_k, reported_ks
 from memgen.training.data import prompt_batch
-from memgen.training.grpo import completion_mask
+from memgen.generation import completion_mask
 from memgen.training.run import load_run_config, train_from_config
 from offline import save_base
 from test_modeling import make_model
@@ -139,6 +139,12 @@ def test_eval_samples_several_completions_per_row(workspace, capsys, tmp_path):
     assert main(command) == 0  # the same seed, the same samples
     assert json.loads(out.read_text()) == results
     assert [json.loads(line) for line in samples.read_text().splitlines()] == lines
+    text = "".join(line["completion"] for line in lines)
+    stop = next(c for c in text[len(text) // 2:] + text if c.isascii() and c.isalnum())
+    assert main(command + ["--stop", stop]) == 0  # a stop string ends completions
+    stopped = [json.loads(line)["completion"] for line in samples.read_text().splitlines()]
+    assert all(cut == line["completion"][:len(cut)] for cut, line in zip(stopped, lines))
+    assert sum(map(len, stopped)) < len(text)
 
 
 def test_evaluate_scores_each_completion_with_the_task_reward():
@@ -183,6 +189,28 @@ def test_evaluate_scores_each_completion_with_the_task_reward():
         evaluate(model, rows, lambda text, target: float("nan"), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"evaluate's rows need a 'prompt' .* and a 'target' .*got \['question'\]"):
         evaluate(model, [*rows, {"question": "Q: four"}], reward)
+
+
+def test_evaluate_ends_completions_at_stop_strings():
+    model = make_model("qwen2")
+    rows = [{"prompt": "Q: one, two", "target": "x"}, {"prompt": "Q: three", "target": "y"}]
+    tok = model.tokenizer
+    free = evaluate(model, rows, lambda text, target: 0.0, max_new_tokens=12, return_samples=True)["samples"]
+    ids, mask = prompt_batch(tok, [r["prompt"] for r in rows])
+    new = model.generate(ids, mask, max_new_tokens=12)[:, ids.shape[1]:]
+    tokens = [row[kept].tolist() for row, kept in zip(new, completion_mask(new, [tok.eos_token_id]))]
+    assert [s["completion"] for s in free] == [tok.decode(t, skip_special_tokens=True) for t in tokens]
+    stop = next(text for t in tokens[0][len(tokens[0]) // 2:] + tokens[0]
+                if (text := tok.decode([t])).isascii() and text.isprintable() and text.strip())
+    cut = evaluate(model, rows, lambda text, target: 0.0, max_new_tokens=12, return_samples=True,
+                   stop_strings=stop)["samples"]
+    shortened = 0
+    for row, sample in zip(tokens, cut):
+        end = next((t + 1 for t in range(len(row)) if stop in tok.decode(row[:t + 1], skip_special_tokens=True)),
+                   len(row))
+        assert sample["completion"] == tok.decode(row[:end], skip_special_tokens=True)
+        shortened += end < len(row)
+    assert shortened >= 1
 
 
 def test_pass_at_k_is_the_chance_that_some_of_k_draws_passes():

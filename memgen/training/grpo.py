@@ -51,6 +51,9 @@ class GRPOConfig(TrainingArguments):
     epsilon: float = field(default=0.2, metadata={"help": "clipping range of the probability ratio"})
     loss_type: str = field(default="grpo", metadata={"help": "grpo | bnpo | dr_grpo"})
     eos_token_ids: list[int] | None = field(default=None, metadata={"help": "default: the tokenizer's EOS"})
+    stop_strings: list[str] | None = field(default=None, metadata={
+        "help": "a rollout also ends once its text ends with one of these (a base model's run-on 'Question:'); "
+                "what follows is neither scored nor trained"})
     logps_chunk_size: int = field(default=1024, metadata={
         "help": "completion tokens whose vocabulary-wide logits exist at once (backward recomputes them)"})
     reward_workers: int = field(default=1, metadata={
@@ -68,6 +71,9 @@ class GRPOConfig(TrainingArguments):
         check_number("beta", self.beta, lambda v: v >= 0, ">= 0")
         check_number("epsilon", self.epsilon, lambda v: 0 < v < 1, "in (0, 1)")
         check_count("reward_workers", self.reward_workers)
+        if self.stop_strings is not None and not (isinstance(self.stop_strings, list) and self.stop_strings
+                                                  and all(isinstance(x, str) and x for x in self.stop_strings)):
+            raise ValueError(f"stop_strings must be a non-empty list of non-empty strings, got {self.stop_strings!r}")
         if not isinstance(self.logps_chunk_size, int) or self.logps_chunk_size < 1:
             raise ValueError(f"logps_chunk_size must be an int >= 1, got {self.logps_chunk_size!r}")
         if self.loss_type not in LOSS_TYPES:
@@ -138,18 +144,11 @@ def scored_all(reward: Callable[[str, Any], Any], texts: Sequence[str], targets:
         pool.shutdown(cancel_futures=True)
 
 
-def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """bool [B, T]: each completion's tokens up to and including its first EOS."""
-    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))
-    return (is_eos.long().cumsum(1) - is_eos.long()) == 0
-
-
-def completions(tokenizer: Any, sequences: torch.Tensor, prompt_width: int,
-                eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(new tokens [B, T] on the CPU, `completion_mask` of them, each completion's text up to its first EOS): what
-    a reward scores, from `generate`'s sequences of prompts `prompt_width` wide."""
-    new = sequences[:, prompt_width:].cpu()
-    keep = completion_mask(new, eos_ids)
+def completions(tokenizer: Any, out: Any, prompt_width: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(new tokens [B, T] on the CPU, the completion mask of them, each completion's text through the token that
+    finished it): what a reward scores, from `generate`'s output (`MemGenGenerateOutput`) for prompts
+    `prompt_width` wide."""
+    new, keep = out.sequences[:, prompt_width:].cpu(), out.completion_mask.cpu()
     return new, keep, [tokenizer.decode(row[kept], skip_special_tokens=True) for row, kept in zip(new, keep)]
 
 
@@ -266,8 +265,8 @@ class GRPOTrainer(MemGenTrainer):
             out = model.generate(ids.to(device), mask.to(device), max_new_tokens=self.args.max_new_tokens,
                                  do_sample=True, temperature=self.args.temperature, generator=generator,
                                  num_return_sequences=g, eos_token_id=eos, return_dict_in_generate=True,
-                                 **self.generation_kwargs())
-        new, keep, texts = completions(tok, out.sequences, width, eos)
+                                 stop_strings=self.args.stop_strings, **self.generation_kwargs())
+        new, keep, texts = completions(tok, out, width)
         targets = [r["target"] for r in rows for _ in range(g)]
         rewards = torch.tensor(scored_all(self.reward, texts, targets, self.args.reward_workers), dtype=torch.float32)
         decisions = torch.where(keep, out.augmentation_mask.cpu(), -100)
