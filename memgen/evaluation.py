@@ -52,8 +52,9 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
     tokenizer's EOS); a chat model whose turns end with another token (its `generation_config` lists it) needs it,
     or its completions run on past the turn, and a final answer taken from the end of the text is then taken from
     what it wrote after. `stop_strings`: a completion also ends once its text ends with one of these (as
-    `generate` takes them; a base model's run-on "Question:"), which it keeps. `reward_workers`: threads scoring a batch's completions at once (for rewards that wait on
-    a process, as the code tasks' sandbox does; above 1 only for a reward that is safe to call from threads).
+    `generate` takes them; a base model's run-on "Question:"), which it keeps. `reward_workers`: threads scoring a
+    batch's completions at once (for rewards that wait on a process, as the code tasks' sandbox does; above 1 only
+    for a reward that is safe to call from threads).
     `return_samples`: also "samples", one {"prompt", "sample", "completion", "target", "reward", "insertions"} per
     completion (each row's samples in turn; "sample" numbers them from 0), to read what the model wrote where it
     scored."""

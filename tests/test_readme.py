@@ -23,7 +23,8 @@ SUBSTITUTIONS = [
     (f"name = {HUB_MODEL}", "name = BASE"),
     ("MemGenConfig())  # weaver trains", 'MemGenConfig(trigger_mode="lora"))  # weaver trains'),
     ("max_new_tokens=512)", "max_new_tokens=8)"),
-    ('TriggerConfig("runs/trigger", invoke_penalty=0.1)', 'TriggerConfig("runs/trigger", invoke_penalty=0.1, max_new_tokens=8)'),
+    ('TriggerConfig("runs/trigger", invoke_penalty=0.1)',
+     'TriggerConfig("runs/trigger", invoke_penalty=0.1, max_new_tokens=8)'),
 ]
 
 
