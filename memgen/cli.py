@@ -16,6 +16,7 @@ results.md and results.png. `train` runs one training stage described in YAML
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import sys
@@ -54,6 +55,21 @@ def _generator(args: argparse.Namespace) -> torch.Generator | None:
     return torch.Generator(device=args.device).manual_seed(args.seed) if args.sample else None
 
 
+def _json_object(text: str) -> dict:
+    """An argparse type: a JSON object (`--chat-template-kwargs '{"enable_thinking": false}'`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r}")
+    return value
+
+
+TEMPLATE_HELP = ("extra variables for the chat template, as a JSON object, e.g. '{\"enable_thinking\": false}' for "
+                 "Qwen3")
+
+
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate with latent memory and show where it was woven",
                        description="Generate with a MemGen checkpoint; mark insertions and report latent norms.")
@@ -64,6 +80,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="a prompt (repeat for a batch; '-' reads one from standard input)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--chat-template-kwargs", type=_json_object, metavar="JSON", help=TEMPLATE_HELP + " (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     _sampling_arguments(p, "samples per prompt (needs --sample)")
     p.add_argument("--trigger-mode", choices=("always", "lora", "head"), help="override the checkpoint's")
@@ -81,12 +98,18 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _encode(tokenizer, prompts: list[str], chat: bool) -> dict[str, torch.Tensor]:
+def _encode(tokenizer, prompts: list[str], chat: bool, template: dict | None) -> dict[str, torch.Tensor]:
     if chat:
+        from memgen.training.data import template_kwargs
+
         if not getattr(tokenizer, "chat_template", None):
             raise SystemExit("memgen generate: --chat needs a tokenizer with a chat template")
+        try:
+            extra = template_kwargs(tokenizer, template)
+        except ValueError as error:
+            raise SystemExit(f"memgen generate: --chat-template-kwargs: {error}") from error
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
+                                                 add_generation_prompt=True, **extra) for p in prompts]
     tokenizer.padding_side = "left"
     return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
 
@@ -134,11 +157,13 @@ def _generate(args: argparse.Namespace) -> int:
 
     prompts = _prompts(args)
     _check_sampling("generate", args)
+    if args.chat_template_kwargs is not None and not args.chat:
+        raise SystemExit("memgen generate: --chat-template-kwargs applies to the chat template: add --chat")
     _check_device("generate", args.device)
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(device=args.device).eval()
     tok = model.tokenizer
     eos = _eos_token_ids(tok, args.eos, "generate")
-    batch = _encode(tok, prompts, args.chat)
+    batch = _encode(tok, prompts, args.chat, args.chat_template_kwargs)
     generator = _generator(args)
     out = model.generate(batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
                          max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
@@ -256,6 +281,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
                            "and N (needs --sample)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeatable): a completion also "
                    "ends once its text ends with it")
+    p.add_argument("--chat-template-kwargs", type=_json_object, metavar="JSON", help=TEMPLATE_HELP)
     p.add_argument("--eos", nargs="+", metavar="TOKEN", help=EOS_HELP)
     p.add_argument("--reward-workers", type=int, default=1, metavar="N",
                    help="completions scored at once (the code task's sandboxed test runs overlap)")
@@ -269,10 +295,9 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
     from memgen.evaluation import evaluate, reported_ks
     from memgen.tasks import TASKS, load_task
+    from memgen.training.data import template_kwargs
     from memgen.training.run import build_model
 
     _check_device("eval", args.device)
@@ -286,6 +311,10 @@ def _eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"memgen eval: {error}") from error
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(args.device).eval()
     eos = _eos_token_ids(model.tokenizer, args.eos, "eval")
+    try:
+        template_kwargs(model.tokenizer, args.chat_template_kwargs)
+    except ValueError as error:
+        raise SystemExit(f"memgen eval: --chat-template-kwargs: {error}") from error
     results = {}
     for memory in {"both": (True, False), "on": (True,), "off": (False,)}[args.memory]:
         results["with memory" if memory else "without memory"] = evaluate(  # each setting from the same seed
@@ -293,7 +322,8 @@ def _eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos,
             reward_workers=args.reward_workers, return_samples=args.samples is not None, do_sample=args.sample,
             num_return_sequences=args.num_return_sequences, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, generator=_generator(args), stop_strings=args.stop)
+            top_p=args.top_p, generator=_generator(args), stop_strings=args.stop,
+            chat_template_kwargs=args.chat_template_kwargs)
     passes = [f"pass@{k}" for k in reported_ks(args.num_return_sequences)]
     print(f"| {args.task} ({len(rows)} rows) | accuracy | {' | '.join(passes)} | insertions per response |\n"
           f"|---|---|{'---|' * len(passes)}---|")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from memgen.training.data import check_prompt_rows, prompt_batch
+from memgen.training.data import check_prompt_rows, prompt_batch, template_kwargs
 from memgen.training.grpo import check_count, completions, scored_all
 
 
@@ -37,7 +37,8 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
              eos_token_id: int | list[int] | None = None, reward_workers: int = 1,
              return_samples: bool = False, do_sample: bool = False, num_return_sequences: int = 1,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, stop_strings: str | list[str] | None = None) -> dict[str, Any]:
+             generator: torch.Generator | None = None, stop_strings: str | list[str] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """{"accuracy": mean reward, "pass@k": ... for each reported k, "rows": n, "insertions_per_response": mean INVOKE
     count} over `rows` (each with `prompt` and `target`, e.g. from `memgen.tasks.load_task`); `trigger_mode`
     overrides the model's for this evaluation. A completion passes when its reward is at least 1 (full marks: every
@@ -55,6 +56,8 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
     `generate` takes them; a base model's run-on "Question:"), which it keeps. `reward_workers`: threads scoring a
     batch's completions at once (for rewards that wait on a process, as the code tasks' sandbox does; above 1 only
     for a reward that is safe to call from threads).
+    `chat_template_kwargs`: extra variables for the chat template that renders the prompts (Qwen3's
+    `{"enable_thinking": False}`; `memgen.training.data.template_kwargs`).
     `return_samples`: also "samples", one {"prompt", "sample", "completion", "target", "reward", "insertions"} per
     completion (each row's samples in turn; "sample" numbers them from 0), to read what the model wrote where it
     scored."""
@@ -70,11 +73,12 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
         raise ValueError("rows must not be empty")
     check_prompt_rows(rows, "evaluate")
     tok, device, n = model.tokenizer, model.device, num_return_sequences
+    template_kwargs(tok, chat_template_kwargs)
     eos = tok.eos_token_id if eos_token_id is None else eos_token_id  # checked by `generate`, before any work
     scores, insertions, texts = [], [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        ids, mask = prompt_batch(tok, [r["prompt"] for r in chunk])
+        ids, mask = prompt_batch(tok, [r["prompt"] for r in chunk], chat_template_kwargs)
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, memory=memory,
                              eos_token_id=eos, trigger_mode=trigger_mode, return_dict_in_generate=True,
                              do_sample=do_sample, num_return_sequences=n, temperature=temperature, top_k=top_k,

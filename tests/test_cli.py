@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memgen import MemGenModel
-from memgen.cli import MARKER, main, marked_text
+from memgen.cli import MARKER, _encode, main, marked_text
 from offline import save_base
 from test_modeling import make_batch
 from test_reference_generation import chatty_model
@@ -95,6 +95,17 @@ def test_marked_text_splices_markers_before_tokens(saved):
     assert text.startswith(MARKER) and text.replace(MARKER, "") == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_chat_prompts_render_with_chat_template_kwargs():
+    from test_sft import THINKING
+
+    tok = chatty_model("qwen2", "always").tokenizer
+    tok.chat_template = THINKING
+    plain, direct = (_encode(tok, ["a b, c"], True, kwargs) for kwargs in (None, {"enable_thinking": False}))
+    assert tok.decode(direct["input_ids"][0]) == tok.decode(plain["input_ids"][0]) + "<think></think>"
+    with pytest.raises(SystemExit, match=r"--chat-template-kwargs: chat_template_kwargs \['enable_thinkng'\]"):
+        _encode(tok, ["a b, c"], True, {"enable_thinkng": False})
+
+
 def test_bad_arguments_exit_with_a_message(saved, capsys):
     root, _ = saved
     with pytest.raises(SystemExit):
@@ -103,6 +114,11 @@ def test_bad_arguments_exit_with_a_message(saved, capsys):
         main(["generate", "--memgen", str(root / "ckpt"), "--prompt", ""])
     with pytest.raises(SystemExit, match="--device 'cdua' is not a device"):
         main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "x", "--device", "cdua"])
+    with pytest.raises(SystemExit, match="--chat-template-kwargs applies to the chat template: add --chat"):
+        main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "x", "--chat-template-kwargs", "{}"])
+    with pytest.raises(SystemExit, match="--chat needs a tokenizer with a chat template"):
+        main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "x", "--chat", "--chat-template-kwargs",
+              '{"enable_thinking": false}'])
     if not torch.cuda.is_available():  # it raised torch's "Torch not compiled with CUDA enabled", after loading
         for command in (["generate", "--prompt", "x"], ["eval", "--task", "gsm8k"]):
             with pytest.raises(SystemExit, match="--device 'cuda', but this torch .* sees no CUDA device"):

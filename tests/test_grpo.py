@@ -131,6 +131,24 @@ def test_rollouts_end_at_stop_strings(tmp_path):
         _config(tmp_path, stop_strings="Q:")
 
 
+def test_rollout_prompts_render_with_chat_template_kwargs(tmp_path):
+    from test_sft import THINKING
+
+    model = make_model("qwen2")
+    model.tokenizer.chat_template = THINKING
+    rows = _prompts(2)
+    trainer = GRPOTrainer(model, _config(tmp_path, chat_template_kwargs={"enable_thinking": False}), rows,
+                          reward=lambda text, target: 0.0)
+    batch = trainer.rollouts(rows)
+    prompt = batch.input_ids[0][batch.attention_mask[0].bool() & ~batch.completion[0]]
+    assert model.tokenizer.decode(prompt).endswith("<|im_start|>assistant\n<think></think>")
+    with pytest.raises(ValueError, match=r"\['enable_thinkng'\] are not variables of the tokenizer's chat template"):
+        GRPOTrainer(model, _config(tmp_path, chat_template_kwargs={"enable_thinkng": False}), rows,
+                    reward=lambda text, target: 0.0)
+    with pytest.raises(ValueError, match="chat_template_kwargs must be a mapping"):
+        _config(tmp_path, chat_template_kwargs="enable_thinking")
+
+
 def test_grpo_raises_the_mean_reward_on_a_learnable_reward(tmp_path):
     """Reward: the one new token is one of a fixed quarter of the vocabulary (tokens that decode to clean text,
     so that the text identifies the token). The random reasoner's LM head is sharpened 10x: with its initial

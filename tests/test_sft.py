@@ -23,6 +23,13 @@ from test_modeling import make_model
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
+# Qwen3's way with thinking, in small: every assistant turn starts with a (here empty) think block, and the
+# generation prompt writes one only when `enable_thinking` is False (the model then answers without thinking).
+THINKING = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}<think></think>"
+            "{% endif %}{{ m['content'] }}<|endoftext|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>"
+            "assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}"
+            "{% endif %}")
+
 
 def _labelled_text(tok, encoded):
     spans, current = [], []
@@ -79,6 +86,33 @@ def test_conversations_label_every_assistant_turn_and_nothing_else():
     assert _labelled_text(tok, encoded) == ["Read, then think.<|endoftext|>\n", "Answer.<|endoftext|>\n"]
     single = encode_example(tok, {"prompt": "Hi?", "answer": "Hello."})
     assert _labelled_text(tok, single) == ["Hello.<|endoftext|>\n"]
+
+
+def test_chat_template_kwargs_reach_the_template():
+    tok = make_model().tokenizer
+    tok.chat_template = THINKING
+    row = {"messages": [{"role": "user", "content": "Step 1?"}, {"role": "assistant", "content": "Read."},
+                        {"role": "user", "content": "Next?"}, {"role": "assistant", "content": "Answer."}]}
+    thinking = encode_example(tok, row)
+    direct = encode_example(tok, row, chat_template_kwargs={"enable_thinking": False})
+    assert direct["input_ids"] == thinking["input_ids"]  # the same text; the think blocks are now prompt, not trained
+    assert _labelled_text(tok, thinking) == ["<think></think>Read.<|endoftext|>\n",
+                                             "<think></think>Answer.<|endoftext|>\n"]
+    assert _labelled_text(tok, direct) == ["Read.<|endoftext|>\n", "Answer.<|endoftext|>\n"]
+    assert encode_dataset(tok, [row], chat_template_kwargs={"enable_thinking": False}) == [direct]
+    ids, mask = prompt_batch(tok, ["Step 1?"], {"enable_thinking": False})
+    assert tok.decode(ids[0][mask[0].bool()]) == "<|im_start|>user\nStep 1?<|endoftext|>\n<|im_start|>assistant\n" \
+                                               "<think></think>"
+    for bad, match in (({"enable_thinkng": False}, r"\['enable_thinkng'\] are not variables of the tokenizer's"),
+                       ({"tokenize": True}, r"must not set \['tokenize'\]: memgen sets them itself"),
+                       ("enable_thinking", "must be a mapping of template variable names")):
+        with pytest.raises(ValueError, match=match):
+            encode_dataset(tok, [row], chat_template_kwargs=bad)
+        with pytest.raises(ValueError, match=match):
+            prompt_batch(tok, ["Step 1?"], bad)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="need a tokenizer with a chat template"):
+        prompt_batch(tok, ["Step 1?"], {"enable_thinking": False})
 
 
 def test_trl_prompt_completion_rows_train_on_the_completion_only():

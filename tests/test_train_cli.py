@@ -17,7 +17,7 @@ from memgen.generation import completion_mask
 from memgen.training.run import load_run_config, train_from_config
 from offline import save_base
 from test_modeling import make_model
-from test_sft import CHATML
+from test_sft import THINKING
 from test_tasks import ROWS, _write_jsonl
 
 TRAINING = dict(per_device_train_batch_size=2, use_cpu=True, report_to=[], save_strategy="no", learning_rate=0.01,
@@ -114,6 +114,12 @@ def test_eval_reports_accuracy_with_and_without_memory(workspace, capsys, tmp_pa
         main(command + ["--top-p", "0.9"])
     with pytest.raises(SystemExit, match=r"memgen eval: --num-return-sequences must be >= 1, and above 1 needs"):
         main(command + ["--num-return-sequences", "2"])
+    with pytest.raises(SystemExit, match=r"memgen eval: --chat-template-kwargs: chat_template_kwargs .* need a "
+                                         r"tokenizer with a chat template"):
+        main(command + ["--chat-template-kwargs", '{"enable_thinking": false}'])
+    with pytest.raises(SystemExit) as exited:  # argparse: not JSON
+        main(command + ["--chat-template-kwargs", "enable_thinking=false"])
+    assert exited.value.code == 2
 
 
 def test_eval_samples_several_completions_per_row(workspace, capsys, tmp_path):
@@ -213,6 +219,22 @@ def test_evaluate_ends_completions_at_stop_strings():
     assert shortened >= 1
 
 
+def test_evaluate_renders_prompts_with_chat_template_kwargs():
+    model = make_model("qwen2")
+    model.tokenizer.chat_template = THINKING
+    rows = [{"prompt": "Q: one, two", "target": "x"}, {"prompt": "Q: three", "target": "y"}]
+    direct = {"enable_thinking": False}
+    samples = evaluate(model, rows, lambda text, target: 0.0, max_new_tokens=6, return_samples=True,
+                       chat_template_kwargs=direct)["samples"]
+    ids, mask = prompt_batch(model.tokenizer, [r["prompt"] for r in rows], direct)
+    out = model.generate(ids, mask, max_new_tokens=6, return_dict_in_generate=True)
+    new = out.sequences[:, ids.shape[1]:]
+    assert [s["completion"] for s in samples] == [model.tokenizer.decode(row[kept], skip_special_tokens=True)
+                                                  for row, kept in zip(new, out.completion_mask)]
+    with pytest.raises(ValueError, match="are not variables of the tokenizer's chat template"):
+        evaluate(model, rows, lambda text, target: 0.0, chat_template_kwargs={"enable_thinkng": False})
+
+
 def test_pass_at_k_is_the_chance_that_some_of_k_draws_passes():
     for n in range(1, 7):
         for passed in range(n + 1):
@@ -274,7 +296,7 @@ def test_evaluate_scores_several_samples_per_row():
 
 def test_sft_without_a_task_trains_on_the_rows_as_they_are(tmp_path, capsys):
     base = make_model("qwen2")
-    base.tokenizer.chat_template = CHATML  # conversations need one
+    base.tokenizer.chat_template = THINKING  # conversations need one
     save_base(base, tmp_path / "base")
     conversations = [{"messages": [{"role": "user", "content": f"Q: {a} + {b}?"},
                                    {"role": "assistant", "content": f"{a + b}."},
@@ -285,6 +307,7 @@ def test_sft_without_a_task_trains_on_the_rows_as_they_are(tmp_path, capsys):
         data = _write_jsonl(tmp_path / f"{name}.jsonl", rows)
         run = _yaml(tmp_path / f"{name}.yaml", stage="sft", model=str(tmp_path / "base"), data=str(data),
                     eval_data=str(data), config={"weaver_lora": {"lora_dropout": 0.0}},
+                    chat_template_kwargs={"enable_thinking": False},
                     training={**TRAINING, "output_dir": str(tmp_path / name), "max_steps": 2, "eval_strategy": "steps",
                               "eval_steps": 2})
         assert main(["train", "--config", run]) == 0
@@ -344,6 +367,11 @@ def test_sft_without_a_task_trains_on_the_rows_as_they_are(tmp_path, capsys):
     ({"stage": "sft", "task": "gsm8k", "training": {"output_dir": "o"}}, [], "needs 'model'"),
     ({"stage": "grpo", "model": "m", "training": {"output_dir": "o"}}, [],
      "stage grpo needs 'task': its reward scores the rollouts"),
+    ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}},
+     ["chat_template_kwargs=thinking"], "chat_template_kwargs must be a mapping of template variable names"),
+    ({"stage": "grpo", "model": "m", "task": "gsm8k", "chat_template_kwargs": {"enable_thinking": False},
+      "training": {"output_dir": "o", "chat_template_kwargs": {"enable_thinking": False}}}, [],
+     "chat_template_kwargs is given twice, at the top and in training"),
     ({"stage": "sft", "model": "m", "training": {"output_dir": "o"}}, [],
      "an sft run without a task reads its rows as they are from 'data'"),
     ({"stage": "sft", "model": "m", "task": "gsm8k", "training": {"output_dir": "o"}}, ["limit"], "key=value"),

@@ -18,16 +18,19 @@ from typing import Any
 
 import datasets
 
-from memgen.training.data import MemGenCollator, encode_example
+from memgen.training.data import MemGenCollator, encode_example, template_kwargs
 from memgen.training.trainer import MemGenTrainer
 
 
-def encode_dataset(tokenizer: Any, rows: Any, max_length: int | None = None, num_proc: int | None = None) -> Any:
+def encode_dataset(tokenizer: Any, rows: Any, max_length: int | None = None, num_proc: int | None = None,
+                   chat_template_kwargs: dict[str, Any] | None = None) -> Any:
     """Encode prompt/answer or messages rows for SFT: a `datasets.Dataset` (encoded once, up front, in `num_proc`
     processes where given, for large datasets: a chat template renders each row once per assistant turn and twice
     more), a `datasets.IterableDataset` (a streamed one: encoded as it is read; Trainer then needs `max_steps`) or
-    an iterable of dicts."""
-    encode = functools.partial(encode_example, tokenizer, max_length=max_length)  # picklable, for loader workers
+    an iterable of dicts. chat_template_kwargs: extra variables for the chat template (`template_kwargs`)."""
+    extra = template_kwargs(tokenizer, chat_template_kwargs) or None  # checked before any row is encoded
+    encode = functools.partial(encode_example, tokenizer, max_length=max_length,  # picklable, for loader workers
+                               chat_template_kwargs=extra)
     mapped = hasattr(rows, "map") and hasattr(rows, "column_names") and not isinstance(rows, datasets.IterableDataset)
     if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1
                                  or not mapped):
@@ -42,12 +45,14 @@ def encode_dataset(tokenizer: Any, rows: Any, max_length: int | None = None, num
 
 
 def sft_trainer(model: Any, train_dataset: Any, args: Any, eval_dataset: Any = None, max_length: int | None = None,
-                padding_side: str = "left", num_proc: int | None = None, **trainer_kwargs: Any) -> MemGenTrainer:
+                padding_side: str = "left", num_proc: int | None = None,
+                chat_template_kwargs: dict[str, Any] | None = None, **trainer_kwargs: Any) -> MemGenTrainer:
     """A `MemGenTrainer` for weaver SFT: rows encoded with the model's tokenizer (answer-only labels; `num_proc`
-    processes for a `datasets.Dataset`, see `encode_dataset`), padded by `MemGenCollator`, the weaver's parameters
-    trainable and everything else frozen."""
+    processes for a `datasets.Dataset`, see `encode_dataset`; `chat_template_kwargs` for its chat template), padded
+    by `MemGenCollator`, the weaver's parameters trainable and everything else frozen."""
     tokenizer = model.tokenizer
-    encode = functools.partial(encode_dataset, tokenizer, max_length=max_length, num_proc=num_proc)
+    encode = functools.partial(encode_dataset, tokenizer, max_length=max_length, num_proc=num_proc,
+                               chat_template_kwargs=chat_template_kwargs)
     return MemGenTrainer(model, args, stage="weaver", train_dataset=encode(train_dataset),
                          eval_dataset=None if eval_dataset is None else encode(eval_dataset),
                          data_collator=MemGenCollator(tokenizer.pad_token_id, padding_side), **trainer_kwargs)

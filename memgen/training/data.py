@@ -61,6 +61,34 @@ def _messages(row: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
     return prompt + answer, len(prompt)
 
 
+# apply_chat_template arguments memgen sets itself (rendering text, with or without the assistant's generation prompt)
+_TEMPLATE_ARGUMENTS = ("tokenize", "add_generation_prompt")
+
+
+def template_kwargs(tokenizer: Any, chat_template_kwargs: Any) -> dict[str, Any]:
+    """`chat_template_kwargs` (None: none) checked against `tokenizer`: extra variables for its chat template, as
+    `apply_chat_template` takes them (Qwen3's `{"enable_thinking": False}`). Refused: a tokenizer without a
+    template, memgen's own arguments, and a name the template never mentions, which Jinja would ignore without a
+    word (a typo such as `enable_thinkng`)."""
+    if chat_template_kwargs is None:
+        return {}
+    if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
+        raise ValueError(f"chat_template_kwargs must be a mapping of template variable names to values, got "
+                         f"{chat_template_kwargs!r}")
+    template = getattr(tokenizer, "chat_template", None)
+    if chat_template_kwargs and not template:
+        raise ValueError(f"chat_template_kwargs {chat_template_kwargs!r} need a tokenizer with a chat template")
+    own = sorted(set(chat_template_kwargs) & set(_TEMPLATE_ARGUMENTS))
+    if own:
+        raise ValueError(f"chat_template_kwargs must not set {own}: memgen sets them itself")
+    sources = "\n".join(template.values()) if isinstance(template, dict) else str(template or "")
+    unused = sorted(k for k in chat_template_kwargs if k not in sources)
+    if unused:
+        raise ValueError(f"chat_template_kwargs {unused} are not variables of the tokenizer's chat template, which "
+                         "would ignore them")
+    return dict(chat_template_kwargs)
+
+
 def check_sft_row(row: Any) -> None:
     """Raise unless `row` is in one of the shapes SFT takes (the module's docstring), without a tokenizer: to fail
     before a model loads."""
@@ -86,23 +114,27 @@ def leading_special_tokens(tokenizer: Any) -> list[int]:
                      f"encoding without them ({plain}): where its special tokens go cannot be told")
 
 
-def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int | None = None) -> dict[str, list[int]]:
+def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int | None = None,
+                   chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, list[int]]:
     """`{"input_ids", "labels"}` of one row; labels are the token ids on assistant turns and -100 elsewhere.
+    chat_template_kwargs: extra variables for the chat template (`template_kwargs`).
 
     Raises when the row is longer than `max_length` (nothing is cut silently), when the chat template
     does not render a conversation as a growing prefix (turns could not be located), or when the
     text before the first assistant turn is empty (the weaver's prompt point needs a prompt).
     """
     messages, trained_from = _messages(row)
+    extra = template_kwargs(tokenizer, chat_template_kwargs)
     if getattr(tokenizer, "chat_template", None):
-        full = _ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
+        full = _ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, **extra))
         labels = [IGNORE] * len(full)
         for i, message in enumerate(messages):
             if message["role"] != "assistant" or i < trained_from:
                 continue
-            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            before = (tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, **extra)
+                      if i else "")
             start = len(_ids(tokenizer, before)) if before else 0
-            through = _ids(tokenizer, tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+            through = _ids(tokenizer, tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **extra))
             if full[: len(through)] != through or start >= len(through):
                 raise ValueError("the tokenizer's chat template does not render this conversation as a growing "
                                  f"prefix, so assistant turn {i} cannot be located; pass prompt/answer rows instead")
@@ -160,14 +192,16 @@ def check_prompt_rows(rows: Sequence[Any], what: str) -> None:
                              f"and a 'target' (as memgen.tasks.load_task gives), got {got}")
 
 
-def prompt_batch(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_batch(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]],
+                 chat_template_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (input_ids, attention_mask) of prompts for generation: a string is one user turn, a list of
     {'role', 'content'} messages a conversation to continue. Through the chat template (with the assistant's
-    generation prompt) when the tokenizer has one; otherwise strings only, after the tokenizer's leading special
-    tokens."""
+    generation prompt and `chat_template_kwargs`, see `template_kwargs`) when the tokenizer has one; otherwise
+    strings only, after the tokenizer's leading special tokens."""
+    extra = template_kwargs(tokenizer, chat_template_kwargs)
     if getattr(tokenizer, "chat_template", None):
         conversations = [p if _is_conversation(p) else [{"role": "user", "content": p}] for p in prompts]
-        ids = [_ids(tokenizer, tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True))
+        ids = [_ids(tokenizer, tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True, **extra))
                for c in conversations]
     else:
         if any(not isinstance(p, str) for p in prompts):

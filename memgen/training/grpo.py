@@ -33,7 +33,7 @@ from transformers import TrainingArguments
 
 from memgen.modes import evaluating
 from memgen.sharding import gathered_for_decoding
-from memgen.training.data import MemGenCollator, check_prompt_rows, prompt_batch
+from memgen.training.data import MemGenCollator, check_prompt_rows, prompt_batch, template_kwargs
 from memgen.training.trainer import MemGenTrainer
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -54,6 +54,8 @@ class GRPOConfig(TrainingArguments):
     stop_strings: list[str] | None = field(default=None, metadata={
         "help": "a rollout also ends once its text ends with one of these (a base model's run-on 'Question:'); "
                 "what follows is neither scored nor trained"})
+    chat_template_kwargs: dict | None = field(default=None, metadata={
+        "help": "extra variables for the chat template that renders the prompts (Qwen3's {'enable_thinking': False})"})
     logps_chunk_size: int = field(default=1024, metadata={
         "help": "completion tokens whose vocabulary-wide logits exist at once (backward recomputes them)"})
     reward_workers: int = field(default=1, metadata={
@@ -71,6 +73,9 @@ class GRPOConfig(TrainingArguments):
         check_number("beta", self.beta, lambda v: v >= 0, ">= 0")
         check_number("epsilon", self.epsilon, lambda v: 0 < v < 1, "in (0, 1)")
         check_count("reward_workers", self.reward_workers)
+        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError(f"chat_template_kwargs must be a mapping of template variable names to values, got "
+                             f"{self.chat_template_kwargs!r}")
         if self.stop_strings is not None and not (isinstance(self.stop_strings, list) and self.stop_strings
                                                   and all(isinstance(x, str) and x for x in self.stop_strings)):
             raise ValueError(f"stop_strings must be a non-empty list of non-empty strings, got {self.stop_strings!r}")
@@ -227,6 +232,7 @@ class GRPOTrainer(MemGenTrainer):
             raise ValueError("reward must be a callable (completion text, target) -> float")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func: GRPO computes its own loss (the clipped objective on its rollouts)")
+        template_kwargs(model.tokenizer, args.chat_template_kwargs)  # before any work: the prompts' rendering
         if isinstance(train_dataset, (list, tuple)):
             check_prompt_rows(train_dataset, "GRPO")
         columns = getattr(train_dataset, "column_names", None)  # a streamed dataset may not know them yet
@@ -254,7 +260,7 @@ class GRPOTrainer(MemGenTrainer):
         check_prompt_rows(rows, "GRPO")
         model = self.accelerator.unwrap_model(self.model)
         tok, device, g = model.tokenizer, model.device, self.args.group_size
-        ids, mask = prompt_batch(tok, [r["prompt"] for r in rows])
+        ids, mask = prompt_batch(tok, [r["prompt"] for r in rows], self.args.chat_template_kwargs)
         width = ids.shape[1]
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask) for _ in range(g)]
         eos = self.args.eos_token_ids or [tok.eos_token_id]

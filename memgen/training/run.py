@@ -14,6 +14,7 @@
     eval_limit: 200                       # optional: the first N evaluation rows
     max_length: 1024                      # optional (sft): rows longer than this raise
     num_proc: 8                           # optional (sft): processes that encode the rows
+    chat_template_kwargs: {enable_thinking: false}  # optional: extra variables for the chat template
     dtype: bfloat16                       # the base model's weights (trained tensors stay float32)
     allow_untrained_weaver: false         # trigger RL against a weaver never trained or loaded
     training: {output_dir: runs/sft, learning_rate: 1.0e-5, num_train_epochs: 2}  # TrainingArguments,
@@ -37,7 +38,8 @@ from memgen.config import TORCH_DTYPES
 
 STAGES = ("sft", "grpo", "trigger")
 _KEYS = {"stage", "model", "memgen", "config", "task", "data", "split", "limit", "eval_data", "eval_split",
-         "eval_limit", "max_length", "num_proc", "dtype", "allow_untrained_weaver", "training"}
+         "eval_limit", "max_length", "num_proc", "chat_template_kwargs", "dtype", "allow_untrained_weaver",
+         "training"}
 
 
 _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -147,6 +149,12 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
             check_count(key, run[key])
     if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
         raise ValueError("training must be a mapping with at least output_dir")
+    if "chat_template_kwargs" in run:
+        if not isinstance(run["chat_template_kwargs"], dict):
+            raise ValueError(f"chat_template_kwargs must be a mapping of template variable names to values, got "
+                             f"{run['chat_template_kwargs']!r}")
+        if "chat_template_kwargs" in run["training"]:
+            raise ValueError("chat_template_kwargs is given twice, at the top and in training: keep one")
     args_class = _args_class(run["stage"])
     _check_known(run["training"], {f.name for f in dataclasses.fields(args_class) if f.init}, "training keys",
                  f"stage {run['stage']} takes the fields of {args_class.__name__}")
@@ -200,14 +208,17 @@ def train_from_config(run: dict[str, Any]) -> Any:
     from memgen.training.trigger_rl import TriggerTrainer
 
     stage = run["stage"]
-    args = _args_class(stage)(**run["training"])
+    template = run.get("chat_template_kwargs")
+    training = run["training"] if template is None or stage == "sft" else {**run["training"],
+                                                                          "chat_template_kwargs": template}
+    args = _args_class(stage)(**training)
     rows = _rows(run, run.get("data"), run.get("split", "train"), run.get("limit"), "data")
     eval_rows = (_rows(run, run.get("eval_data", None if "task" in run else run["data"]), run.get("eval_split", "test"),
                        run.get("eval_limit"), "eval_data") if _evaluates(run) else None)
     model = build_model(run.get("model"), run.get("memgen"), run.get("config"), run.get("dtype", "float32")).train()
     if stage == "sft":
         trainer = sft_trainer(model, rows, args, eval_dataset=eval_rows, max_length=run.get("max_length"),
-                              num_proc=run.get("num_proc"))
+                              num_proc=run.get("num_proc"), chat_template_kwargs=template)
     elif stage == "grpo":
         trainer = GRPOTrainer(model, args, rows, TASKS[run["task"]].reward, eval_dataset=eval_rows)
     else:
