@@ -9,13 +9,14 @@ import os
 import pickle
 import shutil
 
+import datasets
 import pytest
 import torch
 from tokenizers import processors
 from transformers import TrainingArguments
 
 from memgen.modeling import _checkpointing_method
-from memgen.training import MemGenCollator, encode_dataset, encode_example, sft_trainer
+from memgen.training import MemGenCollator, encode_dataset, encode_example, encode_examples, sft_trainer
 from memgen.training.data import leading_special_tokens, prompt_batch
 from offline import chat_tokenizer, sentencepiece_style, tiny_causal_lm
 from test_modeling import make_model
@@ -29,6 +30,14 @@ THINKING = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role']
             "{% endif %}{{ m['content'] }}<|endoftext|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>"
             "assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}"
             "{% endif %}")
+
+# Qwen3's way with earlier turns, in small: an assistant turn after the last user message shows its (here empty)
+# thinking, earlier ones do not, so a turn renders otherwise once the conversation goes on.
+REWRITING = ("{%- set ns = namespace(last=-1) -%}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+             "{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+             "{%- for m in messages -%}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and "
+             "loop.index0 > ns.last %}<think></think>{% endif %}{{ m['content'] }}<|endoftext|>\n{% endfor -%}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def _labelled_text(tok, encoded):
@@ -115,6 +124,32 @@ def test_chat_template_kwargs_reach_the_template():
         prompt_batch(tok, ["Step 1?"], {"enable_thinking": False})
 
 
+def test_a_template_that_rewrites_earlier_turns_gives_each_turn_its_own_example(tmp_path):
+    tok = make_model().tokenizer
+    tok.chat_template = REWRITING
+    turns = [{"role": "user", "content": "Step 1?"}, {"role": "assistant", "content": "Read."},
+             {"role": "user", "content": "Next?"}, {"role": "assistant", "content": "Answer."}]
+    row = {"messages": turns}
+    first, second = encode_examples(tok, row)
+    # each turn over the conversation up to it, as the template renders a conversation that ends there
+    assert tok.decode(first["input_ids"]) == tok.apply_chat_template(turns[:2], tokenize=False)
+    assert tok.decode(second["input_ids"]) == tok.apply_chat_template(turns, tokenize=False)
+    assert _labelled_text(tok, first) == ["<think></think>Read.<|endoftext|>\n"]
+    assert _labelled_text(tok, second) == ["<think></think>Answer.<|endoftext|>\n"]  # the first turn is context
+    with pytest.raises(ValueError, match="rewrites earlier turns of the row starting 'Step 1\\?'"):
+        encode_example(tok, row)
+    # a TRL prompt's own assistant turns are context: one example, the completion's
+    assert encode_examples(tok, {"prompt": turns[:3], "completion": turns[3:]}) == [second]
+    single = {"prompt": "Hi?", "answer": "Hello."}  # nothing to rewrite: one example, as encode_example's
+    assert encode_examples(tok, single) == [encode_example(tok, single)]
+    expected = [first, second, encode_example(tok, single)]
+    assert encode_dataset(tok, [row, single]) == expected
+    assert list(encode_dataset(tok, datasets.Dataset.from_list([row]))) == [first, second]
+    assert list(encode_dataset(tok, datasets.Dataset.from_list([row]).to_iterable_dataset())) == [first, second]
+    with pytest.raises(ValueError, match="more than max_length=20"):
+        encode_examples(tok, row, max_length=20)
+
+
 def test_trl_prompt_completion_rows_train_on_the_completion_only():
     """TRL's SFT formats: `completion` stands for `answer`; a conversational prompt's own assistant turns are context,
     not trained (a `messages` row trains them all)."""
@@ -152,7 +187,7 @@ def test_trl_prompt_completion_rows_train_on_the_completion_only():
      "the row starting 'b' has no prompt before its first assistant turn"),
     ({"prompt": "a b c d e f g h", "answer": "i j k l m n"}, None,
      "the row starting 'a b c d e f g h' has .* more than max_length=5"),
-    ({"prompt": "Hi", "answer": "Yo"}, "{{ messages[-1]['content'] }}", "growing prefix"),
+    ({"prompt": "Hi", "answer": "Yo"}, "{{ messages[-1]['content'] }}", "assistant turn 1 .* cannot be located"),
 ])
 def test_bad_rows_raise_clearly(row, template, match):
     tok = make_model().tokenizer
@@ -276,7 +311,6 @@ def test_neftune_noises_the_reasoner_embeddings_while_training_only(tmp_path):
 
 
 def test_datasets_rows_encode_like_lists():
-    import datasets
 
     model = make_model()
     rows = _rows(3)
@@ -304,7 +338,6 @@ def test_datasets_rows_encode_like_lists():
 def test_a_streamed_dataset_pickles_for_loader_workers():
     """Data loader workers started by spawn or forkserver (Python 3.14's default on Linux) unpickle the dataset: a
     stream encoded through a lambda could not be pickled."""
-    import datasets
 
     model = make_model()
     streamed = encode_dataset(model.tokenizer, datasets.Dataset.from_list(_rows(3)).to_iterable_dataset())
@@ -312,7 +345,6 @@ def test_a_streamed_dataset_pickles_for_loader_workers():
 
 
 def test_sft_on_a_streamed_dataset(tmp_path):
-    import datasets
 
     model = make_model("qwen2", k_prompt=4, k_inference=2).train()
     weaver = {k: v.detach().clone() for k, v in model.stage_parameters("weaver").items()}

@@ -119,41 +119,74 @@ def encode_example(tokenizer: Any, row: dict[str, Any], max_length: int | None =
     """`{"input_ids", "labels"}` of one row; labels are the token ids on assistant turns and -100 elsewhere.
     chat_template_kwargs: extra variables for the chat template (`template_kwargs`).
 
-    Raises when the row is longer than `max_length` (nothing is cut silently), when the chat template
-    does not render a conversation as a growing prefix (turns could not be located), or when the
-    text before the first assistant turn is empty (the weaver's prompt point needs a prompt).
+    Raises when the row is longer than `max_length` (nothing is cut silently), when the chat template does not
+    render a conversation as a growing prefix (it rewrites earlier turns, so one sequence cannot hold every turn as
+    trained: `encode_examples` splits such a row), or when the text before the first assistant turn is empty (the
+    weaver's prompt point needs a prompt).
     """
+    example, = _encoded(tokenizer, row, max_length, chat_template_kwargs, split=False)
+    return example
+
+
+def encode_examples(tokenizer: Any, row: dict[str, Any], max_length: int | None = None,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, list[int]]]:
+    """The SFT examples of one row: `encode_example`'s one where the chat template renders the conversation as a
+    growing prefix; else, where the template rewrites earlier turns as a conversation grows (Qwen3's drops the
+    thinking of the turns before the last question), one example per trained assistant turn, over the conversation
+    up to it as the template renders a conversation that ends there. That is the text `MemGenModel.forward` trains
+    each turn on in any case (a single-turn forward over the prefix ending at that turn; DESIGN.md section 1)."""
+    return _encoded(tokenizer, row, max_length, chat_template_kwargs, split=True)
+
+
+def _encoded(tokenizer: Any, row: dict[str, Any], max_length: int | None, chat_template_kwargs: Any,
+             split: bool) -> list[dict[str, list[int]]]:
+    """`encode_examples` (split) or `encode_example`'s one example in a list (not split: a row that needs splitting
+    raises)."""
     messages, trained_from = _messages(row)
     extra = template_kwargs(tokenizer, chat_template_kwargs)
+    which = f"the row starting {messages[0]['content'][:60]!r}"  # which one, in a dataset of thousands
     if getattr(tokenizer, "chat_template", None):
-        full = _ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, **extra))
-        labels = [IGNORE] * len(full)
+        def render(upto: int, generation_prompt: bool = False) -> str:
+            return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+                                                 add_generation_prompt=generation_prompt, **extra)
+
+        full = _ids(tokenizer, render(len(messages)))
+        turns = []  # (start of the turn's labels, the conversation through it) per trained assistant turn
         for i, message in enumerate(messages):
             if message["role"] != "assistant" or i < trained_from:
                 continue
-            before = (tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, **extra)
-                      if i else "")
-            start = len(_ids(tokenizer, before)) if before else 0
-            through = _ids(tokenizer, tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **extra))
-            if full[: len(through)] != through or start >= len(through):
-                raise ValueError("the tokenizer's chat template does not render this conversation as a growing "
-                                 f"prefix, so assistant turn {i} cannot be located; pass prompt/answer rows instead")
-            labels[start: len(through)] = full[start: len(through)]
-        input_ids = full
+            before, through = (render(i, generation_prompt=True) if i else ""), render(i + 1)
+            start, through_ids = (len(_ids(tokenizer, before)) if before else 0), _ids(tokenizer, through)
+            if not through.startswith(before) or start >= len(through_ids):
+                raise ValueError(f"the tokenizer's chat template does not render assistant turn {i} after the "
+                                 "conversation before it and the generation prompt, so the turn cannot be located; "
+                                 "pass prompt/answer rows instead")
+            turns.append((start, through_ids))
+        if all(full[: len(through)] == through for _, through in turns):
+            labels = [IGNORE] * len(full)
+            for start, through in turns:
+                labels[start: len(through)] = full[start: len(through)]
+            examples = [(full, labels)]
+        elif split:
+            examples = [(through, [IGNORE] * start + through[start:]) for start, through in turns]
+        else:
+            raise ValueError(f"the tokenizer's chat template rewrites earlier turns of {which} as the conversation "
+                             "grows (Qwen3's drops their thinking), so one sequence cannot hold every turn as it is "
+                             "trained: encode_examples, encode_dataset and sft_trainer give each turn an example of "
+                             "its own")
     else:
         if len(messages) != 2 or [m["role"] for m in messages] != ["user", "assistant"]:
             raise ValueError("a tokenizer without a chat template takes prompt/answer rows only, not conversations")
         prompt = leading_special_tokens(tokenizer) + _ids(tokenizer, messages[0]["content"])
-        answer = _ids(tokenizer, messages[1]["content"])
-        answer = answer + [tokenizer.eos_token_id]
-        input_ids, labels = prompt + answer, [IGNORE] * len(prompt) + answer
-    which = f"the row starting {messages[0]['content'][:60]!r}"  # which one, in a dataset of thousands
-    if labels[0] != IGNORE:
-        raise ValueError(f"{which} has no prompt before its first assistant turn")
-    if max_length is not None and len(input_ids) > max_length:
-        raise ValueError(f"{which} has {len(input_ids)} tokens, more than max_length={max_length}; raise max_length "
-                         "or shorten the row (rows are never truncated silently)")
-    return {"input_ids": input_ids, "labels": labels}
+        answer = _ids(tokenizer, messages[1]["content"]) + [tokenizer.eos_token_id]
+        examples = [(prompt + answer, [IGNORE] * len(prompt) + answer)]
+    for input_ids, labels in examples:
+        if labels[0] != IGNORE:
+            raise ValueError(f"{which} has no prompt before its first assistant turn")
+        if max_length is not None and len(input_ids) > max_length:
+            raise ValueError(f"{which} has {len(input_ids)} tokens, more than max_length={max_length}; raise "
+                             "max_length or shorten the row (rows are never truncated silently)")
+    return [{"input_ids": input_ids, "labels": labels} for input_ids, labels in examples]
 
 
 class MemGenCollator:
