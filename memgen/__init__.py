@@ -9,8 +9,9 @@ from memgen.config import MemGenConfig
 from memgen.delimiters import DEFAULT_DELIMITERS, build_delimiter_table
 from memgen.generation_settings import generation_kwargs
 from memgen.modeling import MemGenModel, MemGenOutput
+from memgen.probing import nearest_tokens
 
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_DELIMITERS", "MemGenConfig", "MemGenModel", "MemGenOutput", "build_delimiter_table",
-           "generation_kwargs", "ops", "__version__"]
+           "generation_kwargs", "nearest_tokens", "ops", "__version__"]

@@ -87,6 +87,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-memory", action="store_true", help="decode the bare reasoner (a baseline)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeatable)")
     p.add_argument("--eos", nargs="+", metavar="TOKEN", help=EOS_HELP)
+    p.add_argument("--latent-tokens", type=int, default=0, metavar="N",
+                   help="also show, for each woven latent, the N tokens whose embeddings lie nearest (a probe)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="the reasoner's weights")
 
@@ -157,19 +159,25 @@ def _generate(args: argparse.Namespace) -> int:
 
     prompts = _prompts(args)
     _check_sampling("generate", args)
+    if args.latent_tokens < 0:
+        raise SystemExit(f"memgen generate: --latent-tokens must be >= 0, got {args.latent_tokens}")
     if args.chat_template_kwargs is not None and not args.chat:
         raise SystemExit("memgen generate: --chat-template-kwargs applies to the chat template: add --chat")
     _check_device("generate", args.device)
     model = build_model(args.model, args.memgen, dtype=args.dtype).to(device=args.device).eval()
     tok = model.tokenizer
     eos = _eos_token_ids(tok, args.eos, "generate")
+    vocab = model.reasoner.get_input_embeddings().weight.shape[0]
+    if args.latent_tokens > vocab:
+        raise SystemExit(f"memgen generate: --latent-tokens {args.latent_tokens} exceeds the vocabulary ({vocab})")
     batch = _encode(tok, prompts, args.chat, args.chat_template_kwargs)
     generator = _generator(args)
     out = model.generate(batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
                          max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, generator=generator, memory=not args.no_memory,
                          trigger_mode=args.trigger_mode, stop_strings=args.stop, return_dict_in_generate=True,
-                         num_return_sequences=args.num_return_sequences, eos_token_id=eos)
+                         num_return_sequences=args.num_return_sequences, eos_token_id=eos,
+                         output_latents=args.latent_tokens > 0)
     embed = model.reasoner.get_input_embeddings().weight
     token_norm = float(embed.float().norm(dim=-1).mean())
     width = batch["input_ids"].shape[1]
@@ -177,7 +185,7 @@ def _generate(args: argparse.Namespace) -> int:
     for row in range(out.sequences.shape[0]):
         prompt = prompts[row // samples]
         new = out.sequences[row, width:].tolist()
-        real = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))  # through EOS
+        real = int(out.completion_mask[row].sum())  # through the EOS or stop string that ended it
         decisions = out.augmentation_mask[row, :real].tolist()
         norms = out.latent_norms[row, :real].tolist()
         woven = [i for i, d in enumerate(decisions) if d == 1]
@@ -194,7 +202,22 @@ def _generate(args: argparse.Namespace) -> int:
             ratio = norms[i] / token_norm if token_norm > 0 and not math.isnan(norms[i]) else float("nan")
             print(f"  before token {i:4d} ({kind:9s}) after {preceding!r}: latent norm {norms[i]:.3g} "
                   f"= {ratio:.2f}x the token embeddings")
+        if args.latent_tokens > 0:
+            _print_latent_tokens(model, out.latents[row], woven, args.latent_tokens)
     return 0
+
+
+def _print_latent_tokens(model, latents: list[torch.Tensor], woven: list[int], n: int) -> None:
+    """For each weave (before token woven[i]) and each of its latents, the n nearest tokens and their similarity."""
+    from memgen.probing import nearest_tokens
+
+    tok = model.tokenizer
+    print(f"--- the {n} tokens nearest each latent (cosine similarity of the input embeddings) ---")
+    for i, weave in zip(woven, latents):
+        similarity, ids = nearest_tokens(model, weave, n)
+        for j, (sims, tokens) in enumerate(zip(similarity.tolist(), ids.tolist())):
+            shown = ", ".join(f"{tok.convert_ids_to_tokens(t)!r} {s:.2f}" for t, s in zip(tokens, sims))
+            print(f"  before token {i:4d}, latent {j}: {shown}")
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:

@@ -95,12 +95,16 @@ class MemGenGenerateOutput(ModelOutput):
     where none were), to compare with the reasoner's token embeddings;
     completion_mask: bool [B, T] the tokens each row generated, through the one that finished it (its first EOS,
     or the last token of a stop string); False on the pad after it, which the pad token alone cannot tell apart
-    where the model may generate that token itself."""
+    where the model may generate that token itself;
+    latents: (with `output_latents`) for each row, the latents woven into it in stream order, one [K, d] tensor a
+    weave (the prompt's first, where it wove there): the INVOKE entries of its augmentation mask, in column
+    order."""
 
     sequences: torch.Tensor | None = None
     augmentation_mask: torch.Tensor | None = None
     latent_norms: torch.Tensor | None = None
     completion_mask: torch.Tensor | None = None
+    latents: list[list[torch.Tensor]] | None = None
 
 
 class _RaggedDecoder:
@@ -311,7 +315,8 @@ class _Engine:
 
     def __init__(self, model, prompts: torch.Tensor, prompt_lengths: torch.Tensor, max_new_tokens: int,
                  trigger_mode: str, prompt_budget: int, budget: int, do_sample: bool, temperature: float,
-                 generator: torch.Generator | None, synced: bool = False, run_ahead: bool = False) -> None:
+                 generator: torch.Generator | None, synced: bool = False, run_ahead: bool = False,
+                 keep_latents: bool = False) -> None:
         config, device = model.config, prompts.device
         batch, width = prompts.shape
         self.model, self.device, self.batch, self.synced = model, device, batch, synced
@@ -355,6 +360,8 @@ class _Engine:
         self.last_hidden = torch.zeros(batch, self.embed.weight.shape[1], dtype=self.reasoner.dtype, device=device)
         self.packed_padding = PACKED_PADDING_ITEMS.get(device.type, 0)
         self.latent_norms = torch.full((batch, max_new_tokens), float("nan"), dtype=torch.float32, device=device)
+        # (host rows [G], their columns: host [G] or one int, latents [G, K, d]) of each weave, where asked for
+        self.kept_latents = [] if keep_latents else None
         if self.memory:
             if self.joint_weaver:
                 self.weaver, self.weaver_offset = self.reasoner, self.reasoner.offsets[model.weaver.adapter_name]
@@ -665,11 +672,22 @@ class _Engine:
         """The weaver's query outputs [G, K, d_W] for rows (host [G]) as latents in the reasoner's space, their mean
         norm written to latent_norms[rows, column]."""
         latents = self.model.weaver_to_reasoner(hidden)
+        if self.kept_latents is not None:
+            self.kept_latents.append((rows, column, latents.to(self.reasoner.dtype)))
         rows_device, = self.to_device(rows)
         if isinstance(column, torch.Tensor):
             column = self.to_device(column)[0]
         self.latent_norms[rows_device, column] = latents.float().norm(dim=-1).mean(-1)
         return latents.to(self.reasoner.dtype)
+
+    def woven_latents(self) -> list[list[torch.Tensor]]:
+        """Each row's kept latents in stream order (`MemGenGenerateOutput.latents`)."""
+        by_row: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(self.batch)]
+        for rows, column, latents in self.kept_latents:
+            columns = column.tolist() if isinstance(column, torch.Tensor) else [column] * rows.shape[0]
+            for row, at, row_latents in zip(rows.tolist(), columns, latents.unbind(0)):
+                by_row[row].append((at, row_latents))
+        return [[row_latents for _, row_latents in sorted(weaves, key=lambda weave: weave[0])] for weaves in by_row]
 
     # -- the trigger ----------------------------------------------------------------------------
 
@@ -758,7 +776,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
              generator: torch.Generator | None, eos_ids: list[int], trigger_mode: str, prompt_budget: int,
              budget: int, repetition_penalty: float = 1.0, streamer=None,
              stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             synced_ranks: bool = False, pad_id: int) -> MemGenGenerateOutput:
+             synced_ranks: bool = False, pad_id: int, output_latents: bool = False) -> MemGenGenerateOutput:
     """MemGen generation for validated inputs (see `MemGenModel.generate`).
 
     pad_id: what fills each row after its EOS.
@@ -781,7 +799,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     # in a call of its own, and chooses its next token later than the others; each row keeps its own column.
     run_ahead = sync is None and streamer is None
     engine = _Engine(model, prompts, prompt_lengths, max_new_tokens, trigger_mode, prompt_budget, budget, do_sample,
-                     temperature, generator, synced=sync is not None, run_ahead=run_ahead)
+                     temperature, generator, synced=sync is not None, run_ahead=run_ahead, keep_latents=output_latents)
     # `head` and `lora` decide from the token's hidden state (the reasoner's, the trigger's): they read it first
     reads_first = trigger_mode in ("head", "lora") and engine.memory
     run_ahead = run_ahead and (reads_first or engine.joint_weaver)
@@ -948,4 +966,5 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     real = (completion_mask(new_tokens, eos_ids) if ends is None
             else torch.arange(width, device=device) < ends[:, None])
     return MemGenGenerateOutput(sequences=torch.cat([input_ids, new_tokens], 1), augmentation_mask=aug_mask[:, :width],
-                                latent_norms=engine.latent_norms[:, :width], completion_mask=real)
+                                latent_norms=engine.latent_norms[:, :width], completion_mask=real,
+                                latents=engine.woven_latents() if output_latents else None)

@@ -524,7 +524,7 @@ class MemGenModel(nn.Module):
                  num_return_sequences: int = 1, memory: bool = True, trigger_mode: str | None = None,
                  max_prompt_aug_num: int | None = None, max_inference_aug_num: int | None = None,
                  repetition_penalty: float = 1.0, streamer: Any = None, stop_strings: str | list[str] | None = None,
-                 synced_ranks: bool | None = None, pad_token_id: int | None = None):
+                 synced_ranks: bool | None = None, pad_token_id: int | None = None, output_latents: bool = False):
         """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
 
         Args:
@@ -536,8 +536,11 @@ class MemGenModel(nn.Module):
             eos_token_id: one id or several: an int, a list or tuple, or an integer tensor (default: the
                 tokenizer's EOS).
             pad_token_id: the token that fills each row after its EOS (default: the tokenizer's pad token).
-            return_dict_in_generate: return `MemGenGenerateOutput(sequences, augmentation_mask)`
-                instead of the sequences alone.
+            return_dict_in_generate: return `MemGenGenerateOutput(sequences, augmentation_mask, latent_norms,
+                completion_mask)` instead of the sequences alone.
+            output_latents: also return the latents woven into each row (`MemGenGenerateOutput.latents`: per row,
+                one [K, d] tensor a weave, in stream order), to study what the weaver writes; needs
+                return_dict_in_generate, as Hugging Face's output_* flags do.
             num_return_sequences: samples per prompt (> 1 needs do_sample, as in Hugging Face): the output's
                 rows are each prompt's samples in turn, B * num_return_sequences in all (GRPO's groups).
             memory: False decodes the bare reasoner with the same engine (a fair baseline).
@@ -589,6 +592,9 @@ class MemGenModel(nn.Module):
         input_ids = _token_ids(input_ids)
         real = self._check_generate_inputs(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
                                            top_k, top_p, generator, latents)
+        if not isinstance(output_latents, bool) or (output_latents and not return_dict_in_generate):
+            raise ValueError(f"output_latents must be a bool, and True needs return_dict_in_generate=True (the "
+                             f"sequences alone have no place for them), got output_latents={output_latents!r}")
         if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}")
         if num_return_sequences > 1 and not do_sample:
@@ -623,7 +629,7 @@ class MemGenModel(nn.Module):
                              temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator,
                              eos_ids=eos_ids, trigger_mode=mode, prompt_budget=prompt_budget, budget=budget,
                              repetition_penalty=float(repetition_penalty), streamer=streamer, stop=stop,
-                             synced_ranks=bool(synced_ranks), pad_id=int(pad))
+                             synced_ranks=bool(synced_ranks), pad_id=int(pad), output_latents=output_latents)
         return out if return_dict_in_generate else out.sequences
 
     def _decoding_bases(self, mode: str | None) -> dict[str, PreTrainedModel]:

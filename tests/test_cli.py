@@ -42,6 +42,16 @@ def test_generate_marks_insertions_and_reports_latent_norms(saved, capsys):
                           return_dict_in_generate=True)
     first = out.latent_norms[0, 0].item()
     assert math.isclose(float(reports[0][0]), first, rel_tol=1e-2)
+    # the nearest tokens of each latent woven: one line per latent, its 2 tokens best first
+    assert main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b, c", "--prompt", "x y z.",
+                 "--max-new-tokens", "24", "--latent-tokens", "2"]) == 0
+    probed = capsys.readouterr().out
+    lines = re.findall(r"before token +(\d+), latent (\d+): '.*' (-?[0-9.]+), '.*' (-?[0-9.]+)$", probed, flags=re.M)
+    k = {0: loaded.config.prompt_latents_len, 1: loaded.config.inference_latents_len}
+    assert len(lines) == sum(k[int(i > 0)] for i in (out.augmentation_mask == 1).nonzero()[:, 1].tolist())
+    assert all(float(first) >= float(second) for *_, first, second in lines)
+    with pytest.raises(SystemExit, match="--latent-tokens 1000000 exceeds the vocabulary"):
+        main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a", "--latent-tokens", "1000000"])
 
 
 def test_generate_prints_each_prompts_samples(saved, capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AttentionInterface, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from memgen import MemGenConfig, MemGenModel, generation, generation_kwargs
+from memgen import MemGenConfig, MemGenModel, generation, generation_kwargs, nearest_tokens
 from memgen.attention import RaggedGroups
 from memgen.bench.decode_suite import weaver_calls
 from memgen.generation import completion_mask
@@ -645,6 +645,61 @@ def test_stop_strings_end_rows_where_their_text_does(trigger_mode, memory):
         assert out.completion_mask[row].tolist() == real[:out.completion_mask.shape[1]], row
         stopped += cut < len(new)
     assert stopped >= 1
+
+
+@pytest.mark.parametrize("trigger_mode", ["always", "head", "lora"])
+def test_output_latents_are_the_weaves_of_each_row_s_stream(trigger_mode):
+    """Each row's latents, in order, equal the reference's weave of the row's stream where its mask says INVOKE
+    (the prompt's at column 0); rows run ahead of each other here, so weaves of one call serve several columns."""
+    from memgen.reference import _weave
+    from memgen.weaver import INFERENCE, PROMPT
+
+    model = chatty_model("qwen2", trigger_mode)
+    input_ids, mask, _ = make_batch(model, [0, 3, 1, 5], "left", seed=8)
+    out = model.generate(input_ids, mask, max_new_tokens=30, return_dict_in_generate=True, output_latents=True)
+    embed = model.reasoner.get_input_embeddings()
+    new = out.sequences[:, input_ids.shape[1]:]
+    woven = 0
+    with torch.no_grad():
+        for row in range(input_ids.shape[0]):
+            stream, expected = list(embed(input_ids[row][mask[row].bool()])), []
+            for column in out.completion_mask[row].nonzero().flatten().tolist():
+                if out.augmentation_mask[row, column] == 1:
+                    expected.append(torch.stack(_weave(model, stream, PROMPT if column == 0 else INFERENCE)))
+                    stream.extend(expected[-1])
+                stream.append(embed(new[row, column]))
+            assert len(out.latents[row]) == len(expected) == int((out.augmentation_mask[row] == 1).sum()), row
+            for got, want in zip(out.latents[row], expected):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            norms = out.latent_norms[row][out.augmentation_mask[row] == 1]
+            torch.testing.assert_close(torch.stack([x.float().norm(dim=-1).mean() for x in out.latents[row]]), norms)
+            woven += len(expected)
+    assert woven > input_ids.shape[0]  # inference weaves beside the prompt's
+    in_step = model.generate(input_ids, mask, max_new_tokens=30, return_dict_in_generate=True, output_latents=True,
+                             streamer=Collector())  # rows kept in step: each weave at one column for every row
+    for ahead, kept in zip(out.latents, in_step.latents):
+        assert len(ahead) == len(kept)
+        for a, b in zip(ahead, kept):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert model.generate(input_ids, mask, max_new_tokens=4, return_dict_in_generate=True).latents is None
+    with pytest.raises(ValueError, match="output_latents must be a bool, and True needs return_dict_in_generate"):
+        model.generate(input_ids, mask, max_new_tokens=4, output_latents=True)
+
+
+def test_nearest_tokens_of_latents():
+    model = chatty_model("qwen2", "always")
+    embeddings = model.reasoner.get_input_embeddings().weight
+    picked = torch.tensor([[5, 17], [40, 3]])
+    similarity, ids = nearest_tokens(model, 3.0 * embeddings[picked], k=4)  # a scaled token: its own nearest
+    assert ids.shape == similarity.shape == (2, 2, 4) and torch.equal(ids[..., 0], picked)
+    torch.testing.assert_close(similarity[..., 0], torch.ones(2, 2))
+    assert (similarity[..., :-1] >= similarity[..., 1:]).all()
+    cosine = torch.nn.functional.cosine_similarity(embeddings[picked][..., None, :], embeddings[ids], dim=-1)
+    torch.testing.assert_close(similarity, cosine)
+    with pytest.raises(ValueError, match="latents must be a tensor"):
+        nearest_tokens(model, torch.zeros(3, 5), k=2)
+    with pytest.raises(ValueError, match="k must be an int in"):
+        nearest_tokens(model, embeddings[:2], k=0)
 
 
 def test_bad_stop_strings():

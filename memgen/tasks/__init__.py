@@ -6,6 +6,7 @@ whose rows hold `prompt` (the user's message), `answer` (a reference response, t
 or test code). `source` is a Hugging Face hub name (or a local copy of a hub dataset), local json /
 jsonl / parquet files, or a directory written by `datasets`' `save_to_disk`; by default the task's
 public dataset. `TASKS[name].reward(completion, target)` scores a completion in [0, 1].
+`load_rows(source, ...)` reads a source's rows as they are (SFT rows in a shape of their own).
 
 | task | rows read | target | reward |
 |---|---|---|---|
