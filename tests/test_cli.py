@@ -10,6 +10,7 @@ import torch
 
 from memgen import MemGenModel
 from memgen.cli import MARKER, _encode, main, marked_text
+from memgen.demo import DEMO_PROMPTS
 from offline import save_base
 from test_modeling import make_batch
 from test_reference_generation import chatty_model
@@ -114,6 +115,24 @@ def test_chat_prompts_render_with_chat_template_kwargs():
     assert tok.decode(direct["input_ids"][0]) == tok.decode(plain["input_ids"][0]) + "<think></think>"
     with pytest.raises(SystemExit, match=r"--chat-template-kwargs: chat_template_kwargs \['enable_thinkng'\]"):
         _encode(tok, ["a b, c"], True, {"enable_thinkng": False})
+
+
+def test_demo_trains_a_weaver_generates_and_saves_it(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "4", "--max-new-tokens", "10", "--rounds", "1", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    losses = re.search(r"without memory ([0-9.]+), with the untrained weaver ([0-9.]+)", printed)
+    trained = re.search(r"with the trained weaver: ([0-9.]+) \(without memory ([0-9.]+)\)", printed)
+    assert losses and trained and losses[1] == trained[2], printed  # the same rows, the same reasoner
+    assert float(trained[1]) < float(losses[2])  # the weaver learned (its untrained latents hurt)
+    completions = [line for line in printed.splitlines() if line.startswith(tuple(p + " -> " for p in DEMO_PROMPTS))]
+    assert "4 SFT steps of 8 rows" in printed and len(completions) == 3 and MARKER in printed
+    assert re.search(r"with memory [0-9.]+ ms, without [0-9.]+ ms \([0-9.]+x\)", printed)
+    loaded = MemGenModel.from_pretrained(out)  # its base by the preset's path
+    assert loaded.config.trigger_mode == "always"
+    with pytest.raises(SystemExit, match="memgen demo: --steps must be >= 1, got 0"):
+        main(["demo", "--steps", "0"])
 
 
 def test_bad_arguments_exit_with_a_message(saved, capsys):
