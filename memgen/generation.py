@@ -776,10 +776,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
              generator: torch.Generator | None, eos_ids: list[int], trigger_mode: str, prompt_budget: int,
              budget: int, repetition_penalty: float = 1.0, streamer=None,
              stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             synced_ranks: bool = False, pad_id: int, output_latents: bool = False) -> MemGenGenerateOutput:
+             synced_ranks: bool = False, pad_id: int, output_latents: bool = False,
+             min_new_tokens: int = 0) -> MemGenGenerateOutput:
     """MemGen generation for validated inputs (see `MemGenModel.generate`).
 
     pad_id: what fills each row after its EOS.
+    min_new_tokens: a row's EOS ids are barred before this many new tokens (as Hugging Face's
+    `MinNewTokensLogitsProcessor`; a stop string may still end it).
     stop: maps the new tokens so far [B, t] to bool [B], rows whose text now ends with a stop string.
     synced_ranks: keep the ranks of the default process group in step (a sharded model).
     """
@@ -862,6 +865,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
             # index_fill_ takes its value as a scalar: `idle[rows] = False` would copy it from pageable host
             # memory, a synchronisation per step on CUDA
             idle = torch.ones_like(finished).index_fill_(0, stepping_device, False) | finished
+        if min_new_tokens and uniform and at < min_new_tokens:  # (index_fill_: a scalar, no host copy to wait on)
+            logits.index_fill_(1, eos, float("-inf"))
+        elif min_new_tokens and not uniform:  # each row at its own column
+            logits[:, eos] = logits[:, eos].masked_fill((at < min_new_tokens)[:, None], float("-inf"))
         uniforms = _at_columns(engine.token_uniforms, at) if do_sample else None
         tokens = torch.where(idle, pad_id, _choose_tokens(logits, do_sample, temperature, top_k, top_p, uniforms))
         if ends is not None:  # each row that chose a token: its completion runs through this column

@@ -524,13 +524,15 @@ class MemGenModel(nn.Module):
                  num_return_sequences: int = 1, memory: bool = True, trigger_mode: str | None = None,
                  max_prompt_aug_num: int | None = None, max_inference_aug_num: int | None = None,
                  repetition_penalty: float = 1.0, streamer: Any = None, stop_strings: str | list[str] | None = None,
-                 synced_ranks: bool | None = None, pad_token_id: int | None = None, output_latents: bool = False):
+                 synced_ranks: bool | None = None, pad_token_id: int | None = None, output_latents: bool = False,
+                 min_new_tokens: int = 0):
         """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
 
         Args:
             input_ids: integer [B, L] prompts (narrower types are widened to int64), left- or right-padded;
                 attention_mask [B, L] marks tokens.
-            max_new_tokens: >= 1. do_sample / temperature (> 0) / top_k / top_p / generator: token
+            max_new_tokens: >= 1. min_new_tokens: EOS is barred before this many new tokens (0: never), as Hugging
+                Face's `min_new_tokens`. do_sample / temperature (> 0) / top_k / top_p / generator: token
                 sampling (top_k 0, as None, filters nothing, as in Hugging Face); the trigger samples its decisions
                 with the same temperature.
             eos_token_id: one id or several: an int, a list or tuple, or an integer tensor (default: the
@@ -592,6 +594,8 @@ class MemGenModel(nn.Module):
         input_ids = _token_ids(input_ids)
         real = self._check_generate_inputs(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
                                            top_k, top_p, generator, latents)
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens:
+            raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
         if not isinstance(output_latents, bool) or (output_latents and not return_dict_in_generate):
             raise ValueError(f"output_latents must be a bool, and True needs return_dict_in_generate=True (the "
                              f"sequences alone have no place for them), got output_latents={output_latents!r}")
@@ -629,7 +633,8 @@ class MemGenModel(nn.Module):
                              temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator,
                              eos_ids=eos_ids, trigger_mode=mode, prompt_budget=prompt_budget, budget=budget,
                              repetition_penalty=float(repetition_penalty), streamer=streamer, stop=stop,
-                             synced_ranks=bool(synced_ranks), pad_id=int(pad), output_latents=output_latents)
+                             synced_ranks=bool(synced_ranks), pad_id=int(pad), output_latents=output_latents,
+                             min_new_tokens=min_new_tokens)
         return out if return_dict_in_generate else out.sequences
 
     def _decoding_bases(self, mode: str | None) -> dict[str, PreTrainedModel]:

@@ -252,6 +252,37 @@ def test_a_generation_config_decodes_as_hugging_face_does_with_it():
         generation_kwargs({"do_sample": True})
 
 
+@pytest.mark.parametrize("memory", [False, True])
+def test_min_new_tokens_bars_eos_until_then(memory):
+    """As Hugging Face's min_new_tokens (equal to its generate with memory off); with memory, rows running ahead of
+    each other are each barred by their own column. A token rows write early serves as a second EOS."""
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0, 2, 1, 0], "left", seed=9)
+    tok, prompt = model.tokenizer, input_ids.shape[1]
+    free = model.generate(input_ids, mask, max_new_tokens=24, memory=memory)[:, prompt:]
+    stop = int(free[0, 3])
+    eos = [tok.eos_token_id, stop]
+    early = model.generate(input_ids, mask, max_new_tokens=24, memory=memory, eos_token_id=eos,
+                           return_dict_in_generate=True)
+    late = model.generate(input_ids, mask, max_new_tokens=24, memory=memory, eos_token_id=eos, min_new_tokens=12,
+                          return_dict_in_generate=True)
+    ends = early.completion_mask.sum(1)
+    assert int(ends.min()) < 12 and int(late.completion_mask.sum(1).min()) >= 12
+    new = late.sequences[:, prompt:]
+    for row in range(input_ids.shape[0]):
+        barred = torch.isin(free[row, :12], torch.tensor(eos)).nonzero()
+        same = int(barred[0, 0]) if barred.numel() else 12  # up to the first token the bar took away
+        assert torch.equal(new[row, :same], free[row, :same]), row
+        assert not torch.isin(new[row, :11], torch.tensor(eos)).any(), row
+    if not memory:
+        theirs = model.reasoner.generate(input_ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                                         eos_token_id=eos, pad_token_id=tok.pad_token_id, min_new_tokens=12)
+        assert torch.equal(late.sequences, theirs[:, : late.sequences.shape[1]])
+    assert generation_kwargs(GenerationConfig(min_new_tokens=12))["min_new_tokens"] == 12
+    with pytest.raises(ValueError, match="min_new_tokens must be an int >= 0, got -1"):
+        model.generate(input_ids, mask, max_new_tokens=4, min_new_tokens=-1)
+
+
 def test_sampling_is_reproducible_and_matches_the_reference_in_distribution():
     model = chatty_model("qwen2", "lora")
     with torch.no_grad():  # P(INVOKE) = 0.5 at every decision point: the uniforms decide
