@@ -18,11 +18,13 @@ end to end on a tiny model, offline (`memgen.demo`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -52,9 +54,9 @@ def _check_sampling(command: str, args: argparse.Namespace) -> None:
                          "decoding is greedy)")
 
 
-def _generator(args: argparse.Namespace) -> torch.Generator | None:
-    """A generator on --device seeded with --seed, where --sample asks for one."""
-    return torch.Generator(device=args.device).manual_seed(args.seed) if args.sample else None
+def _generator(args: argparse.Namespace, rank: int = 0) -> torch.Generator | None:
+    """A generator on --device seeded with --seed (each rank of several its own), where --sample asks for one."""
+    return torch.Generator(device=args.device).manual_seed(args.seed + 1_000_003 * rank) if args.sample else None
 
 
 def _json_object(text: str) -> dict:
@@ -319,17 +321,47 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
                                                        "(one line per completion and memory setting)")
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from memgen.evaluation import evaluate, reported_ks
-    from memgen.tasks import TASKS, load_task
-    from memgen.training.data import template_kwargs
-    from memgen.training.run import build_model
+@contextlib.contextmanager
+def _launched_ranks(device: str) -> Iterator[tuple[str, int]]:
+    """Under `torchrun` (WORLD_SIZE > 1): the default process group (NCCL on CUDA devices, else gloo), set up for
+    the block unless the launcher did, and (this rank's device, its rank); elsewhere (device, 0)."""
+    import torch.distributed as dist
 
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield device, 0
+        return
+    if torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    try:
+        yield device, dist.get_rank()
+    finally:
+        if created:
+            dist.barrier()  # (a rank tearing the group down while another still talks to it aborts)
+            dist.destroy_process_group()
+
+
+def _eval(args: argparse.Namespace) -> int:
     _check_device("eval", args.device)
     _check_sampling("eval", args)
     for flag, value in (("--batch-size", args.batch_size), ("--reward-workers", args.reward_workers)):
         if value < 1:
             raise SystemExit(f"memgen eval: {flag} must be >= 1, got {value}")
+    with _launched_ranks(args.device) as (device, rank):
+        args.device = device
+        return _evaluate_ranks(args, rank)
+
+
+def _evaluate_ranks(args: argparse.Namespace, rank: int) -> int:
+    """`memgen eval` on this rank (under `torchrun` each decodes a share of the rows; rank 0 prints and writes)."""
+    from memgen.evaluation import evaluate, reported_ks
+    from memgen.tasks import TASKS, load_task
+    from memgen.training.data import template_kwargs
+    from memgen.training.run import build_model
+
     try:
         rows = list(load_task(args.task, args.data, args.split, args.limit))
     except ValueError as error:
@@ -347,8 +379,10 @@ def _eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos,
             reward_workers=args.reward_workers, return_samples=args.samples is not None, do_sample=args.sample,
             num_return_sequences=args.num_return_sequences, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, generator=_generator(args), stop_strings=args.stop,
+            top_p=args.top_p, generator=_generator(args, rank), stop_strings=args.stop,
             chat_template_kwargs=args.chat_template_kwargs)
+    if rank:  # every rank holds the whole evaluation; the first reports it
+        return 0
     passes = [f"pass@{k}" for k in reported_ks(args.num_return_sequences)]
     print(f"| {args.task} ({len(rows)} rows) | accuracy | {' | '.join(passes)} | insertions per response |\n"
           f"|---|---|{'---|' * len(passes)}---|")

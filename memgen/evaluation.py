@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from memgen.sharding import distributed, sharding_of
 from memgen.training.data import check_prompt_rows, prompt_batch, template_kwargs
 from memgen.training.grpo import check_count, completions, scored_all
 
@@ -31,6 +33,21 @@ def reported_ks(n: int) -> list[int]:
     return sorted({1, n, *(2 ** i for i in range(1, n.bit_length()) if 2 ** i < n)})
 
 
+def _shares(model: Any, split_across_ranks: bool | None) -> tuple[int, int]:
+    """(this rank, ranks sharing the rows): (0, 1) unless `evaluate` splits its rows across the ranks."""
+    if split_across_ranks is not None and not isinstance(split_across_ranks, bool):
+        raise ValueError(f"split_across_ranks must be a bool or None, got {split_across_ranks!r}")
+    sharded = sharding_of(model) is not None
+    if split_across_ranks and not distributed():
+        raise ValueError("split_across_ranks=True needs an initialised torch.distributed process group of more than "
+                         "one rank")
+    if split_across_ranks and sharded:
+        raise ValueError("split_across_ranks=True: this model is sharded (FSDP or ZeRO-3), and its ranks must make "
+                         "the same decoding calls, so each decodes every row")
+    split = distributed() and not sharded if split_across_ranks is None else split_across_ranks
+    return (dist.get_rank(), dist.get_world_size()) if split else (0, 1)
+
+
 @torch.no_grad()
 def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, Any], float], memory: bool = True,
              max_new_tokens: int = 512, batch_size: int = 8, trigger_mode: str | None = None,
@@ -38,7 +55,8 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
              return_samples: bool = False, do_sample: bool = False, num_return_sequences: int = 1,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, stop_strings: str | list[str] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             split_across_ranks: bool | None = None) -> dict[str, Any]:
     """{"accuracy": mean reward, "pass@k": ... for each reported k, "rows": n, "insertions_per_response": mean INVOKE
     count} over `rows` (each with `prompt` and `target`, e.g. from `memgen.tasks.load_task`); `trigger_mode`
     overrides the model's for this evaluation. A completion passes when its reward is at least 1 (full marks: every
@@ -60,7 +78,12 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
     `{"enable_thinking": False}`; `memgen.training.data.template_kwargs`).
     `return_samples`: also "samples", one {"prompt", "sample", "completion", "target", "reward", "insertions"} per
     completion (each row's samples in turn; "sample" numbers them from 0), to read what the model wrote where it
-    scored."""
+    scored.
+
+    `split_across_ranks`: under `torchrun` (a default process group of several ranks), each rank decodes and
+    scores every world-size-th row and the results are gathered, so that every rank returns the whole evaluation
+    (the same dict); None (default) splits exactly then, unless the model is sharded (FSDP, ZeRO-3), whose ranks
+    must decode together. Sampled rows then draw from each rank's own `generator`."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     check_count("reward_workers", reward_workers)
@@ -75,9 +98,11 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
     tok, device, n = model.tokenizer, model.device, num_return_sequences
     template_kwargs(tok, chat_template_kwargs)
     eos = tok.eos_token_id if eos_token_id is None else eos_token_id  # checked by `generate`, before any work
+    rank, world = _shares(model, split_across_ranks)
+    mine = list(range(rank, len(rows), world))  # the rows this rank decodes, in order
     scores, insertions, texts = [], [], []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+    for start in range(0, len(mine), batch_size):
+        chunk = [rows[i] for i in mine[start:start + batch_size]]
         ids, mask = prompt_batch(tok, [r["prompt"] for r in chunk], chat_template_kwargs)
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, memory=memory,
                              eos_token_id=eos, trigger_mode=trigger_mode, return_dict_in_generate=True,
@@ -89,6 +114,13 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
         scores += scored_all(reward, chunk_texts, targets, reward_workers)
         insertions += [int(woven[b][keep[b]].sum()) for b in range(len(chunk_texts))]
         texts += chunk_texts
+    if world > 1:  # every rank's rows, back in order: each row's n completions in turn
+        shares = [None] * world
+        dist.all_gather_object(shares, (mine, scores, insertions, texts))
+        per_row = {i: [values[j * n:(j + 1) * n] for values in share[1:]]
+                   for share in shares for j, i in enumerate(share[0])}
+        scores, insertions, texts = ([value for i in range(len(rows)) for value in per_row[i][field]]
+                                     for field in range(3))
     passed = [sum(score >= 1 for score in scores[i:i + n]) for i in range(0, len(scores), n)]
     result: dict[str, Any] = {"accuracy": sum(scores) / len(scores),
                               **{f"pass@{k}": sum(pass_at_k(n, c, k) for c in passed) / len(passed)

@@ -27,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(worker: str, *args) -> None:
+def _torchrun(worker: str, *args) -> subprocess.CompletedProcess:
     """Run tests/<worker> on two CPU processes; a hang (ranks out of step) fails by the timeout. A worker that
     crashes prints where (faulthandler), at the start of stderr, before torchrun's own report."""
     here = Path(__file__).parent
@@ -38,6 +38,7 @@ def _torchrun(worker: str, *args) -> None:
                            str(here / worker), *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[:4000] + "\n...\n" + done.stderr[-2000:]
+    return done
 
 
 @pytest.mark.parametrize("stage", ["sft", "grpo", "sft-streamed", "grpo-streamed"])
@@ -49,6 +50,40 @@ def test_two_processes_end_with_identical_trainable_weights(tmp_path, stage):
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
     assert any(not torch.equal(ranks[0][k], initial[k].detach()) for k in ranks[0])  # and they did train
+
+
+def test_evaluate_splits_rows_across_ranks(tmp_path):
+    """Under torchrun each rank decodes and scores its share of the rows (4 and 3 of 7), and both return the whole
+    evaluation: the same as one rank decoding every row, samples in the rows' order."""
+    _torchrun("eval_worker.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["mine"] for r in ranks] == [4, 3]
+    for r in ranks:
+        assert r["split"] == r["whole"] == ranks[0]["whole"] and r["split"]["rows"] == 7
+        assert [s["prompt"] for s in r["split"]["samples"]] == [s["prompt"] for s in r["whole"]["samples"]]
+    sampled = [r["sampled"] for r in ranks]
+    assert sampled[0] == sampled[1] and len(sampled[0]["samples"]) == 14  # gathered whole on both ranks
+    assert [s["sample"] for s in sampled[0]["samples"]] == [0, 1] * 7
+
+
+def test_memgen_eval_under_torchrun_reports_once_what_one_process_reports(tmp_path):
+    from memgen.cli import main
+    from offline import save_base
+    from test_tasks import ROWS, _write_jsonl
+
+    model = make_model("qwen2")
+    save_base(model, tmp_path / "base")
+    model.config.reasoner_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "ckpt")
+    data = _write_jsonl(tmp_path / "gsm8k.jsonl", ROWS["gsm8k"] * 3)
+    command = ["eval", "--memgen", str(tmp_path / "ckpt"), "--task", "gsm8k", "--data", str(data), "--limit", "5",
+               "--max-new-tokens", "6", "--batch-size", "2", "--device", "cpu"]
+    done = _torchrun("eval_cli_worker.py", *command, "--out", tmp_path / "ranks.json", "--samples",
+                     tmp_path / "ranks.jsonl")
+    assert done.stdout.count("| with memory |") == 1  # rank 0 reports
+    assert main(command + ["--out", str(tmp_path / "one.json"), "--samples", str(tmp_path / "one.jsonl")]) == 0
+    assert json.loads((tmp_path / "ranks.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
+    assert (tmp_path / "ranks.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
 
 
 # FSDP2 on CPU processes (gloo) before torch 2.9: 2.6 cannot gather a sharded module's parameters on the CPU

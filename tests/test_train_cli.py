@@ -292,6 +292,10 @@ def test_evaluate_scores_several_samples_per_row():
         evaluate(model, rows, reward, do_sample=True, num_return_sequences=0)
     with pytest.raises(ValueError, match=r"temperature must be a finite number > 0 when sampling"):
         evaluate(model, rows, reward, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="split_across_ranks=True needs an initialised torch.distributed"):
+        evaluate(model, rows, reward, split_across_ranks=True)
+    with pytest.raises(ValueError, match="split_across_ranks must be a bool or None, got 1"):
+        evaluate(model, rows, reward, split_across_ranks=1)
 
 
 def test_sft_without_a_task_trains_on_the_rows_as_they_are(tmp_path, capsys):
