@@ -83,7 +83,8 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
     `split_across_ranks`: under `torchrun` (a default process group of several ranks), each rank decodes and
     scores every world-size-th row and the results are gathered, so that every rank returns the whole evaluation
     (the same dict); None (default) splits exactly then, unless the model is sharded (FSDP, ZeRO-3), whose ranks
-    must decode together. Sampled rows then draw from each rank's own `generator`."""
+    must decode together. Sampled rows then draw from each rank's own `generator`: seed it by rank (as `memgen eval`
+    does), or rows on different ranks draw alike."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     check_count("reward_workers", reward_workers)
