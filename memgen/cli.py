@@ -357,7 +357,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _evaluate_ranks(args: argparse.Namespace, rank: int) -> int:
     """`memgen eval` on this rank (under `torchrun` each decodes a share of the rows; rank 0 prints and writes)."""
-    from memgen.evaluation import evaluate, reported_ks
+    from memgen.evaluation import evaluate, paired_difference, reported_ks
     from memgen.tasks import TASKS, load_task
     from memgen.training.data import template_kwargs
     from memgen.training.run import build_model
@@ -377,7 +377,7 @@ def _evaluate_ranks(args: argparse.Namespace, rank: int) -> int:
         results["with memory" if memory else "without memory"] = evaluate(  # each setting from the same seed
             model, rows, TASKS[args.task].reward, memory=memory, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos,
-            reward_workers=args.reward_workers, return_samples=args.samples is not None, do_sample=args.sample,
+            reward_workers=args.reward_workers, return_samples=True, do_sample=args.sample,
             num_return_sequences=args.num_return_sequences, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, generator=_generator(args, rank), stop_strings=args.stop,
             chat_template_kwargs=args.chat_template_kwargs)
@@ -389,10 +389,19 @@ def _evaluate_ranks(args: argparse.Namespace, rank: int) -> int:
     for name, r in results.items():
         print(f"| {name} | {r['accuracy']:.4f} | {' | '.join(f'{r[k]:.4f}' for k in passes)} | "
               f"{r['insertions_per_response']:.2f} |")
-    samples = {name: r.pop("samples", []) for name, r in results.items()}
+    samples = {name: r.pop("samples") for name, r in results.items()}
+    report = {"task": args.task, "checkpoint": args.memgen, **results}
+    if len(samples) == 2:  # the same rows with memory and without: how much memory changed each row's reward
+        n = args.num_return_sequences
+        rewards = {name: [s["reward"] for s in done] for name, done in samples.items()}
+        per_row = {name: [sum(r[i:i + n]) / n for i in range(0, len(r), n)] for name, r in rewards.items()}
+        difference = paired_difference(per_row["with memory"], per_row["without memory"])
+        report["memory_minus_no_memory"] = difference
+        print(f"memory - no memory: accuracy {difference['mean']:+.4f} (95% paired bootstrap interval "
+              f"{difference['low']:+.4f} to {difference['high']:+.4f}, {len(rows)} rows)")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"task": args.task, "checkpoint": args.memgen, **results}, f, indent=1)
+            json.dump(report, f, indent=1)
     if args.samples:
         with open(args.samples, "w") as f:
             for name, rows in samples.items():

@@ -33,6 +33,23 @@ def reported_ks(n: int) -> list[int]:
     return sorted({1, n, *(2 ** i for i in range(1, n.bit_length()) if 2 ** i < n)})
 
 
+def paired_difference(first: Sequence[float], second: Sequence[float], resamples: int = 10_000,
+                      seed: int = 0) -> dict[str, float]:
+    """{"mean", "low", "high"}: the mean of first - second over paired rows (each row's reward in two settings,
+    e.g. with memory and without) and its 95% percentile interval from `resamples` bootstrap resamples of the
+    rows (seeded: the same rows give the same interval)."""
+    if len(first) != len(second) or not first:
+        raise ValueError(f"paired_difference needs two equally long, non-empty lists, got {len(first)} and "
+                         f"{len(second)}")
+    check_count("resamples", resamples)
+    differences = torch.tensor(first, dtype=torch.float64) - torch.tensor(second, dtype=torch.float64)
+    draws = torch.randint(len(differences), (resamples, len(differences)),
+                          generator=torch.Generator().manual_seed(seed))
+    means = differences[draws].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"mean": float(differences.mean()), "low": low, "high": high}
+
+
 def _shares(model: Any, split_across_ranks: bool | None) -> tuple[int, int]:
     """(this rank, ranks sharing the rows): (0, 1) unless `evaluate` splits its rows across the ranks."""
     if split_across_ranks is not None and not isinstance(split_across_ranks, bool):

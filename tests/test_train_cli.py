@@ -11,7 +11,7 @@ import yaml
 
 from memgen import MemGenModel
 from memgen.cli import main
-from memgen.evaluation import evaluate, pass_at_k, reported_ks
+from memgen.evaluation import evaluate, paired_difference, pass_at_k, reported_ks
 from memgen.training.data import prompt_batch
 from memgen.generation import completion_mask
 from memgen.training.run import load_run_config, train_from_config
@@ -88,6 +88,11 @@ def test_eval_reports_accuracy_with_and_without_memory(workspace, capsys, tmp_pa
     assert "| with memory |" in printed and "| without memory |" in printed
     results = json.loads(out.read_text())
     assert results["with memory"]["rows"] == 3 and results["with memory"]["insertions_per_response"] >= 1
+    difference = results["memory_minus_no_memory"]  # each row's reward with memory minus without, paired
+    assert difference["mean"] == pytest.approx(results["with memory"]["accuracy"]
+                                               - results["without memory"]["accuracy"])
+    assert difference["low"] <= difference["mean"] <= difference["high"]
+    assert "memory - no memory: accuracy" in printed and "95% paired bootstrap interval" in printed
     assert results["without memory"]["insertions_per_response"] == 0
     samples = tmp_path / "samples.jsonl"
     assert main(command + ["--reward-workers", "2", "--samples", str(samples)]) == 0
@@ -245,6 +250,19 @@ def test_pass_at_k_is_the_chance_that_some_of_k_draws_passes():
     assert [reported_ks(n) for n in (1, 2, 5, 8, 10)] == [[1], [1, 2], [1, 2, 4, 5], [1, 2, 4, 8], [1, 2, 4, 8, 10]]
     with pytest.raises(ValueError, match="pass_at_k needs 1 <= k <= n"):
         pass_at_k(4, 1, 5)
+
+
+def test_paired_difference_bootstraps_the_rows():
+    same = paired_difference([0.0, 1.0, 0.5], [0.0, 1.0, 0.5])
+    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    shifted = paired_difference([0.25, 1.0, 0.5], [0.0, 0.75, 0.25])  # every row 0.25 higher
+    assert shifted["mean"] == pytest.approx(0.25) and shifted["low"] == pytest.approx(0.25)
+    assert shifted["high"] == pytest.approx(0.25)
+    mixed = paired_difference([1.0] * 6 + [0.0] * 4, [0.0] * 10)
+    assert mixed["mean"] == pytest.approx(0.6) and 0.2 < mixed["low"] < 0.6 < mixed["high"] <= 1.0
+    assert paired_difference([1.0] * 6 + [0.0] * 4, [0.0] * 10) == mixed  # seeded
+    with pytest.raises(ValueError, match="two equally long, non-empty lists, got 2 and 1"):
+        paired_difference([1.0, 0.0], [1.0])
 
 
 def test_evaluate_scores_several_samples_per_row():
