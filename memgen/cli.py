@@ -39,6 +39,7 @@ def _sampling_arguments(p: argparse.ArgumentParser, samples_help: str) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float, help="drop tokens less likely than this times the likeliest")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help=samples_help)
 
@@ -48,7 +49,8 @@ def _check_sampling(command: str, args: argparse.Namespace) -> None:
     if args.num_return_sequences < 1 or (args.num_return_sequences > 1 and not args.sample):
         raise SystemExit(f"memgen {command}: --num-return-sequences must be >= 1, and above 1 needs --sample")
     sampling = [flag for flag, value, unset in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
-                                                ("--top-p", args.top_p, None)) if value != unset]
+                                                ("--top-p", args.top_p, None), ("--min-p", args.min_p, None))
+                if value != unset]
     if sampling and not args.sample:
         raise SystemExit(f"memgen {command}: {' and '.join(sampling)} change only sampling; add --sample (without it "
                          "decoding is greedy)")
@@ -178,7 +180,8 @@ def _generate(args: argparse.Namespace) -> int:
     generator = _generator(args)
     out = model.generate(batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
                          max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, generator=generator, memory=not args.no_memory,
+                         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, generator=generator,
+                         memory=not args.no_memory,
                          trigger_mode=args.trigger_mode, stop_strings=args.stop, return_dict_in_generate=True,
                          num_return_sequences=args.num_return_sequences, eos_token_id=eos,
                          output_latents=args.latent_tokens > 0)
@@ -379,7 +382,7 @@ def _evaluate_ranks(args: argparse.Namespace, rank: int) -> int:
             batch_size=args.batch_size, trigger_mode=args.trigger_mode, eos_token_id=eos,
             reward_workers=args.reward_workers, return_samples=True, do_sample=args.sample,
             num_return_sequences=args.num_return_sequences, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, generator=_generator(args, rank), stop_strings=args.stop,
+            top_p=args.top_p, min_p=args.min_p, generator=_generator(args, rank), stop_strings=args.stop,
             chat_template_kwargs=args.chat_template_kwargs)
     if rank:  # every rank holds the whole evaluation; the first reports it
         return 0

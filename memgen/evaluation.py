@@ -71,8 +71,8 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
              eos_token_id: int | list[int] | None = None, reward_workers: int = 1,
              return_samples: bool = False, do_sample: bool = False, num_return_sequences: int = 1,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, stop_strings: str | list[str] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None,
+             min_p: float | None = None, generator: torch.Generator | None = None,
+             stop_strings: str | list[str] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
              split_across_ranks: bool | None = None) -> dict[str, Any]:
     """{"accuracy": mean reward, "pass@k": ... for each reported k, "rows": n, "insertions_per_response": mean INVOKE
     count} over `rows` (each with `prompt` and `target`, e.g. from `memgen.tasks.load_task`); `trigger_mode`
@@ -81,7 +81,7 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
     `num_return_sequences` itself (pass@1 alone when greedy, where it differs from the accuracy only for rewards
     that give partial credit, as the code tasks do).
 
-    `do_sample`, `temperature`, `top_k`, `top_p`, `generator`: as `MemGenModel.generate` takes them (greedy by
+    `do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `generator`: as `MemGenModel.generate` takes them (greedy by
     default); `num_return_sequences` samples per row (> 1 needs do_sample), all of them scored and counted in the
     accuracy and the insertions. With a `generator` the draws depend on `batch_size` (rows decoded per call, each
     with its samples), since each call draws its own. `eos_token_id`: the id(s) that end a completion (default: the
@@ -125,7 +125,7 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, memory=memory,
                              eos_token_id=eos, trigger_mode=trigger_mode, return_dict_in_generate=True,
                              do_sample=do_sample, num_return_sequences=n, temperature=temperature, top_k=top_k,
-                             top_p=top_p, generator=generator, stop_strings=stop_strings)
+                             top_p=top_p, min_p=min_p, generator=generator, stop_strings=stop_strings)
         _, keep, chunk_texts = completions(tok, out, ids.shape[1])
         woven = out.augmentation_mask.cpu() == 1
         targets = [row["target"] for row in chunk for _ in range(n)]

@@ -243,9 +243,10 @@ def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
 
 
 def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                   top_p: float | None, uniforms: torch.Tensor | None) -> torch.Tensor:
-    """Next tokens [B] from float logits [B, V]: argmax, or a draw after temperature, top-k and top-p: the
-    token in whose share of the cumulative distribution the row's uniform (float [B] in [0, 1)) falls."""
+                   top_p: float | None, uniforms: torch.Tensor | None, min_p: float | None = None) -> torch.Tensor:
+    """Next tokens [B] from float logits [B, V]: argmax, or a draw after temperature, top-k, top-p and min-p (in
+    Hugging Face's order): the token in whose share of the cumulative distribution the row's uniform (float [B] in
+    [0, 1)) falls."""
     if not do_sample:
         return logits.argmax(-1)
     scores = logits / temperature if temperature != 1.0 else logits  # x / 1.0 is x: skip the op
@@ -257,6 +258,9 @@ def _choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, to
         probs = torch.softmax(ordered, -1)
         drop = probs.cumsum(-1) - probs >= top_p
         scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    if min_p:  # tokens less likely than min_p times the likeliest (which always stays)
+        probs = torch.softmax(scores, -1)
+        scores = scores.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     cumulative = torch.softmax(scores, -1).cumsum(-1)
     # the first token whose cumulative probability reaches u * total: one of positive probability, as the point
     # is above 0 and at most the total
@@ -777,7 +781,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
              budget: int, repetition_penalty: float = 1.0, streamer=None,
              stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
              synced_ranks: bool = False, pad_id: int, output_latents: bool = False,
-             min_new_tokens: int = 0) -> MemGenGenerateOutput:
+             min_new_tokens: int = 0, min_p: float | None = None) -> MemGenGenerateOutput:
     """MemGen generation for validated inputs (see `MemGenModel.generate`).
 
     pad_id: what fills each row after its EOS.
@@ -870,7 +874,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         elif min_new_tokens and not uniform:  # each row at its own column
             logits[:, eos] = logits[:, eos].masked_fill((at < min_new_tokens)[:, None], float("-inf"))
         uniforms = _at_columns(engine.token_uniforms, at) if do_sample else None
-        tokens = torch.where(idle, pad_id, _choose_tokens(logits, do_sample, temperature, top_k, top_p, uniforms))
+        tokens = torch.where(idle, pad_id, _choose_tokens(logits, do_sample, temperature, top_k, top_p, uniforms,
+                                                          min_p))
         if ends is not None:  # each row that chose a token: its completion runs through this column
             ends = torch.where(idle, ends, at + 1)
         if uniform:

@@ -20,16 +20,16 @@ _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.
 _IGNORED = {"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config", "max_length",
             "use_cache", "cache_implementation", "cache_config", "compile_config", "return_dict_in_generate",
             "output_scores", "output_logits", "output_attentions", "output_hidden_states"}
-_PASSED_ON = {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "num_return_sequences",
+_PASSED_ON = {"max_new_tokens", "min_new_tokens", "min_p", "eos_token_id", "pad_token_id", "num_return_sequences",
               "stop_strings"}
 
 
 def generation_kwargs(generation_config: GenerationConfig) -> dict[str, Any]:
     """`generate` keyword arguments that decode as Hugging Face's `generate` does with `generation_config`:
-    sampling or not, temperature, top-k, top-p, repetition penalty, EOS and pad ids, and, where set, the number of
-    new tokens (at most and at least), samples per prompt and stop strings. Raises, naming them, for settings
-    memgen cannot honour (beam search, `min_length` counted with the prompt, n-gram blocking, other logits
-    processors) rather than decode otherwise.
+    sampling or not, temperature, top-k, top-p, repetition penalty, EOS and pad ids, and, where set, min-p, the
+    number of new tokens (at most and at least), samples per prompt and stop strings. Raises, naming them, for
+    settings memgen cannot honour (beam search, `min_length` counted with the prompt, n-gram blocking, other
+    logits processors) rather than decode otherwise.
 
         model.generate(input_ids, attention_mask, **{**generation_kwargs(model.reasoner.generation_config),
                                                      "max_new_tokens": 512})
@@ -48,6 +48,6 @@ def generation_kwargs(generation_config: GenerationConfig) -> dict[str, Any]:
     kwargs = {name: given[name] if given.get(name) is not None else default for name, default in _HF_DEFAULTS.items()}
     kwargs.update({name: given[name] for name in _PASSED_ON if given.get(name) is not None})
     if not kwargs["do_sample"]:  # greedy: sampling settings would change nothing (and `generate` warns of them)
-        for name in ("temperature", "top_k", "top_p"):
-            del kwargs[name]
+        for name in ("temperature", "top_k", "top_p", "min_p"):
+            kwargs.pop(name, None)
     return kwargs

@@ -525,16 +525,17 @@ class MemGenModel(nn.Module):
                  max_prompt_aug_num: int | None = None, max_inference_aug_num: int | None = None,
                  repetition_penalty: float = 1.0, streamer: Any = None, stop_strings: str | list[str] | None = None,
                  synced_ranks: bool | None = None, pad_token_id: int | None = None, output_latents: bool = False,
-                 min_new_tokens: int = 0):
+                 min_new_tokens: int = 0, min_p: float | None = None):
         """Generate with latent memory (DESIGN.md section 1) through the ragged-cache engine.
 
         Args:
             input_ids: integer [B, L] prompts (narrower types are widened to int64), left- or right-padded;
                 attention_mask [B, L] marks tokens.
             max_new_tokens: >= 1. min_new_tokens: EOS is barred before this many new tokens (0: never), as Hugging
-                Face's `min_new_tokens`. do_sample / temperature (> 0) / top_k / top_p / generator: token
-                sampling (top_k 0, as None, filters nothing, as in Hugging Face); the trigger samples its decisions
-                with the same temperature.
+                Face's `min_new_tokens`. do_sample / temperature (> 0) / top_k / top_p / min_p / generator: token
+                sampling (top_k 0, as None, filters nothing, as in Hugging Face; min_p in [0, 1] drops the tokens
+                less likely than min_p times the likeliest, after top_p, as Hugging Face does); the trigger samples
+                its decisions with the same temperature.
             eos_token_id: one id or several: an int, a list or tuple, or an integer tensor (default: the
                 tokenizer's EOS).
             pad_token_id: the token that fills each row after its EOS (default: the tokenizer's pad token).
@@ -593,7 +594,7 @@ class MemGenModel(nn.Module):
         latents = (self.config.prompt_latents_len if prompt_budget else 0) + self.config.inference_latents_len * budget
         input_ids = _token_ids(input_ids)
         real = self._check_generate_inputs(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                                           top_k, top_p, generator, latents)
+                                           top_k, top_p, generator, latents, min_p)
         if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
         if not isinstance(output_latents, bool) or (output_latents and not return_dict_in_generate):
@@ -634,7 +635,7 @@ class MemGenModel(nn.Module):
                              eos_ids=eos_ids, trigger_mode=mode, prompt_budget=prompt_budget, budget=budget,
                              repetition_penalty=float(repetition_penalty), streamer=streamer, stop=stop,
                              synced_ranks=bool(synced_ranks), pad_id=int(pad), output_latents=output_latents,
-                             min_new_tokens=min_new_tokens)
+                             min_new_tokens=min_new_tokens, min_p=float(min_p) if min_p else None)
         return out if return_dict_in_generate else out.sequences
 
     def _decoding_bases(self, mode: str | None) -> dict[str, PreTrainedModel]:
@@ -651,7 +652,7 @@ class MemGenModel(nn.Module):
         return distinct
 
     def _check_generate_inputs(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                               top_p, generator, latents: int) -> torch.Tensor:
+                               top_p, generator, latents: int, min_p: Any = None) -> torch.Tensor:
         """The real-token mask [B, L], after checking every argument; `latents`: the most a row can weave."""
         real = self._check_token_batch(input_ids, attention_mask)
         device = self.device
@@ -673,7 +674,11 @@ class MemGenModel(nn.Module):
                              f"{top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        settings = (("temperature", temperature, (1.0,)), ("top_k", top_k, (None, 0)), ("top_p", top_p, (None, 1.0)))
+        if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, (int, float))
+                                  or not 0 <= min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1] (or None), got {min_p!r}")
+        settings = (("temperature", temperature, (1.0,)), ("top_k", top_k, (None, 0)), ("top_p", top_p, (None, 1.0)),
+                    ("min_p", min_p, (None, 0, 0.0)))
         unused = {name: value for name, value, no_op in settings if value not in no_op}
         if not do_sample and unused:  # as Hugging Face's generate warns: the caller may have meant to sample
             warnings.warn(f"do_sample=False decodes greedily, so {unused} are not used; pass do_sample=True to sample "

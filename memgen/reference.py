@@ -137,8 +137,9 @@ def reference_penalize(logits: torch.Tensor, ids: list[int], penalty: float) -> 
 
 
 def reference_choose_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                           top_p: float | None, generator: torch.Generator | None) -> int:
-    """Next token from float logits [V]: argmax (first maximum), or a draw after temperature, top-k and top-p."""
+                           top_p: float | None, generator: torch.Generator | None, min_p: float | None = None) -> int:
+    """Next token from float logits [V]: argmax (first maximum), or a draw after temperature, top-k, top-p and
+    min-p."""
     if not do_sample:
         return int(torch.argmax(logits))
     scores = logits.float() / temperature
@@ -150,6 +151,9 @@ def reference_choose_token(logits: torch.Tensor, do_sample: bool, temperature: f
         cumulative = torch.softmax(ordered, -1).cumsum(-1)
         drop = cumulative - torch.softmax(ordered, -1) >= top_p  # keep the smallest prefix reaching top_p
         scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if min_p:
+        probs = torch.softmax(scores, -1)
+        scores = scores.masked_fill(probs < min_p * probs.max(), float("-inf"))
     probs = torch.softmax(scores, -1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -174,7 +178,7 @@ def reference_generate(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                        generator: torch.Generator | None = None, eos_token_id: int | list[int] | None = None,
                        trigger_mode: str | None = None, max_prompt_aug_num: int | None = None,
                        max_inference_aug_num: int | None = None, memory: bool = True,
-                       repetition_penalty: float = 1.0):
+                       repetition_penalty: float = 1.0, min_p: float | None = None):
     """Row-by-row MemGen generation (DESIGN.md section 1), recomputing everything at every step.
 
     Returns (sequences [B, L + T], augmentation_mask [B, T]) with T the number of steps run:
@@ -229,7 +233,7 @@ def reference_generate(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         for step in range(max_new_tokens):
             decisions.append(decision)
             logits = reference_penalize(head(reasoner_hidden(stream)).float(), ids, repetition_penalty)
-            token = reference_choose_token(logits, do_sample, temperature, top_k, top_p, generator)
+            token = reference_choose_token(logits, do_sample, temperature, top_k, top_p, generator, min_p)
             new_tokens.append(token)
             ids.append(token)
             stream.append(embed(torch.tensor(token, device=device)))

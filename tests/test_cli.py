@@ -67,6 +67,11 @@ def test_generate_prints_each_prompts_samples(saved, capsys):
         main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b", "--num-return-sequences", "2"])
     with pytest.raises(SystemExit, match="--temperature and --top-p change only sampling; add --sample"):
         main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b", "--temperature", "0.5", "--top-p", "0.9"])
+    with pytest.raises(SystemExit, match="--min-p change only sampling; add --sample"):
+        main(["generate", "--memgen", str(root / "ckpt"), "--prompt", "a b", "--min-p", "0.1"])
+    assert main(args + ["--min-p", "1.0", "--num-return-sequences", "2"]) == 0  # only the likeliest: the samples agree
+    texts = re.findall(r"=== prompt 1, sample \d ===\n.*\n--- completion .*---\n(.*)\n", capsys.readouterr().out)
+    assert len(texts) == 2 and texts[0] == texts[1]
 
 
 def test_eos_tokens_end_completions(saved, capsys):

@@ -7,13 +7,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import AttentionInterface, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import AttentionInterface, GenerationConfig, MinPLogitsWarper, Qwen2Config, Qwen2ForCausalLM
 
 from memgen import MemGenConfig, MemGenModel, generation, generation_kwargs, nearest_tokens
 from memgen.attention import RaggedGroups
 from memgen.bench.decode_suite import weaver_calls
 from memgen.generation import completion_mask
-from memgen.reference import reference_generate
+from memgen.reference import reference_choose_token, reference_generate
 from memgen.sharding import gathered_for_decoding
 from offline import chat_tokenizer, tiny_causal_lm
 from test_modeling import make_batch, make_model
@@ -283,6 +283,28 @@ def test_min_new_tokens_bars_eos_until_then(memory):
         model.generate(input_ids, mask, max_new_tokens=4, min_new_tokens=-1)
 
 
+@pytest.mark.parametrize("memory", [True, False])
+def test_min_p_of_one_samples_the_likeliest_token(memory):
+    """min_p = 1 keeps only the likeliest token: sampling then decodes greedily, rows running ahead or not."""
+    model = chatty_model("qwen2", "always")
+    input_ids, mask, _ = make_batch(model, [0, 2, 1], "left", seed=10)
+    greedy = model.generate(input_ids, mask, max_new_tokens=20, memory=memory, return_dict_in_generate=True)
+    sampled = model.generate(input_ids, mask, max_new_tokens=20, memory=memory, do_sample=True, min_p=1.0,
+                             generator=torch.Generator().manual_seed(3), return_dict_in_generate=True)
+    assert torch.equal(sampled.sequences, greedy.sequences)
+    assert torch.equal(sampled.augmentation_mask, greedy.augmentation_mask)
+    loose = model.generate(input_ids, mask, max_new_tokens=20, memory=memory, do_sample=True, min_p=0.0,
+                           generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(loose, greedy.sequences)  # (and min_p 0 filters nothing)
+    for bad in (-0.1, 1.5, "0.1", True):
+        with pytest.raises(ValueError, match="min_p must be in \\[0, 1\\]"):
+            model.generate(input_ids, mask, max_new_tokens=2, do_sample=True, min_p=bad)
+    with pytest.warns(UserWarning, match="min_p"):
+        model.generate(input_ids, mask, max_new_tokens=2, min_p=0.2)
+    assert generation_kwargs(GenerationConfig(do_sample=True, min_p=0.05))["min_p"] == 0.05
+    assert "min_p" not in generation_kwargs(GenerationConfig(do_sample=False, min_p=0.05))
+
+
 def test_sampling_is_reproducible_and_matches_the_reference_in_distribution():
     model = chatty_model("qwen2", "lora")
     with torch.no_grad():  # P(INVOKE) = 0.5 at every decision point: the uniforms decide
@@ -348,6 +370,19 @@ def test_the_sampler_draws_each_token_with_its_probability_and_never_a_filtered_
         ordered = torch.arange(11, dtype=torch.float32)[None].expand(n, -1)  # token 10 most likely
         drawn = generation._choose_tokens(ordered, True, 1.0, top_k, top_p, uniforms)
         assert set(drawn.tolist()) == allowed, (top_k, top_p)
+    # min-p keeps the tokens at least min_p times as likely as the likeliest, each with its renormalised share,
+    # and drops what Hugging Face's MinPLogitsWarper drops
+    for row, min_p in ((0, 0.1), (1, 0.3), (2, 0.05)):
+        scores = logits[row] / 0.7
+        probs = torch.softmax(scores, -1)
+        kept = probs >= min_p * probs.max()
+        drawn = generation._choose_tokens(logits[row].expand(n, -1), True, 0.7, None, None, uniforms, min_p)
+        share = torch.bincount(drawn, minlength=11).float() / n
+        assert (share - torch.where(kept, probs, 0) / probs[kept].sum()).abs().max() < 1e-3, row
+        theirs = MinPLogitsWarper(min_p)(None, scores[None].clone())[0]
+        assert torch.equal(torch.isfinite(theirs), kept), row
+        assert {reference_choose_token(logits[row], True, 0.7, None, None, torch.Generator().manual_seed(s), min_p)
+                for s in range(200)} <= set(kept.nonzero().flatten().tolist())
 
 
 @pytest.mark.parametrize("joint", [True, False], ids=["weaver in the reasoner's calls", "weaver's own calls"])
