@@ -102,8 +102,7 @@ def evaluate(model: Any, rows: Sequence[dict[str, Any]], reward: Callable[[str, 
     (the same dict); None (default) splits exactly then, unless the model is sharded (FSDP, ZeRO-3), whose ranks
     must decode together. Sampled rows then draw from each rank's own `generator`: seed it by rank (as `memgen eval`
     does), or rows on different ranks draw alike."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_count("batch_size", batch_size)
     check_count("reward_workers", reward_workers)
     check_count("num_return_sequences", num_return_sequences)
     if num_return_sequences > 1 and not do_sample:

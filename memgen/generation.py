@@ -236,9 +236,10 @@ def _without(rows: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
     return rows[~torch.isin(rows, _joined(present))] if present else rows
 
 
-def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """bool [B, T]: each row's new tokens up to and including its first EOS."""
-    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))
+def completion_mask(new_tokens: torch.Tensor, eos_ids: list[int] | torch.Tensor) -> torch.Tensor:
+    """bool [B, T]: each row's new tokens up to and including its first EOS (eos_ids: a list, or a tensor of them
+    already on the tokens' device)."""
+    is_eos = torch.isin(new_tokens, torch.as_tensor(eos_ids, device=new_tokens.device))
     return (is_eos.long().cumsum(1) - is_eos.long()) == 0
 
 
@@ -975,7 +976,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     if streamer is not None:
         streamer.end()
     new_tokens = new_tokens[:, :width]
-    real = (completion_mask(new_tokens, eos_ids) if ends is None
+    real = (completion_mask(new_tokens, eos) if ends is None
             else torch.arange(width, device=device) < ends[:, None])
     return MemGenGenerateOutput(sequences=torch.cat([input_ids, new_tokens], 1), augmentation_mask=aug_mask[:, :width],
                                 latent_norms=engine.latent_norms[:, :width], completion_mask=real,

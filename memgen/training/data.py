@@ -65,16 +65,23 @@ def _messages(row: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
 _TEMPLATE_ARGUMENTS = ("tokenize", "add_generation_prompt")
 
 
+def check_template_mapping(chat_template_kwargs: Any) -> None:
+    """Raise unless `chat_template_kwargs` is None or a mapping of variable names (strings) to values: the check
+    that needs no tokenizer, made where the setting is given (GRPOConfig, a run description)."""
+    if chat_template_kwargs is not None and not (isinstance(chat_template_kwargs, dict)
+                                                 and all(isinstance(k, str) for k in chat_template_kwargs)):
+        raise ValueError(f"chat_template_kwargs must be a mapping of template variable names to values, got "
+                         f"{chat_template_kwargs!r}")
+
+
 def template_kwargs(tokenizer: Any, chat_template_kwargs: Any) -> dict[str, Any]:
     """`chat_template_kwargs` (None: none) checked against `tokenizer`: extra variables for its chat template, as
     `apply_chat_template` takes them (Qwen3's `{"enable_thinking": False}`). Refused: a tokenizer without a
     template, memgen's own arguments, and a name the template never mentions, which Jinja would ignore without a
     word (a typo such as `enable_thinkng`)."""
+    check_template_mapping(chat_template_kwargs)
     if chat_template_kwargs is None:
         return {}
-    if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
-        raise ValueError(f"chat_template_kwargs must be a mapping of template variable names to values, got "
-                         f"{chat_template_kwargs!r}")
     template = getattr(tokenizer, "chat_template", None)
     if chat_template_kwargs and not template:
         raise ValueError(f"chat_template_kwargs {chat_template_kwargs!r} need a tokenizer with a chat template")

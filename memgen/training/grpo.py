@@ -33,7 +33,8 @@ from transformers import TrainingArguments
 
 from memgen.modes import evaluating
 from memgen.sharding import gathered_for_decoding
-from memgen.training.data import MemGenCollator, check_prompt_rows, prompt_batch, template_kwargs
+from memgen.training.data import (MemGenCollator, check_prompt_rows, check_template_mapping, prompt_batch,
+                                  template_kwargs)
 from memgen.training.trainer import MemGenTrainer
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -73,9 +74,7 @@ class GRPOConfig(TrainingArguments):
         check_number("beta", self.beta, lambda v: v >= 0, ">= 0")
         check_number("epsilon", self.epsilon, lambda v: 0 < v < 1, "in (0, 1)")
         check_count("reward_workers", self.reward_workers)
-        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
-            raise ValueError(f"chat_template_kwargs must be a mapping of template variable names to values, got "
-                             f"{self.chat_template_kwargs!r}")
+        check_template_mapping(self.chat_template_kwargs)
         if self.stop_strings is not None and not (isinstance(self.stop_strings, list) and self.stop_strings
                                                   and all(isinstance(x, str) and x for x in self.stop_strings)):
             raise ValueError(f"stop_strings must be a non-empty list of non-empty strings, got {self.stop_strings!r}")

@@ -128,6 +128,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
     if "training" not in run:
         raise ValueError("the run description needs 'training'")
     from memgen.tasks import TASKS
+    from memgen.training.data import check_template_mapping
     from memgen.training.grpo import check_count
 
     if "task" in run and run["task"] not in TASKS:
@@ -150,9 +151,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
     if not isinstance(run["training"], dict) or "output_dir" not in run["training"]:
         raise ValueError("training must be a mapping with at least output_dir")
     if "chat_template_kwargs" in run:
-        if not isinstance(run["chat_template_kwargs"], dict):
-            raise ValueError(f"chat_template_kwargs must be a mapping of template variable names to values, got "
-                             f"{run['chat_template_kwargs']!r}")
+        check_template_mapping(run["chat_template_kwargs"])
         if "chat_template_kwargs" in run["training"]:
             raise ValueError("chat_template_kwargs is given twice, at the top and in training: keep one")
     args_class = _args_class(run["stage"])
